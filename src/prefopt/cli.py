@@ -1,0 +1,71 @@
+"""The command line: a table of plain functions.
+
+    prefopt train [CONFIG.yaml] [--key value ...]     (no config: the offline demo)
+    prefopt config explain CONFIG.yaml [--key value ...]
+    python -m prefopt ...                             (the same)
+"""
+
+import sys
+
+from .errors import PrefoptError
+
+USAGE = """usage:
+  prefopt train [CONFIG.yaml] [--key value ...]   train (no config: the built-in offline demo)
+  prefopt config explain CONFIG.yaml [--key value ...]
+                                                  print the resolved objective and settings
+Any config key can be given or overridden as --key value."""
+
+
+def _config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and not args[0].startswith("--"):
+        return args[0], args[1:]
+    return None, args
+
+
+def cmd_train(args: list[str]) -> int:
+    path, overrides = _config_and_overrides(args)
+    if path is None and not overrides:
+        from .demo import run_demo
+
+        run_demo()
+        return 0
+    from .config import load_config
+    from .pipeline import train
+
+    train(load_config(path, overrides))
+    return 0
+
+
+def cmd_config(args: list[str]) -> int:
+    if not args or args[0] != "explain":
+        raise PrefoptError("usage: prefopt config explain CONFIG.yaml [--key value ...]")
+    from .config import explain, load_config
+
+    path, overrides = _config_and_overrides(args[1:])
+    if path is None and not overrides:
+        raise PrefoptError("prefopt config explain: name a config file.")
+    print(explain(load_config(path, overrides)))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"prefopt: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return command(argv[1:])
+    except PrefoptError as e:
+        print(f"prefopt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,677 @@
+"""Configuration: one flat YAML plus `--key value` overrides → composed dataclasses.
+
+    cfg = load_config("configs/simpo.yaml", ["--beta", "2.5"])
+    print(explain(cfg))
+
+The YAML may be written in any of the dialects users already have — TRL `CPOConfig`/
+`ORPOConfig`, the SimPO repository, alignment-handbook recipes, TRL's script arguments — and is
+normalised into one canonical form: `method` + `loss_type` name the objective and each
+hyperparameter has its paper's name (`beta`, `gamma_beta_ratio`, `nll_weight`, `alpha`,
+`label_smoothing`). Two keys that say the same thing are an error, and so is an unknown key
+(with the nearest valid one suggested). Training keys are `transformers.TrainingArguments`.
+"""
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainingArguments
+
+from .errors import PrefoptError
+from .losses import LOSSES, METHODS, SMOOTHABLE
+
+# ---------------------------------------------------------------------------------------------
+# The canonical dataclasses
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of the causal LM. None: the built-in demo."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer location when it differs from the model's."}
+    )
+    dtype: str | None = field(
+        default=None, metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16 (None: float32)."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa, flash_attention_2, flex_attention (None: transformers' pick)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with a Hub repo."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0 (as TRL)."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt (None: PEFT's default for the architecture)."}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4 bits (CUDA only)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8 bits (CUDA only)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 or fp4."})
+    bnb_4bit_compute_dtype: str | None = field(default=None, metadata={"help": "Compute dtype of 4-bit layers."})
+    bnb_4bit_use_double_quant: bool = field(default=False, metadata={"help": "Quantize the quantization constants."})
+
+
+@dataclass
+class DatasetSource:
+    """One dataset to load: a Hub id, a local file (json, jsonl, parquet, csv) or a local folder."""
+
+    path: str
+    split: str = "train"
+    name: str | None = None  # the dataset's configuration name on the Hub
+    data_dir: str | None = None
+    data_files: Any = None
+    columns: list[str] | None = None  # keep only these columns
+    keep_fraction: float | None = None  # alignment-handbook: share of this dataset's rows to use
+    mix_share: float | None = None  # TRL `fraction`: target share of the mixture, normalised
+
+
+@dataclass
+class DataArgs:
+    train_datasets: list[DatasetSource] = field(default_factory=list)
+    eval_datasets: list[DatasetSource] = field(default_factory=list)
+    test_split_size: float | None = field(
+        default=None, metadata={"help": "Hold out this share (or row count) of train for evaluation."}
+    )
+    column_mapping: dict[str, str] | None = field(
+        default=None, metadata={"help": "Map prompt/chosen/rejected to other column names, e.g. {prompt: question}."}
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "chatml, a .jinja file, or a template string (None: the tokenizer's)."}
+    )
+    max_length: int | None = field(default=1024, metadata={"help": "Cap on prompt + completion tokens."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Cap on prompt tokens."})
+    max_completion_length: int | None = field(default=None, metadata={"help": "Cap on completion tokens."})
+    truncation_mode: str = field(
+        default="keep_end", metadata={"help": "Which end of an over-long prompt to keep: keep_end or keep_start."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+
+@dataclass
+class ObjectiveArgs:
+    method: str | None = field(default=None, metadata={"help": "simpo, cpo_simpo, cpo, orpo or alphapo."})
+    loss_type: str | None = field(default=None, metadata={"help": "sigmoid, hinge or ipo (as the method allows)."})
+    beta: float | None = field(default=None, metadata={"help": "β: reward scale (λ for ORPO)."})
+    gamma_beta_ratio: float | None = field(default=None, metadata={"help": "γ/β: target margin over β."})
+    nll_weight: float | None = field(default=None, metadata={"help": "Weight of the NLL term on chosen."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "ε: assumed label-noise rate (sigmoid)."})
+    alpha: float | None = field(default=None, metadata={"help": "AlphaPO reward shape α (0: log-prob reward)."})
+    diversity_weight: float = field(default=0.0, metadata={"help": "Weight of the diversity term (0: off)."})
+    diversity_alpha: float = field(default=0.0, metadata={"help": "Entropy vs KL mix inside the diversity term."})
+    logprob_chunk_size: int | None = field(
+        default=None, metadata={"help": "Tokens per LM-head chunk (None: sized so a chunk's logits are ~256 MB)."}
+    )
+
+
+@dataclass
+class Config:
+    model: ModelArgs
+    data: DataArgs
+    objective: ObjectiveArgs
+    training: TrainingArguments
+    source: str | None = None  # the YAML file, for messages
+    notes: list[str] = field(default_factory=list)  # how dialect keys were read
+
+    @property
+    def method(self):
+        return METHODS[self.objective.method]
+
+    @property
+    def reduction(self) -> str:
+        return self.method.losses[self.objective.loss_type]
+
+
+# Where prefopt's defaults differ from TrainingArguments' (they follow TRL's CPOConfig, except
+# bf16 and gradient checkpointing, which stay off unless asked for: CPUs are first-class here).
+TRAINING_DEFAULTS = {
+    "output_dir": "outputs/prefopt",
+    "learning_rate": 1e-6,
+    "logging_steps": 10,
+    "remove_unused_columns": False,
+    "report_to": "none",
+}
+
+# ---------------------------------------------------------------------------------------------
+# Dialects
+
+# Keys that say the same thing. Each group: canonical name -> every spelling accepted. Two
+# spellings of one group in the same place (file or command line) are an error.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "gamma": ("gamma_beta_ratio", "simpo_gamma"),
+    "nll_weight": ("nll_weight", "cpo_alpha", "sft_weight"),
+    "eval_strategy": ("eval_strategy", "evaluation_strategy"),
+    "dtype": ("dtype", "torch_dtype"),
+    "preprocessing_num_workers": ("preprocessing_num_workers", "dataset_num_proc"),
+    "max_completion_length": ("max_completion_length", "max_target_length"),
+    "bnb_4bit_use_double_quant": ("bnb_4bit_use_double_quant", "use_bnb_nested_quant"),
+    "attn_implementation": ("attn_implementation", "use_flash_attention_2"),
+    # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio)
+    "warmup_steps": ("warmup_steps", "warmup_ratio"),
+    # ... and renamed gradient checkpointing (the old names still work there, with a warning)
+    "activation_checkpointing": ("activation_checkpointing", "gradient_checkpointing"),
+    "activation_checkpointing_kwargs": ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"),
+}
+# The ways of naming the data: only one may be used.
+DATASET_FORMS = ("dataset_mixer", "dataset_mixture", "datasets", "dataset_name")
+DATASET_COMPANIONS = (
+    "dataset_splits",
+    "dataset_configs",
+    "dataset_config",
+    "dataset_train_split",
+    "dataset_test_split",
+    "streaming",
+)
+DIALECT_KEYS = {
+    spelling for group in ALIASES.values() for spelling in group
+} | set(DATASET_FORMS) | set(DATASET_COMPANIONS)
+
+SIMPO_REPO_MARKERS = ("gamma_beta_ratio", "sft_weight")
+
+
+def _names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+MODEL_KEYS = _names(ModelArgs)
+DATA_KEYS = _names(DataArgs) - {"train_datasets", "eval_datasets"}
+OBJECTIVE_KEYS = _names(ObjectiveArgs)
+TRAINING_KEYS = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+VALID_KEYS = MODEL_KEYS | DATA_KEYS | OBJECTIVE_KEYS | TRAINING_KEYS | DIALECT_KEYS
+
+
+def _fail(where: str, message: str):
+    raise PrefoptError(f"{where}: {message}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a config file with the safe loader; it must hold one mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise PrefoptError(f"{path}: no such config file.")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PrefoptError(f"{path}:{at} is not valid YAML ({getattr(e, 'problem', e)}).") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise PrefoptError(f"{path}: expected a mapping of keys to values at the top level, got {type(raw).__name__}.")
+    return raw
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """`--key value`, `--key=value` and bare `--flag` (true). Values are read as YAML scalars or
+    flow collections, so `--beta 2.5`, `--bf16 false` and `--dataset_mixer '{data.jsonl: 1.0}'` work."""
+    out: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise PrefoptError(f"command line: expected --key value, got {arg!r}.")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key] = value
+        i += 1
+    return out
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(VALID_KEYS), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _check_aliases(where: str, raw: dict):
+    for canonical, spellings in ALIASES.items():
+        present = [k for k in spellings if k in raw]
+        if len(present) > 1:
+            _fail(where, f"{' and '.join(repr(k) for k in present)} say the same thing; keep one of them.")
+    forms = [k for k in DATASET_FORMS if k in raw]
+    if len(forms) > 1:
+        _fail(where, f"the data is named twice ({', '.join(forms)}); keep one of them.")
+
+
+def merge_overrides(raw: dict, overrides: dict) -> dict:
+    """Command-line values win over the file's, including over another spelling of the same key."""
+    merged = dict(raw)
+    for key in overrides:
+        for spellings in ALIASES.values():
+            if key in spellings:
+                for other in spellings:
+                    merged.pop(other, None)
+        if key in DATASET_FORMS:
+            for other in DATASET_FORMS:
+                merged.pop(other, None)
+    merged.update(overrides)
+    return merged
+
+
+def _dataset_sources(where: str, raw: dict) -> tuple[list[DatasetSource], list[DatasetSource], list[str]]:
+    """Turn whichever dataset form the file uses into train and eval source lists."""
+    notes = []
+    train, evals = [], []
+
+    def route(src: DatasetSource):
+        # alignment-handbook's rule, widened: a split named like an evaluation split is held out
+        is_eval = any(tag in src.split for tag in ("test", "valid", "eval"))
+        (evals if is_eval else train).append(src)
+
+    if "dataset_mixer" in raw:
+        mixer = raw["dataset_mixer"]
+        if not isinstance(mixer, dict) or not mixer:
+            _fail(where, "dataset_mixer must map dataset names to fractions, e.g. {my/data: 1.0}.")
+        splits = raw.get("dataset_splits", ["train", "test"])
+        if isinstance(splits, str):
+            splits = [splits]
+        configs = raw.get("dataset_configs") or [None] * len(mixer)
+        if len(configs) != len(mixer):
+            _fail(where, f"dataset_configs has {len(configs)} entries for {len(mixer)} datasets in dataset_mixer.")
+        for (path, frac), name in zip(mixer.items(), configs):
+            frac = _coerce(where, f"dataset_mixer[{path!r}]", frac, float)
+            if not 0 < frac <= 1:
+                _fail(where, f"dataset_mixer[{path!r}] = {frac}: a fraction must be in (0, 1].")
+            for split in splits:
+                route(DatasetSource(path=str(path), split=split, name=name, keep_fraction=frac))
+        notes.append(f"data: alignment-handbook dataset_mixer with splits {list(splits)}")
+    elif "dataset_mixture" in raw:
+        mixture = raw["dataset_mixture"]
+        if not isinstance(mixture, dict) or not isinstance(mixture.get("datasets"), list):
+            _fail(where, "dataset_mixture needs a 'datasets' list of {id, config, split, columns, weight}.")
+        unknown = set(mixture) - {"datasets", "seed", "test_split_size"}
+        if unknown:
+            _fail(where, f"dataset_mixture: unknown keys {sorted(unknown)} (allowed: datasets, seed, test_split_size).")
+        for i, d in enumerate(mixture["datasets"]):
+            extra = set(d) - {"id", "config", "split", "columns", "weight"}
+            if "id" not in d or extra:
+                _fail(where, f"dataset_mixture.datasets[{i}]: needs 'id'; allowed keys id, config, split, columns, weight.")
+            weight = d.get("weight")
+            route(DatasetSource(path=str(d["id"]), split=d.get("split", "train"), name=d.get("config"),
+                                columns=d.get("columns"), keep_fraction=None if weight is None else float(weight)))
+        if "test_split_size" in mixture:
+            raw.setdefault("test_split_size", mixture["test_split_size"])
+        notes.append("data: alignment-handbook dataset_mixture")
+    elif "datasets" in raw:
+        entries = raw["datasets"]
+        if not isinstance(entries, list) or not entries:
+            _fail(where, "datasets must be a list of {path, name, data_dir, data_files, split, columns, fraction}.")
+        # `keep_fraction` (prefopt's own) is the handbook's per-dataset share, so a resolved
+        # config written by prefopt loads back; `fraction` keeps TRL's mixture-share meaning.
+        allowed = {"path", "name", "data_dir", "data_files", "split", "columns", "fraction", "keep_fraction"}
+        for i, d in enumerate(entries):
+            if not isinstance(d, dict) or "path" not in d or set(d) - allowed:
+                _fail(where, f"datasets[{i}]: needs 'path'; allowed keys {sorted(allowed)}.")
+            route(DatasetSource(path=str(d["path"]), split=d.get("split", "train"), name=d.get("name"),
+                                data_dir=d.get("data_dir"), data_files=d.get("data_files"),
+                                columns=d.get("columns"), mix_share=d.get("fraction"),
+                                keep_fraction=d.get("keep_fraction")))
+        notes.append("data: TRL datasets list")
+    elif "dataset_name" in raw:
+        path, name = str(raw["dataset_name"]), raw.get("dataset_config")
+        train.append(DatasetSource(path=path, split=raw.get("dataset_train_split", "train"), name=name))
+        if "dataset_test_split" in raw:
+            evals.append(DatasetSource(path=path, split=raw["dataset_test_split"], name=name))
+        notes.append("data: dataset_name")
+    for companion in ("dataset_splits", "dataset_configs"):
+        if companion in raw and "dataset_mixer" not in raw:
+            _fail(where, f"{companion} only goes with dataset_mixer.")
+    if raw.get("streaming"):
+        _fail(where, "streaming datasets are not supported: prefopt tokenizes and checks every row before training.")
+    return train, evals, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+def _base_types(annotation) -> set:
+    if isinstance(annotation, str):  # postponed annotations in TrainingArguments
+        return {t for name, t in (("float", float), ("int", int), ("bool", bool), ("str", str)) if name in annotation}
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_base_types(a) for a in typing.get_args(annotation)))
+    return {origin or annotation}
+
+
+def _coerce(where: str, key: str, value, annotation):
+    """YAML reads `5e-7` as a string and users write `true` for flags: convert to the field's type."""
+    allowed = _base_types(annotation)
+    if value is None or str in allowed and isinstance(value, str):
+        return value
+    if bool in allowed and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, bool) and allowed & {int, float} and bool not in allowed:
+        _fail(where, f"{key}: expected a number, got {value}.")
+    for t in (int, float):
+        if t in allowed and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            try:
+                converted = t(value)
+            except (TypeError, ValueError):
+                continue
+            if t is int and isinstance(value, float) and converted != value:
+                continue
+            return converted
+    if allowed & {int, float} and not allowed & {str, list, dict, typing.Any} and isinstance(value, str):
+        _fail(where, f"{key}: expected a number, got {value!r}.")
+    return value
+
+
+def _build(where: str, cls, values: dict):
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(where, k, v, hints[k]) for k, v in values.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective
+
+
+def _resolve_objective(where: str, raw: dict, obj: ObjectiveArgs, notes: list[str]) -> ObjectiveArgs:
+    """Settle method, loss type and every hyperparameter; fill the rest from the method's paper."""
+    loss_type = obj.loss_type
+    method = obj.method
+    simpo_repo = any(k in raw for k in SIMPO_REPO_MARKERS)
+    nll_given = obj.nll_weight is not None
+
+    if method is None:
+        if loss_type in ("simpo", "alphapo"):
+            # TRL's CPOTrainer spelling. TRL's cpo_alpha defaults to 1.0, which quietly turns
+            # "SimPO" into CPO-SimPO; here SimPO means SimPO unless an NLL weight is given.
+            method = "alphapo" if loss_type == "alphapo" else ("cpo_simpo" if nll_given and obj.nll_weight > 0 else "simpo")
+            notes.append(f"loss_type: {loss_type} (TRL) read as method {method}")
+            loss_type = "sigmoid"
+        elif loss_type in ("sigmoid", "hinge") and simpo_repo:
+            method = "simpo"
+            notes.append(f"loss_type: {loss_type} with SimPO-repository keys read as SimPO-{loss_type}")
+        elif loss_type in ("sigmoid", "hinge", "ipo"):
+            method = "cpo"
+            notes.append(f"loss_type: {loss_type} (TRL CPOConfig) read as CPO-{loss_type}")
+        elif loss_type is None and simpo_repo:
+            method = "simpo"
+            notes.append("SimPO-repository keys without a method: SimPO")
+        elif loss_type is None:
+            _fail(where, f"no objective given: set method to one of {', '.join(METHODS)}.")
+        else:
+            _fail(where, f"loss_type {loss_type!r} is not known; use sigmoid, hinge or ipo, or set method "
+                         f"to one of {', '.join(METHODS)}.")
+    if method not in METHODS:
+        _fail(where, f"method {method!r} is not known; use one of {', '.join(METHODS)}.{_suggest_from(method, METHODS)}")
+    spec = METHODS[method]
+    if loss_type in ("simpo", "alphapo") and method in ("simpo", "cpo_simpo", "alphapo"):
+        loss_type = "sigmoid"
+    if loss_type is None:
+        loss_type = next(iter(spec.losses))
+    if loss_type not in spec.losses:
+        _fail(where, f"method {method} takes loss_type {' or '.join(spec.losses)}, not {loss_type!r}.")
+
+    beta = spec.defaults["beta"] if obj.beta is None else obj.beta
+    if beta <= 0:
+        _fail(where, f"beta must be positive, got {beta}.")
+    gamma = obj.gamma_beta_ratio
+    if "simpo_gamma" in raw:
+        # TRL's simpo_gamma is the absolute margin γ; the canonical parameter is γ/β.
+        gamma = raw["simpo_gamma"] / beta
+        notes.append(f"simpo_gamma {raw['simpo_gamma']} (absolute, TRL) read as gamma_beta_ratio {gamma:g}")
+    if gamma is not None and gamma != 0 and not spec.margin:
+        _fail(where, f"{method} has no target margin; remove gamma_beta_ratio/simpo_gamma or use simpo.")
+    if obj.alpha not in (None, 0.0) and not spec.reward_shape:
+        _fail(where, f"{method} has no reward-shape parameter; remove alpha.")
+    if obj.label_smoothing and loss_type not in SMOOTHABLE:
+        _fail(where, f"label_smoothing applies to the sigmoid loss only; remove it or use loss_type sigmoid.")
+    if not 0 <= obj.label_smoothing < 0.5:
+        _fail(where, f"label_smoothing must be in [0, 0.5), got {obj.label_smoothing}.")
+    nll = spec.defaults["nll_weight"] if obj.nll_weight is None else obj.nll_weight
+    if nll < 0:
+        _fail(where, f"nll_weight must be >= 0, got {nll}.")
+    return dataclasses.replace(
+        obj,
+        method=method,
+        loss_type=loss_type,
+        beta=float(beta),
+        gamma_beta_ratio=float(spec.defaults["gamma_beta_ratio"] if gamma is None else gamma),
+        nll_weight=float(nll),
+        alpha=float(spec.defaults["alpha"] if obj.alpha is None else obj.alpha),
+    )
+
+
+def _suggest_from(word, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def build_config(raw: dict, where: str = "config") -> Config:
+    """Normalise an already-merged mapping into a Config."""
+    raw = dict(raw)
+    for key in raw:
+        if key not in VALID_KEYS:
+            _fail(where, f"unknown key '{key}'.{_suggest(key)}")
+    _check_aliases(where, raw)
+
+    notes: list[str] = []
+    # Plain renames of older spellings.
+    renames = {"evaluation_strategy": "eval_strategy", "torch_dtype": "dtype", "dataset_num_proc": "preprocessing_num_workers",
+               "max_target_length": "max_completion_length", "use_bnb_nested_quant": "bnb_4bit_use_double_quant",
+               "cpo_alpha": "nll_weight", "sft_weight": "nll_weight", "warmup_ratio": "warmup_steps",
+               "gradient_checkpointing": "activation_checkpointing",
+               "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+    for old, new in renames.items():
+        if old in raw:
+            raw[new] = raw.pop(old)
+            notes.append(f"{old} read as {new}")
+    if "use_flash_attention_2" in raw:
+        if _coerce(where, "use_flash_attention_2", raw.pop("use_flash_attention_2"), bool):
+            raw["attn_implementation"] = "flash_attention_2"
+    original = dict(raw)  # dialect markers (simpo_gamma, gamma_beta_ratio) for the resolver
+    raw.pop("simpo_gamma", None)
+
+    train, evals, data_notes = _dataset_sources(where, raw)
+    notes += data_notes
+    for key in DATASET_FORMS + DATASET_COMPANIONS:
+        raw.pop(key, None)
+
+    sections = {"model": {}, "data": {}, "objective": {}, "training": {}}
+    for key, value in raw.items():
+        if key in MODEL_KEYS:
+            sections["model"][key] = value
+        elif key in OBJECTIVE_KEYS:
+            sections["objective"][key] = value
+        elif key in DATA_KEYS:
+            sections["data"][key] = value
+        else:
+            sections["training"][key] = value
+    # Keys that both TrainingArguments and we would claim go to us; none overlap today.
+    model = _build(where, ModelArgs, sections["model"])
+    data = _build(where, DataArgs, sections["data"])
+    data.train_datasets, data.eval_datasets = train, evals
+    objective = _resolve_objective(where, original, _build(where, ObjectiveArgs, sections["objective"]), notes)
+
+    training_values = {**TRAINING_DEFAULTS, **sections["training"]}
+    hints = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
+    training_values = {k: _coerce(where, k, v, hints[k]) for k, v in training_values.items()}
+    if training_values.get("remove_unused_columns"):
+        _fail(where, "remove_unused_columns must stay false: the collator needs the tokenized columns.")
+    training_values["remove_unused_columns"] = False
+    if (training_values.get("bf16") or training_values.get("fp16")) and not _has_accelerator():
+        # Mixed precision asked for on a machine without a GPU: train on the CPU under autocast
+        # rather than refuse; transformers would stop with "doesn't support bf16/gpu".
+        if training_values.get("fp16"):
+            _fail(where, "fp16 needs a CUDA GPU; on this machine use bf16 (CPU autocast) or neither.")
+        training_values["use_cpu"] = True
+        notes.append("bf16 without a GPU: CPU training under bf16 autocast")
+    try:
+        training = TrainingArguments(**training_values)
+    except (ValueError, TypeError) as e:
+        _fail(where, f"training arguments rejected by transformers: {e}")
+    _validate(where, model, data, objective)
+    return Config(model=model, data=data, objective=objective, training=training, source=where, notes=notes)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def _validate(where: str, model: ModelArgs, data: DataArgs, obj: ObjectiveArgs):
+    if data.max_length is not None and data.max_length < 2:
+        _fail(where, f"max_length must be at least 2, got {data.max_length}.")
+    if data.max_prompt_length is not None and data.max_length is not None and data.max_prompt_length >= data.max_length:
+        _fail(where, f"max_prompt_length ({data.max_prompt_length}) must be below max_length ({data.max_length}) "
+                     "to leave room for the completion.")
+    if data.truncation_mode not in ("keep_end", "keep_start"):
+        _fail(where, f"truncation_mode must be keep_end or keep_start, got {data.truncation_mode!r}.")
+    if data.column_mapping is not None:
+        bad = set(data.column_mapping) - {"prompt", "chosen", "rejected"}
+        if bad:
+            _fail(where, f"column_mapping keys must be prompt, chosen or rejected (got {sorted(bad)}); "
+                         "the values are your column names.")
+    if model.load_in_4bit and model.load_in_8bit:
+        _fail(where, "load_in_4bit and load_in_8bit both set; keep one.")
+    if model.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+        _fail(where, f"dtype must be auto, float32, bfloat16 or float16, got {model.dtype!r}.")
+    if obj.diversity_weight < 0 or not 0 <= obj.diversity_alpha <= 1:
+        _fail(where, "diversity_weight must be >= 0 and diversity_alpha in [0, 1].")
+
+
+def load_config(path: str | None, argv: list[str] | None = None) -> Config:
+    """Read YAML (optional) and `--key value` overrides into a resolved Config."""
+    raw = read_yaml(path) if path else {}
+    where = str(path) if path else "command line"
+    if path:
+        _check_aliases(str(path), raw)
+        for key in raw:
+            if key not in VALID_KEYS:
+                _fail(str(path), f"unknown key '{key}'.{_suggest(key)}")
+    overrides = parse_overrides(argv or [])
+    _check_aliases("command line", overrides)
+    for key in overrides:
+        if key not in VALID_KEYS:
+            _fail("command line", f"unknown option '--{key}'.{_suggest(key)}")
+    return build_config(merge_overrides(raw, overrides), where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Explaining and saving
+
+
+def loss_formula(cfg: Config) -> str:
+    o, spec = cfg.objective, cfg.method
+    logp = "mean log p" if cfg.reduction == "mean" else "log p"
+    r = f"(1 - exp(-α·{logp}))/α" if o.alpha else logp
+    gap = f"{r}(y_w) - {r}(y_l)"
+    margin = " - γ/β" if spec.margin and o.gamma_beta_ratio else ""
+    pref = {
+        "sigmoid": f"-log σ(β·({gap}{margin}))",
+        "hinge": f"max(0, 1 - β·({gap}{margin}))",
+        "ipo": f"({gap} - 1/(2β))²",
+        "odds_ratio": "-λ·log σ(log odds(y_w) - log odds(y_l))",
+    }[o.loss_type]
+    if o.label_smoothing:
+        pref = f"(1-ε)·{pref} - ε·log σ(-β·({gap}{margin}))"
+    nll = f" + {o.nll_weight:g}·NLL({'prompt + chosen' if spec.nll_span == 'prompt+completion' else 'chosen'})" if o.nll_weight else ""
+    where = "  where log odds(y) = mean log p(y) - log(1 - exp(mean log p(y)))" if o.loss_type == "odds_ratio" else ""
+    return f"L = {pref}{nll}{where}"
+
+
+def explain(cfg: Config) -> str:
+    """The resolved objective, as printed by `prefopt config explain` and at the start of `train`."""
+    o, spec = cfg.objective, cfg.method
+    rows = [
+        ("method", f"{o.method} — {spec.title} [{spec.paper}]"),
+        ("loss", o.loss_type),
+        ("formula", loss_formula(cfg)),
+        ("β" if o.method != "orpo" else "λ (beta)", f"{o.beta:g}"),
+    ]
+    if spec.margin:
+        rows += [("γ (absolute)", f"{o.gamma_beta_ratio * o.beta:g}"), ("γ/β", f"{o.gamma_beta_ratio:g}")]
+    rows += [
+        ("NLL weight", f"{o.nll_weight:g}" + (f" (over {spec.nll_span})" if o.nll_weight else " (no NLL term)")),
+        ("log-probs", f"{cfg.reduction} over completion tokens"),
+    ]
+    if spec.reward_shape:
+        rows.append(("AlphaPO α", f"{o.alpha:g}"))
+    if o.loss_type in SMOOTHABLE:
+        rows.append(("label smoothing ε", f"{o.label_smoothing:g}"))
+    if o.diversity_weight:
+        rows.append(("diversity", f"weight {o.diversity_weight:g}, alpha {o.diversity_alpha:g}"))
+    m, d, t = cfg.model, cfg.data, cfg.training
+    rows += [
+        ("model", m.model_name_or_path or "(built-in demo)"),
+        ("train data", ", ".join(f"{s.path}[{s.split}]" for s in d.train_datasets) or "(built-in demo)"),
+        ("eval data", ", ".join(f"{s.path}[{s.split}]" for s in d.eval_datasets)
+         or (f"{d.test_split_size:g} of train held out" if d.test_split_size else "none")),
+        ("lengths", f"max_length {d.max_length}, max_prompt_length {d.max_prompt_length}"),
+        ("batch", f"{t.per_device_train_batch_size} per device × {t.gradient_accumulation_steps} accumulation"),
+        ("learning rate", f"{t.learning_rate:g} ({_plain(t.lr_scheduler_type)}, warmup {t.warmup_steps:g})"),
+        ("output_dir", t.output_dir),
+    ]
+    if m.use_peft:
+        rows.append(("LoRA", f"r {m.lora_r}, alpha {m.lora_alpha}, dropout {m.lora_dropout}, "
+                             f"targets {m.lora_target_modules or 'default'}"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
+    if cfg.notes:
+        lines.append("  read as:")
+        lines += [f"    - {n}" for n in cfg.notes]
+    return "\n".join(lines)
+
+
+def _plain(v):
+    """YAML-safe copy: enums become their values."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, enum.Enum):
+        return v.value
+    return v
+
+
+def resolved_dict(cfg: Config) -> dict:
+    """The canonical form of the config: loading it again gives the same run."""
+    plain = _plain
+
+    out: dict = {}
+    for section in (cfg.model, cfg.objective):
+        out.update({k: plain(v) for k, v in dataclasses.asdict(section).items()})
+    data = dataclasses.asdict(cfg.data)
+    sources = data.pop("train_datasets") + data.pop("eval_datasets")
+    out.update(data)
+    keep = ("path", "split", "name", "data_dir", "data_files", "columns", "keep_fraction")
+    out["datasets"] = [{k: s[k] for k in keep if s[k] is not None} | ({"fraction": s["mix_share"]} if s["mix_share"] is not None else {})
+                       for s in sources]
+    if not out["datasets"]:
+        del out["datasets"]
+    defaults = TrainingArguments(output_dir=cfg.training.output_dir).to_dict()
+    spellings = {alias for canonical, group in ALIASES.items() for alias in group if alias != canonical}
+    for k, v in cfg.training.to_dict().items():
+        if k in TRAINING_KEYS and k not in spellings and (v != defaults.get(k) or k in TRAINING_DEFAULTS):
+            out[k] = plain(v)
+    return out
+
+
+def save_resolved(cfg: Config, path: str | Path):
+    Path(path).write_text("# prefopt resolved config\n" + yaml.safe_dump(resolved_dict(cfg), sort_keys=False))

@@ -1,0 +1,186 @@
+"""The training step: a thin `transformers.Trainer` subclass.
+
+One forward pass per micro-batch through the (possibly DDP/DeepSpeed/FSDP-wrapped) model,
+per-token log-probs of the scored positions through the LM head in chunks, per-sequence sums,
+then — in this one place —
+
+    loss = Σ_pairs preference_loss / pairs + nll_weight · Σ_tokens NLL / nll_tokens   [+ MoE aux]
+
+where `pairs` and `nll_tokens` count the whole optimizer step (all accumulation micro-batches
+on all processes). That makes the step's loss and gradients independent of how the global batch
+is split, and equal to TRL's `losses.mean() + cpo_alpha · nll` when it is one micro-batch.
+
+Metrics keep TRL's names and are accumulated as sums and counts, reduced across processes when
+logged. Every logged line is also appended to `output_dir/metrics.jsonl`.
+"""
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .config import ObjectiveArgs
+from .logprobs import chunk_size_for, head_transform, per_sequence, token_logps
+from .losses import LOSSES, METHODS, Hyper
+
+
+class PreferenceTrainer(Trainer):
+    # compute_loss already divides by the optimizer step's counts; the Trainer must not divide again
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, objective: ObjectiveArgs, **kwargs):
+        super().__init__(*args, **kwargs)
+        o = objective
+        method = METHODS[o.method]
+        self.objective = o
+        self.loss_fn = LOSSES[o.loss_type]
+        self.hyper = Hyper(beta=o.beta, gamma_beta_ratio=o.gamma_beta_ratio, label_smoothing=o.label_smoothing,
+                           alpha=o.alpha)
+        self.mean_logps = method.losses[o.loss_type] == "mean"
+        self.nll_over_prompt = method.nll_span == "prompt+completion"
+        config = self.accelerator.unwrap_model(self.model).config
+        text = config.get_text_config()
+        self.head_fn = head_transform(config)
+        self.chunk = chunk_size_for(text.vocab_size, o.logprob_chunk_size)
+        self.aux_coef = text.router_aux_loss_coef if getattr(text, "output_router_logits", False) else 0.0
+        # split -> metric name -> [sum, count], tensors on the device until logged
+        self._metric_sums = {"train": defaultdict(lambda: [0.0, 0.0]), "eval": defaultdict(lambda: [0.0, 0.0])}
+
+    # -- normalisers for the whole optimizer step ---------------------------------------------
+
+    def _nll_positions(self, batch) -> torch.Tensor:
+        B = len(batch["row"])
+        return (batch["score_seq"] < B) & (batch["score_is_completion"] | self.nll_over_prompt)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = torch.tensor(
+            [[len(b["row"]), int(self._nll_positions(b).sum())] for b in batches] or [[0, 0]], dtype=torch.float64
+        ).sum(0).to(device)
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        return batches, {"pairs": counts[0], "nll_tokens": counts[1]}
+
+    # -- the step --------------------------------------------------------------------------
+
+    def _forward(self, model, batch):
+        """Per-sequence log-probs and the NLL pieces for one micro-batch."""
+        B = len(batch["row"])
+        extra = {"output_router_logits": True} if self.aux_coef else {}
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,  # the model's own head sees one position; ours sees the scored ones
+            **extra,
+        )
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"], head,
+                          self.head_fn, self.chunk)
+        seq, completion = batch["score_seq"], batch["score_is_completion"]
+        logp_sum, n_tokens = per_sequence(tok.logps, seq, completion, 2 * B)
+        logps = logp_sum / n_tokens.clamp(min=1) if self.mean_logps else logp_sum
+        nll_mask = self._nll_positions(batch)
+        logit_sum, _ = per_sequence(tok.mean_logits, seq, completion, 2 * B)
+        return {
+            "chosen_logps": logps[:B],
+            "rejected_logps": logps[B:],
+            "nll_sum": -(tok.logps * nll_mask).sum(),
+            "nll_tokens": nll_mask.sum(),
+            "completion_tokens": n_tokens.detach(),
+            "logit_sum": logit_sum,
+            "aux_loss": out.aux_loss if self.aux_coef else None,
+        }
+
+    def _loss(self, model, batch, split: str, counts: dict | None):
+        f = self._forward(model, batch)
+        B = len(batch["row"])
+        losses, chosen_rewards, rejected_rewards, extras = self.loss_fn(f["chosen_logps"], f["rejected_logps"], self.hyper)
+        if counts is None:  # evaluation or a direct call: this micro-batch is the whole batch
+            pairs, nll_tokens, world = B, f["nll_tokens"], 1
+        else:
+            pairs, nll_tokens, world = counts["pairs"], counts["nll_tokens"], self.accelerator.num_processes
+        # DDP/DeepSpeed/FSDP average gradients over processes; `world` turns that mean back into the sum
+        # over all pairs, which the global counts then normalise.
+        w = self.objective.nll_weight
+        nll = f["nll_sum"] / torch.clamp(torch.as_tensor(nll_tokens, dtype=torch.float32), min=1) if w else None
+        loss = losses.sum() / pairs + (w * nll if w else 0.0)
+        if f["aux_loss"] is not None:
+            loss = loss + self.aux_coef * f["aux_loss"] * (B / pairs)
+        self._record(split, f, chosen_rewards, rejected_rewards, extras, nll)
+        return world * loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = self._loss(model, inputs, "train", num_items_in_batch)
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self._loss(model, inputs, "eval", None)
+        return loss.detach(), None, None
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _record(self, split, f, chosen_rewards, rejected_rewards, extras, nll):
+        sums = self._metric_sums[split]
+        B = chosen_rewards.shape[0]
+
+        def add(name, total, count):
+            entry = sums[name]
+            entry[0] = entry[0] + total.detach().double()
+            entry[1] = entry[1] + count
+
+        per_pair = {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).double(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": f["chosen_logps"],
+            "logps/rejected": f["rejected_logps"],
+            **extras,
+        }
+        for name, values in per_pair.items():
+            add(name, values.sum(), B)
+        # TRL averages logits over every position of the padded batch; prefopt over the scored
+        # completion tokens (the same thing without the layout's padding and prompt).
+        tokens = f["completion_tokens"]
+        add("logits/chosen", f["logit_sum"][:B].sum(), tokens[:B].sum())
+        add("logits/rejected", f["logit_sum"][B:].sum(), tokens[B:].sum())
+        # TRL's nll_loss is the NLL term's value: 0 when the method has no NLL term.
+        add("nll_loss", f["nll_sum"] if nll is not None else torch.zeros(()), f["nll_tokens"] if nll is not None else 1)
+        if f["aux_loss"] is not None:
+            add("aux_loss", f["aux_loss"], 1)
+
+    def log(self, logs: dict, start_time=None):
+        split = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
+        if split is not None and self._metric_sums[split]:
+            names = sorted(self._metric_sums[split])
+            device = self.args.device
+            table = torch.stack([
+                torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                             for v in self._metric_sums[split][n]])
+                for n in names
+            ])
+            table = self.accelerator.reduce(table, reduction="sum")
+            prefix = "eval_" if split == "eval" else ""
+            for name, (total, count) in zip(names, table.tolist()):
+                logs[prefix + name] = total / count if count else math.nan
+            self._metric_sums[split].clear()
+        super().log(logs, start_time)
+
+
+class MetricsFile(TrainerCallback):
+    """Appends every logged line (train and eval) as one JSON object to a file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            line = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(line) + "\n")
