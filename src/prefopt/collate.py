@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import Config
+
 
 @dataclass
 class PaddedCollator:
@@ -56,3 +58,9 @@ class PaddedCollator:
             "source": [f["source"] for f in features],
             "row": [f["row"] for f in features],
         }
+
+
+def collator_for(cfg: Config, pad_token_id: int) -> PaddedCollator:
+    # prompt tokens are scored only for an NLL term that spans the prompt (ORPO)
+    score_prompt = cfg.objective.nll_weight > 0 and cfg.method.nll_span == "prompt+completion"
+    return PaddedCollator(pad_token_id=pad_token_id, score_prompt=score_prompt)

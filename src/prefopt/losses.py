@@ -105,8 +105,11 @@ def odds_ratio_loss(chosen_logps: Tensor, rejected_logps: Tensor, h: Hyper):
     The NLL half of ORPO (over prompt and chosen completion) is added by the trainer, like
     every other NLL term. `extras` carries TRL's `log_odds_ratio` (log σ of the log-odds gap)
     and `log_odds_chosen` (the gap itself), per pair.
+
+    A mean log-prob that rounds to exactly 0 (a completion the model is certain of) would give
+    an infinite log-odds and NaN gradients; log-probs are capped at -1e-7 (p ≤ 0.9999999).
     """
-    lw, ll = chosen_logps.float(), rejected_logps.float()
+    lw, ll = chosen_logps.float().clamp(max=-1e-7), rejected_logps.float().clamp(max=-1e-7)
     log_odds = (lw - ll) - (log1mexp(lw) - log1mexp(ll))
     ratio = F.logsigmoid(log_odds)
     extras = {"log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()}

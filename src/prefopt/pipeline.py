@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from . import data as data_mod
-from .collate import PaddedCollator
+from .collate import collator_for
 from .config import Config, explain, save_resolved
 from .models import check_runnable, load_model, load_tokenizer
 from .trainer import MetricsFile, PreferenceTrainer
@@ -28,11 +28,7 @@ class RunResult:
 
 
 def build_trainer(cfg: Config, model, tokenizer, prepared) -> PreferenceTrainer:
-    method = cfg.method
-    collator = PaddedCollator(
-        pad_token_id=tokenizer.pad_token_id,
-        score_prompt=cfg.objective.nll_weight > 0 and method.nll_span == "prompt+completion",
-    )
+    collator = collator_for(cfg, tokenizer.pad_token_id)
     return PreferenceTrainer(
         model=model,
         args=cfg.training,

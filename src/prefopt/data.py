@@ -1,0 +1,576 @@
+"""Preference data: load, mix, split, normalise, template, tokenize, truncate, report.
+
+    added = setup_chat_template(tokenizer, cfg.data.chat_template)  # True: resize the embeddings
+    prepared = prepare(cfg, tokenizer)                               # token ids per pair + report
+    print(format_report(prepared.report))
+    write_report(prepared.report, cfg.training.output_dir)
+
+Rows keep TRL 1.16's conventions (`CPOTrainer.tokenize_row`, DESIGN decision 5), so the same
+inputs give the same token ids: conversations are rendered with the generation prompt, so the
+assistant header is part of the prompt; prompt and prompt+completion are tokenized together;
+BOS once at the start, EOS after each completion unless already there; an over-long pair loses
+completion tokens. Beyond TRL: optional prompt/completion caps, and a pair left with an empty
+completion is dropped and counted rather than trained on.
+"""
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+from datasets import (
+    Dataset,
+    DatasetDict,
+    LargeList,
+    List,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+    load_from_disk,
+)
+from datasets.exceptions import DatasetGenerationError
+
+from .config import Config, DataArgs, DatasetSource
+from .errors import PrefoptError
+
+PAIR = ("prompt", "chosen", "rejected")
+PROVENANCE = ("source", "row")
+LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+SCHEMAS = (
+    "(a) prompt/chosen/rejected as plain strings; (b) prompt/chosen/rejected as chat message lists "
+    "[{role, content}, ...]; (c) chosen/rejected alone, whose shared beginning (text, or leading messages) "
+    "is the prompt"
+)
+KIND_NAMES = {"text": "a plain string", "chat": "a chat message list"}
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+DROP_REASONS = ("empty_completion", "truncated_to_nothing")
+TRUNCATION_FLAGS = tuple(f"{name}_truncated" for name in PAIR)
+
+
+def _at(ds: Dataset, i: int) -> str:
+    """Where row `i` of `ds` came from, for messages: 'data.jsonl[train] row 7'."""
+    row = ds[i]
+    return f"{row['source']} row {row['row']}"
+
+
+def _common_prefix_len(a, b) -> int:
+    """Length of the longest common prefix of two sequences (strings, id lists, message lists)."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and mixing
+
+
+def load_raw(data: DataArgs, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Load, select, mix and split `data`'s sources into (train, eval).
+
+    Rows come back normalised (`normalise`): explicit `prompt`/`chosen`/`rejected`, plus `source`
+    ("path[split]") and `row` (index in that source). Other columns are dropped: nothing downstream
+    reads them, and sources with different extra columns could not be concatenated.
+    `test_split_size` holds rows out of train (seeded with `seed`), appended to any explicit eval.
+    """
+    if not data.train_datasets:
+        raise PrefoptError("no training data given: name a dataset with `datasets:`, `dataset_mixer:` or `dataset_name:`.")
+    train = _load_split(data.train_datasets, data, train=True)
+    evals = _load_split(data.eval_datasets, data, train=False) if data.eval_datasets else None
+    if data.test_split_size:
+        train, held_out = _hold_out(train, data.test_split_size, seed)
+        evals = held_out if evals is None else _concatenate([evals, held_out])
+    return train, evals
+
+
+def _load_split(sources: list[DatasetSource], data: DataArgs, train: bool) -> Dataset:
+    parts = _mix(sources, [_load_source(s, data.column_mapping, train) for s in sources])
+    parts = [normalise(p, data.preprocessing_num_workers) for p in parts if len(p)]
+    if not parts:
+        names = ", ".join(f"{s.path}[{s.split}]" for s in sources)
+        raise PrefoptError(f"{names}: no {'training' if train else 'evaluation'} rows left; check that the files "
+                           "hold rows and that keep_fraction/fraction are not too small.")
+    return _concatenate(parts)
+
+
+def _load_source(src: DatasetSource, mapping: dict[str, str] | None, train: bool) -> Dataset:
+    """One source's split: its `columns`, its `keep_fraction` (train only), mapped and tagged."""
+    label = f"{src.path}[{src.split}]"
+    ds = _read(src)
+    if src.columns is not None:
+        missing = [c for c in src.columns if c not in ds.column_names]
+        if missing:
+            raise PrefoptError(f"{label}: columns {missing} are listed in `columns` but the dataset has only "
+                               f"{ds.column_names}; fix the `columns` list.")
+        ds = ds.select_columns(src.columns)
+    if train and src.keep_fraction is not None:
+        # alignment-handbook's dataset_mixer: the first int(f·n) rows, not a random sample
+        ds = ds.select(range(int(src.keep_fraction * len(ds))))
+    ds = _map_columns(ds, mapping or {}, label)
+    missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
+    if missing:
+        raise PrefoptError(
+            f"{label}: no {' or '.join(missing)} column (columns found: {ds.column_names}). Accepted schemas: "
+            f"{SCHEMAS}. If your columns have other names, map them, e.g. "
+            "`column_mapping: {prompt: question, chosen: good_answer, rejected: bad_answer}`."
+        )
+    ds = ds.select_columns([c for c in PAIR if c in ds.column_names])
+    return ds.add_column("source", [label] * len(ds)).add_column("row", list(range(len(ds))))
+
+
+def _map_columns(ds: Dataset, mapping: dict[str, str], label: str) -> Dataset:
+    """Rename the user's columns to prompt/chosen/rejected, all at once (so swaps work)."""
+    renames = {}
+    for target, column in mapping.items():
+        if column in ds.column_names:
+            renames[column] = target
+        elif target not in ds.column_names:
+            raise PrefoptError(f"{label}: column_mapping takes {target} from column '{column}', which this dataset "
+                               f"does not have (columns found: {ds.column_names}); fix the mapping.")
+    renames = {c: t for c, t in renames.items() if c != t}
+    # A column already named like a target is replaced: the mapping says which column that role is.
+    replaced = [t for t in renames.values() if t in ds.column_names and t not in renames]
+    return ds.remove_columns(replaced).rename_columns(renames)
+
+
+def _read(src: DatasetSource) -> Dataset:
+    """The requested split of a local file, a local folder, or a Hub dataset."""
+    path = Path(src.path).expanduser()
+    if path.is_file():
+        return _read_file(path, src)
+    if path.is_dir():
+        return _read_folder(path, src)
+    if path.suffix.lower() in LOADERS or src.path.startswith(("/", ".", "~")):
+        raise PrefoptError(f"{src.path}: no such file or folder; fix the dataset path.")
+    return _read_hub(src)
+
+
+def _builder(path: Path) -> str:
+    if path.suffix.lower() not in LOADERS:
+        raise PrefoptError(f"{path}: unsupported file type '{path.suffix}'; give a {', '.join(LOADERS)} file, a "
+                           "folder (save_to_disk, or data files named after their split) or a Hub dataset id.")
+    return LOADERS[path.suffix.lower()]
+
+
+def _read_file(path: Path, src: DatasetSource) -> Dataset:
+    builder = _builder(path)
+    if src.split != "train":  # a single file is one split, named train
+        raise _missing_split(src, ["train"])
+    return _load_local(src, builder, data_files=str(path), split="train")
+
+
+def _read_folder(path: Path, src: DatasetSource) -> Dataset:
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        saved = load_from_disk(str(path))
+        return _pick_split(saved if isinstance(saved, DatasetDict) else {"train": saved}, src)
+    if src.data_dir is None and src.data_files is None:
+        # `test_prefs.parquet` is split test_prefs: datasets' own split inference would miss it
+        named = sorted(f for f in path.iterdir() if f.stem == src.split and f.suffix.lower() in LOADERS)
+        if len(named) > 1:
+            raise PrefoptError(f"{path}: {len(named)} files for split '{src.split}' ({', '.join(f.name for f in named)}); "
+                               "keep one of them.")
+        if named:
+            return _load_local(src, _builder(named[0]), data_files=str(named[0]), split="train")
+    return _pick_split(_load_local(src, str(path), data_dir=src.data_dir, data_files=src.data_files), src)
+
+
+def _load_local(src: DatasetSource, builder: str, **kwargs):
+    try:
+        return load_dataset(builder, **kwargs)
+    except (DatasetGenerationError, FileNotFoundError, ValueError) as e:
+        cause = e.__cause__ or e
+        raise PrefoptError(f"{src.path}: could not be read ({type(cause).__name__}: {cause}). Every row must have "
+                           "the same columns with the same types (a column is all strings or all message "
+                           "lists).") from e
+
+
+def _read_hub(src: DatasetSource) -> Dataset:
+    try:
+        return load_dataset(src.path, src.name, split=src.split, data_dir=src.data_dir, data_files=src.data_files)
+    except Exception as e:  # network, authentication, unknown id/config/split: all reported the same way
+        raise PrefoptError(
+            f"{src.path}: could not be loaded from the Hugging Face Hub as split '{src.split}' "
+            f"({type(e).__name__}: {e}). Check the dataset id, its config name and the split, or give a local file "
+            f"({', '.join(LOADERS)}) or folder instead."
+        ) from e
+
+
+def _pick_split(splits, src: DatasetSource) -> Dataset:
+    if src.split not in splits:
+        raise _missing_split(src, list(splits))
+    return splits[src.split]
+
+
+def _missing_split(src: DatasetSource, found: list[str]) -> PrefoptError:
+    return PrefoptError(
+        f"{src.path}: no split '{src.split}' (splits found: {', '.join(found)}). Ask for one of those, or hold "
+        "part of train out for evaluation instead, e.g. `dataset_splits: [train]` with `test_split_size: 0.1`."
+    )
+
+
+def _mix(sources: list[DatasetSource], parts: list[Dataset]) -> list[Dataset]:
+    """TRL's `fraction`: shares normalised to 1; the largest mixture that oversamples no source."""
+    shares = [s.mix_share for s in sources]
+    if all(s is None for s in shares):
+        return parts
+    if any(s is None for s in shares) or any(s < 0 for s in shares) or sum(shares) == 0:
+        raise PrefoptError(f"fraction is {shares} across {[f'{s.path}[{s.split}]' for s in sources]}; set a "
+                           "non-negative fraction for every dataset of the mixture (not all zero), or for none.")
+    weights = [s / sum(shares) for s in shares]
+    total = min(len(p) / w for p, w in zip(parts, weights) if w > 0)
+    return [p.select(range(round(w * total))) for p, w in zip(parts, weights)]
+
+
+def _concatenate(parts: list[Dataset]) -> Dataset:
+    """One dataset from normalised sources, which must share a schema (all text or all chat)."""
+    first = parts[0]
+    for part in parts[1:]:
+        if _kind(part.features["chosen"]) != _kind(first.features["chosen"]):
+            raise PrefoptError(
+                f"{first[0]['source']} holds {KIND_NAMES[_kind(first.features['chosen'])]} per answer but "
+                f"{part[0]['source']} holds {KIND_NAMES[_kind(part.features['chosen'])]}; datasets mixed into "
+                "one split must use the same schema, so convert one of them."
+            )
+    try:
+        return concatenate_datasets(parts)
+    except ValueError as e:
+        names = ", ".join(p[0]["source"] for p in parts)
+        raise PrefoptError(f"{names}: cannot be combined ({e}). Give their messages the same keys "
+                           "(e.g. only role and content).") from e
+
+
+def _hold_out(train: Dataset, size: float, seed: int) -> tuple[Dataset, Dataset]:
+    test_size = int(size) if size >= 1 else size  # a value of 1 or more is a row count
+    try:
+        split = train.train_test_split(test_size=test_size, seed=seed)
+    except ValueError as e:
+        raise PrefoptError(f"test_split_size {size:g} cannot be held out of {len(train)} training rows ({e}); "
+                           "use a share in (0, 1) or a smaller row count.") from e
+    return split["train"], split["test"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+
+
+def _kind(feature) -> str | None:
+    """'text' for a string column, 'chat' for a list of {role, content} messages, else None."""
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        return "text"
+    if isinstance(feature, (List, LargeList)) and isinstance(feature.feature, dict) \
+            and {"role", "content"} <= set(feature.feature):
+        return "chat"
+    return None
+
+
+def normalise(ds: Dataset, num_proc: int | None = None) -> Dataset:
+    """One non-empty source (with `source`/`row` columns) → explicit prompt/chosen/rejected.
+
+    Accepted: explicit string or chat columns as they are; implicit prompt (chosen/rejected only),
+    the shared beginning becomes the prompt; and TRL's special case, a string `prompt` beside chat
+    answers, where the prompt is likewise taken from the conversations. Types are read from the
+    column features (Arrow columns hold one type), so the checks cost nothing per row.
+    """
+    kinds = {c: _kind(ds.features[c]) for c in PAIR if c in ds.column_names}
+    for column, kind in kinds.items():
+        if kind is None:
+            raise PrefoptError(f"{_at(ds, 0)}: column '{column}' holds {ds.features[column]}; expected plain strings "
+                               "or chat message lists [{role, content}, ...]. Accepted schemas: " + SCHEMAS + ".")
+    _check_no_nulls(ds)
+    if kinds["chosen"] != kinds["rejected"]:
+        raise PrefoptError(f"{_at(ds, 0)}: columns chosen and rejected differ in type (chosen is "
+                           f"{KIND_NAMES[kinds['chosen']]}, rejected is {KIND_NAMES[kinds['rejected']]}); make both "
+                           "plain strings or both chat message lists.")
+    prompt_kind = kinds.get("prompt")
+    if prompt_kind == kinds["chosen"]:
+        return ds.select_columns([*PAIR, *PROVENANCE])
+    if prompt_kind == "chat":
+        raise PrefoptError(f"{_at(ds, 0)}: column prompt is a chat message list but chosen and rejected are plain "
+                           "strings; give the answers as messages too ([{role: assistant, content: ...}]), or the "
+                           "prompt as a string.")
+    if prompt_kind is not None:
+        # TRL's rule: a string prompt beside conversations is a summary of them, not what the model sees
+        ds = ds.remove_columns("prompt")
+    ds = ds.map(_extract_prompt_batch, batched=True, num_proc=num_proc, desc="Extracting implicit prompts")
+    return ds.select_columns([*PAIR, *PROVENANCE])
+
+
+def _check_no_nulls(ds: Dataset):
+    for column in PAIR:
+        if column in ds.column_names:
+            first = pc.index(pc.is_null(ds.with_format("arrow")[column]), True).as_py()
+            if first >= 0:
+                raise PrefoptError(f"{_at(ds, first)}: column '{column}' is empty (null); fill it in or remove the row.")
+
+
+def _extract_prompt_batch(batch: dict) -> dict:
+    ends = [_prompt_end(c, r) for c, r in zip(batch["chosen"], batch["rejected"])]
+    return {
+        "prompt": [c[:end] for c, end in zip(batch["chosen"], ends)],
+        "chosen": [c[end:] for c, end in zip(batch["chosen"], ends)],
+        "rejected": [r[end:] for r, end in zip(batch["rejected"], ends)],
+    }
+
+
+def _prompt_end(chosen, rejected) -> int:
+    """Where the implicit prompt ends in chosen and rejected (strings or message lists).
+
+    TRL's `extract_prompt`: the longest shared prefix, but with the space before the answers moved
+    into them; when one answer is a prefix of the other, the last shared element stays with the
+    answers. Unlike TRL, a divergence at the very first character moves no space (TRL looks at
+    the string's last character there) and empty answers give an empty prompt (TRL crashes).
+    """
+    shared = _common_prefix_len(chosen, rejected)
+    if shared == min(len(chosen), len(rejected)):
+        return max(shared - 1, 0)
+    if shared > 0 and chosen[shared - 1] == " ":  # never true for messages
+        return shared - 1
+    return shared
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat template
+
+
+def setup_chat_template(tokenizer, chat_template: str | None) -> bool:
+    """Install `chat_template` on `tokenizer` and give it a pad token; True if the vocab grew.
+
+    None keeps the tokenizer's template; "chatml" installs ChatML (adding <|im_start|>/<|im_end|>
+    as special tokens where missing, <|im_end|> becoming eos); a `.jinja` path is read; a string
+    with `{%` or `{{` is the template itself.
+    """
+    added = 0
+    if chat_template == "chatml":
+        missing = [t for t in CHATML_TOKENS if t not in tokenizer.all_special_tokens]
+        if missing:
+            added = tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokenizer.chat_template = files("prefopt").joinpath("templates/chatml.jinja").read_text()
+        # Each ChatML turn ends with <|im_end|>: generation must stop there, and completions end with it.
+        tokenizer.eos_token = "<|im_end|>"
+    elif chat_template is not None:
+        tokenizer.chat_template = _read_template(chat_template)
+    if tokenizer.pad_token is None:
+        # Safe because attention and loss masks come from sequence lengths, never from pad ids.
+        tokenizer.pad_token = tokenizer.eos_token
+    return added > 0
+
+
+def _read_template(value: str) -> str:
+    if value.endswith(".jinja"):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise PrefoptError(f"chat_template: no such file {value}; fix the path.")
+        return path.read_text()
+    if "{%" in value or "{{" in value:
+        return value
+    raise PrefoptError(f"chat_template: {value!r} is not chatml, a .jinja file or a Jinja template string; use "
+                       "one of those, or leave it unset to keep the tokenizer's own.")
+
+
+def _render(tokenizer, prompt: list, chosen: list, rejected: list, where: str) -> tuple[str, str, str]:
+    """Chat rows → (prompt, chosen, rejected) text, as TRL's `apply_chat_template`."""
+    last = prompt[-1]["role"] if prompt else None
+    if last not in ("user", "tool", "assistant"):
+        raise PrefoptError(f"{where}: the prompt must end with a user, tool or assistant message (it ends with "
+                           f"{last or 'nothing'}); chosen and rejected should share the conversation up to the answer.")
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=last != "assistant",
+                                         continue_final_message=last == "assistant")
+    with_chosen = tokenizer.apply_chat_template(prompt + chosen, tokenize=False)
+    with_rejected = tokenizer.apply_chat_template(prompt + rejected, tokenize=False)
+    # Some templates render the prompt differently once an answer follows (DeepSeek-R1 adds a token
+    # with the generation prompt); the prompt is what all three renderings share.
+    end = min(_common_prefix_len(text, with_chosen), _common_prefix_len(text, with_rejected))
+    return text[:end], with_chosen[end:], with_rejected[end:]
+
+
+def _blank(answer, conversational: bool) -> bool:
+    """An answer with nothing to learn from: empty or whitespace-only text."""
+    if conversational:
+        return all(not m["content"].strip() for m in answer)
+    return not answer.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and truncation
+
+
+def tokenize_pairs(ds: Dataset, tokenizer, data: DataArgs) -> tuple[Dataset, dict]:
+    """Normalised rows → `prompt_ids`, `chosen_ids`, `rejected_ids` (list[int]) + `source`, `row`.
+
+    The model sees prompt_ids + chosen_ids and prompt_ids + rejected_ids; the loss covers the
+    completion part. Returns the kept pairs and this split's report (see `prepare`).
+    """
+    conversational = _kind(ds.features["chosen"]) == "chat"
+    if conversational and tokenizer.chat_template is None:
+        raise PrefoptError(f"{_at(ds, 0)}: the pairs are chat messages but the tokenizer has no chat template; set "
+                           "`chat_template: chatml` (or a .jinja file).")
+    if tokenizer.eos_token_id is None:
+        raise PrefoptError("the tokenizer has no eos token, so completions could not be ended; use a tokenizer "
+                           "with one, or `chat_template: chatml` (which makes <|im_end|> the eos token).")
+    out = ds.map(
+        _tokenize_batch,
+        batched=True,
+        num_proc=data.preprocessing_num_workers,
+        remove_columns=ds.column_names,
+        fn_kwargs=dict(
+            tokenizer=tokenizer,
+            conversational=conversational,
+            max_length=data.max_length,
+            max_prompt_length=data.max_prompt_length,
+            max_completion_length=data.max_completion_length,
+            keep_end=data.truncation_mode == "keep_end",
+        ),
+        desc="Tokenizing pairs",
+    )
+    table = out.with_format("arrow")[:]
+    report = _split_report(table)
+    kept = np.flatnonzero(pc.equal(table["drop"], "").to_numpy(zero_copy_only=False))
+    return out.select(kept).remove_columns(["drop", *TRUNCATION_FLAGS]), report
+
+
+def _tokenize_batch(batch: dict, tokenizer, conversational: bool, max_length: int | None,
+                    max_prompt_length: int | None, max_completion_length: int | None, keep_end: bool) -> dict:
+    triples = list(zip(batch["prompt"], batch["chosen"], batch["rejected"]))
+    blank = [_blank(c, conversational) or _blank(r, conversational) for _, c, r in triples]
+    if conversational:
+        triples = [_render(tokenizer, *t, f"{s} row {i}") for t, s, i in zip(triples, batch["source"], batch["row"])]
+    prompts, chosens, rejecteds = (list(x) for x in zip(*triples))
+    prompt_ids = _encode(tokenizer, prompts)
+    chosen_full = _encode(tokenizer, [p + c for p, c in zip(prompts, chosens)])
+    rejected_full = _encode(tokenizer, [p + r for p, r in zip(prompts, rejecteds)])
+
+    out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "drop", *TRUNCATION_FLAGS)}
+    for i in range(len(triples)):
+        prompt, chosen, rejected = _split_ids(prompt_ids[i], chosen_full[i], rejected_full[i],
+                                              tokenizer.bos_token_id, tokenizer.eos_token_id)
+        cut_prompt = _truncate_prompt(prompt, max_prompt_length, keep_end, tokenizer.bos_token_id)
+        cut_chosen = _truncate_completion(chosen, len(cut_prompt), max_completion_length, max_length)
+        cut_rejected = _truncate_completion(rejected, len(cut_prompt), max_completion_length, max_length)
+        out["prompt_ids"].append(cut_prompt)
+        out["chosen_ids"].append(cut_chosen)
+        out["rejected_ids"].append(cut_rejected)
+        out["prompt_truncated"].append(len(cut_prompt) < len(prompt))
+        out["chosen_truncated"].append(len(cut_chosen) < len(chosen))
+        out["rejected_truncated"].append(len(cut_rejected) < len(rejected))
+        out["drop"].append("empty_completion" if blank[i]
+                           else "truncated_to_nothing" if not (cut_chosen and cut_rejected) else "")
+    return {**out, "source": batch["source"], "row": batch["row"]}
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    # No special tokens from the tokenizer: BOS and EOS placement is decided in `_split_ids`.
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _split_ids(prompt: list[int], chosen_full: list[int], rejected_full: list[int],
+               bos: int | None, eos: int) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of prompt alone and of prompt+answer → (prompt, chosen, rejected) ids, with BOS/EOS.
+
+    The answer starts where the full ids stop matching the prompt's: a tokenizer may merge the
+    prompt's last characters with the answer's first (TRL assumes at most one token differs).
+    The prompt is what both answers' prefixes share, so prompt+chosen is exactly the tokenized
+    prompt+chosen text, and likewise for rejected.
+    """
+    shared = min(_common_prefix_len(prompt, chosen_full), _common_prefix_len(prompt, rejected_full))
+    prompt_ids, chosen_ids, rejected_ids = chosen_full[:shared], chosen_full[shared:], rejected_full[shared:]
+    if bos is not None:  # a template may render BOS itself: never twice
+        prompt_ids = [bos] + prompt_ids
+    if chosen_ids[-1:] != [eos]:
+        chosen_ids = chosen_ids + [eos]
+    if rejected_ids[-1:] != [eos]:
+        rejected_ids = rejected_ids + [eos]
+    return prompt_ids, chosen_ids, rejected_ids
+
+
+def _truncate_prompt(ids: list[int], limit: int | None, keep_end: bool, bos: int | None) -> list[int]:
+    """At most `limit` tokens: the first ones (keep_start), or BOS then the last ones (keep_end)."""
+    if limit is None or len(ids) <= limit:
+        return ids
+    if not keep_end:
+        return ids[:limit]
+    head = ids[:1] if bos is not None and ids[0] == bos else []
+    return head + ids[len(ids) - (limit - len(head)):]
+
+
+def _truncate_completion(ids: list[int], prompt_len: int, limit: int | None, max_length: int | None) -> list[int]:
+    """Cap at `limit`, then cut what prompt + completion has beyond `max_length` (TRL 1.16's rule)."""
+    if limit is not None:
+        ids = ids[:limit]
+    if max_length is not None and prompt_len + len(ids) > max_length:
+        ids = ids[:max(0, max_length - prompt_len)]
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclass
+class Prepared:
+    train: Dataset
+    eval: Dataset | None
+    report: dict  # {"train": split report, "eval": split report or None}, JSON-able
+
+
+def prepare(cfg: Config, tokenizer) -> Prepared:
+    """Load, normalise and tokenize both splits. Call `setup_chat_template` on `tokenizer` first."""
+    train_raw, eval_raw = load_raw(cfg.data, cfg.training.seed)
+    train, train_report = tokenize_pairs(train_raw, tokenizer, cfg.data)
+    evals, eval_report = tokenize_pairs(eval_raw, tokenizer, cfg.data) if eval_raw is not None else (None, None)
+    for split, ds, report in (("train", train, train_report), ("eval", evals, eval_report)):
+        if ds is not None and len(ds) == 0:
+            raise PrefoptError(f"every {split} pair was dropped ({report['dropped']}); raise max_length or "
+                               "max_completion_length, lower max_prompt_length, or fix the data.")
+    return Prepared(train=train, eval=evals, report={"train": train_report, "eval": eval_report})
+
+
+def _split_report(table) -> dict:
+    """rows_in, kept, truncated (kept pairs whose part was cut), dropped by reason, token lengths
+    (p50/p90/p99/max) of kept pairs, and the share of kept pairs whose chosen is the longer answer."""
+    kept = table.filter(pc.equal(table["drop"], ""))
+    lengths = {name: pc.list_value_length(kept[f"{name}_ids"]).to_numpy(zero_copy_only=False) for name in PAIR}
+    reasons = Counter(table["drop"].to_pylist())
+    return {
+        "rows_in": table.num_rows,
+        "kept": kept.num_rows,
+        "truncated": {name: int(kept[f"{name}_truncated"].to_numpy(zero_copy_only=False).sum()) for name in PAIR},
+        "dropped": {reason: reasons[reason] for reason in DROP_REASONS},
+        "lengths": {name: _percentiles(lengths[name]) for name in PAIR},
+        "chosen_longer_share": float(np.mean(lengths["chosen"] > lengths["rejected"])) if kept.num_rows else None,
+    }
+
+
+def _percentiles(lengths: np.ndarray) -> dict | None:
+    if len(lengths) == 0:
+        return None
+    # inverted_cdf: the smallest length that q% of pairs do not exceed (a real length, not an interpolation)
+    return {**{f"p{q}": int(np.percentile(lengths, q, method="inverted_cdf")) for q in (50, 90, 99)},
+            "max": int(lengths.max())}
+
+
+def write_report(report: dict, output_dir: str | Path) -> Path:
+    path = Path(output_dir) / "data_report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def format_report(report: dict) -> str:
+    """A few lines per split, as `train` prints them."""
+    lines = []
+    for split, r in report.items():
+        if r is None:
+            continue
+        dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in r["dropped"].items() if n) or "none"
+        t = r["truncated"]
+        lines += [f"{split}: {r['kept']} of {r['rows_in']} pairs kept (dropped: {dropped})",
+                  f"  truncated: prompt {t['prompt']}, chosen {t['chosen']}, rejected {t['rejected']}"]
+        if r["kept"]:
+            lengths = "; ".join(f"{name} " + "/".join(str(v) for v in r["lengths"][name].values()) for name in PAIR)
+            lines += [f"  tokens p50/p90/p99/max: {lengths}",
+                      f"  chosen longer than rejected in {r['chosen_longer_share']:.1%} of pairs"]
+    return "\n".join(lines)

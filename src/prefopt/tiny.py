@@ -1,0 +1,207 @@
+"""Tiny offline models and tokenizers, for tests, the demo and benchmarks.
+
+Nothing is fetched from the Hub: tokenizers are trained locally, models are built from a config.
+
+    tok = train_tokenizer(default_corpus())
+    model = tiny_model("llama", tok, seed=0)
+    save_tiny(model, tok, "out/tiny-llama")  # loadable with AutoModelForCausalLM / AutoTokenizer
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+EOS = "<|endoftext|>"
+BOS = "<s>"
+PAD = "<pad>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+PAD_MODES = ("own", "eos", None)
+CHAT_TEMPLATES = ("chatml", None)
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 512,
+    bos: bool = True,
+    pad: str | None = "own",
+    chat_template: str | None = "chatml",
+    add_bos_in_template: bool = False,
+    extra_special_tokens: Iterable[str] = (),
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` and wrap it for transformers.
+
+    Special tokens get the lowest ids, in this order: `<|endoftext|>` (eos), `<s>` (bos, if `bos`),
+    `<pad>` (if `pad == "own"`), `<|im_start|>` and `<|im_end|>` (if `chat_template == "chatml"`),
+    then `extra_special_tokens`. The tokenizer never inserts BOS/EOS itself (`add_special_tokens`
+    adds nothing): the data pipeline decides where they go.
+    """
+    if pad not in PAD_MODES:
+        raise ValueError(f"pad={pad!r} is not supported; use one of {PAD_MODES}.")
+    if chat_template not in CHAT_TEMPLATES:
+        raise ValueError(
+            f"chat_template={chat_template!r} is not supported; use one of {CHAT_TEMPLATES} "
+            "(set `tokenizer.chat_template` afterwards for anything else)."
+        )
+    if add_bos_in_template and not (bos and chat_template):
+        raise ValueError("add_bos_in_template=True needs bos=True and chat_template='chatml'.")
+
+    chat_tokens = [IM_START, IM_END] if chat_template else []
+    specials = [EOS] + [BOS] * bos + [PAD] * (pad == "own") + chat_tokens + list(extra_special_tokens)
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # An explicit post-processor that adds no tokens; left as None, transformers would install
+    # one that follows `add_bos_token`, and BOS placement belongs to the data pipeline.
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, no <unk> needed
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS,
+        bos_token=BOS if bos else None,
+        pad_token={"own": PAD, "eos": EOS, None: None}[pad],
+        extra_special_tokens=chat_tokens + list(extra_special_tokens),
+    )
+    if chat_template:
+        tokenizer.chat_template = ("{{ bos_token }}" if add_bos_in_template else "") + CHATML_TEMPLATE
+    return tokenizer
+
+
+_SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our team", "a small bird", "the old man",
+             "her sister", "the robot", "every child", "the farmer", "a young girl"]
+_VERBS = ["sees", "likes", "finds", "builds", "reads", "paints", "follows", "helps", "carries",
+          "opens", "remembers", "answers"]
+_OBJECTS = ["a red ball", "the green door", "an old book", "the quiet river", "a long letter",
+            "the bright moon", "two apples", "a wooden box", "the last train", "seven stones",
+            "a blue kite", "the morning news"]
+_TAILS = ["today", "in the garden", "after lunch", "at night", "near the station", "with care",
+          "again", "before the rain", "every morning", "without a word"]
+
+
+def default_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """`n` short English-like sentences (plus a few numbers and punctuation), the same for a given seed."""
+    rng = random.Random(seed)
+    sentences = []
+    for i in range(n):
+        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+        sentence = sentence[0].upper() + sentence[1:]
+        # Some digits, questions and line breaks, so those bytes get merges too.
+        if i % 5 == 0:
+            sentence += f", {rng.randint(0, 999)} times"
+        sentences.append(sentence + ("?" if i % 7 == 0 else ".") + ("\n" if i % 3 == 0 else ""))
+    return sentences
+
+
+SLIDING_WINDOW = 8  # small enough that short test sequences cross it
+
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    # Some default configs carry token ids of their original vocab (e.g. phi3 pad=32000), which
+    # would index outside a tiny vocab; tiny_model fills them in from the tokenizer.
+    pad_token_id=None,
+    bos_token_id=None,
+    eos_token_id=None,
+    attn_implementation="sdpa",
+)
+
+_MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.01)
+
+_ARCHS: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=SLIDING_WINDOW),
+    "qwen2": {},
+    "phi3": dict(original_max_position_embeddings=2048),
+    "gemma2": dict(
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=SLIDING_WINDOW,
+        # Gemma2 refuses sdpa: its attention logit softcapping has no sdpa path.
+        attn_implementation="eager",
+    ),
+    "mixtral": dict(num_local_experts=4, **_MOE),
+    "qwen2_moe": dict(
+        num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=128, **_MOE
+    ),
+}
+
+ARCHS = tuple(_ARCHS)
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides) -> PretrainedConfig:
+    """A 2-layer config of `arch` with hidden size 64; `overrides` (any config field, or
+    `attn_implementation`) are applied last."""
+    if arch not in _ARCHS:
+        raise ValueError(f"Unknown arch {arch!r}; tiny_config supports {', '.join(ARCHS)}.")
+    # Everything goes through the constructor, since some fields (e.g. layer_types) are derived there.
+    return AutoConfig.for_model(arch, **{**_COMMON, **_ARCHS[arch], "vocab_size": vocab_size, **overrides})
+
+
+def tiny_model(
+    arch: str,
+    tokenizer_or_vocab_size: PreTrainedTokenizerFast | int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> PreTrainedModel:
+    """A randomly initialised tiny causal LM; the same `seed` gives the same weights.
+
+    Given a tokenizer, the vocab covers all its tokens and the config's pad/bos/eos ids are its own.
+    """
+    if isinstance(tokenizer_or_vocab_size, int):
+        token_fields = {"vocab_size": tokenizer_or_vocab_size}
+    else:
+        tokenizer = tokenizer_or_vocab_size
+        token_fields = {
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+    fields = {**token_fields, **overrides}
+    config = tiny_config(arch, fields.pop("vocab_size"), **fields)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def save_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
+    """Write `model` (safetensors) and `tokenizer` to `path`, loadable with `from_pretrained(path)`."""
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

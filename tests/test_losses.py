@@ -1,0 +1,127 @@
+"""Tier one: loss values worked out by hand, and the numeric edges.
+
+The expected numbers come from the papers' formulas evaluated with `math`, never from the code
+under test. Shorthand: lw, ll are the chosen and rejected log-probs (already reduced).
+"""
+
+import math
+
+import pytest
+import torch
+
+from prefopt.losses import LOSSES, METHODS, Hyper, log1mexp, shaped_reward
+
+t = lambda *xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+
+
+def softplus(x):  # -log σ(x)
+    return math.log1p(math.exp(-x))
+
+
+def test_simpo_sigmoid_by_hand():
+    # lw=-1, ll=-2, β=2, γ/β=0.5: z = 2·((−1 − −2) − 0.5) = 1, L = −log σ(1) = log(1 + e⁻¹) ≈ 0.31326
+    losses, rw, rl, extras = LOSSES["sigmoid"](t(-1.0), t(-2.0), Hyper(beta=2.0, gamma_beta_ratio=0.5))
+    assert losses.item() == pytest.approx(softplus(1.0), abs=1e-6)
+    assert losses.item() == pytest.approx(0.313262, abs=1e-6)
+    assert (rw.item(), rl.item()) == (-2.0, -4.0)  # rewards are β·log p
+    assert extras == {}
+
+
+def test_margin_at_the_target_gives_log2_and_hinge_one():
+    # gap exactly γ/β: z = 0, so sigmoid gives log 2 and hinge gives 1
+    h = Hyper(beta=2.0, gamma_beta_ratio=0.5)
+    assert LOSSES["sigmoid"](t(-1.5), t(-2.0), h)[0].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert LOSSES["hinge"](t(-1.5), t(-2.0), h)[0].item() == pytest.approx(1.0, abs=1e-6)
+    # separated by more than 1/β + γ/β = 1: hinge is exactly zero
+    assert LOSSES["hinge"](t(-0.5), t(-2.0), h)[0].item() == 0.0
+
+
+def test_label_smoothing_by_hand():
+    # z = 1, ε = 0.1: L = 0.9·(−log σ(1)) + 0.1·(−log σ(−1)) = 0.9·0.313262 + 0.1·1.313262 ≈ 0.413262
+    losses = LOSSES["sigmoid"](t(-1.0), t(-2.0), Hyper(beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.1))[0]
+    assert losses.item() == pytest.approx(0.9 * softplus(1.0) + 0.1 * softplus(-1.0), abs=1e-6)
+    assert losses.item() == pytest.approx(0.413262, abs=1e-6)
+
+
+def test_cpo_sigmoid_has_no_margin():
+    # CPO: summed log-probs, z = β·(lw − ll) = 0.1·(−10 − −14) = 0.4
+    losses = LOSSES["sigmoid"](t(-10.0), t(-14.0), Hyper(beta=0.1))[0]
+    assert losses.item() == pytest.approx(softplus(0.4), abs=1e-6)
+
+
+def test_ipo_by_hand():
+    # β = 0.1: target gap 1/(2β) = 5; gap 1 → (1 − 5)² = 16
+    losses, rw, rl, _ = LOSSES["ipo"](t(-1.0), t(-2.0), Hyper(beta=0.1))
+    assert losses.item() == pytest.approx(16.0, abs=1e-5)
+    assert rw.item() == pytest.approx(-0.1)
+
+
+def test_alphapo_reward_shape_by_hand():
+    # α = 0.25: r(−1) = (1 − e^0.25)/0.25 ≈ −1.136102, r(−2) = (1 − e^0.5)/0.25 ≈ −2.594885
+    r = shaped_reward(t(-1.0, -2.0), 0.25)
+    assert r.tolist() == pytest.approx([(1 - math.exp(0.25)) / 0.25, (1 - math.exp(0.5)) / 0.25], abs=1e-6)
+    # SimPO loss on the shaped rewards: z = 2·(1.458783 − 0.5) ≈ 1.917567, L ≈ 0.137119
+    losses, rw, _, _ = LOSSES["sigmoid"](t(-1.0), t(-2.0), Hyper(beta=2.0, gamma_beta_ratio=0.5, alpha=0.25))
+    gap = (1 - math.exp(0.25)) / 0.25 - (1 - math.exp(0.5)) / 0.25
+    assert losses.item() == pytest.approx(softplus(2.0 * (gap - 0.5)), abs=1e-6)
+    assert losses.item() == pytest.approx(0.137119, abs=1e-5)
+    assert rw.item() == pytest.approx(2.0 * (1 - math.exp(0.25)) / 0.25, abs=1e-5)  # β·r
+    # α → 0 recovers the log-prob reward
+    assert shaped_reward(t(-3.0), 1e-6).item() == pytest.approx(-3.0, abs=1e-4)
+
+
+def test_orpo_by_hand():
+    # lw = −0.5, ll = −1: log odds = lp − log(1 − e^lp)
+    lw, ll, lam = -0.5, -1.0, 0.1
+    odds = lambda lp: lp - math.log(1 - math.exp(lp))  # noqa: E731
+    gap = odds(lw) - odds(ll)  # ≈ 0.432752 − (−0.541325) = 0.974077
+    losses, rw, rl, extras = LOSSES["odds_ratio"](t(lw), t(ll), Hyper(beta=lam))
+    assert gap == pytest.approx(0.974077, abs=1e-6)
+    assert losses.item() == pytest.approx(lam * softplus(gap), abs=1e-6)
+    assert extras["log_odds_chosen"].item() == pytest.approx(gap, abs=1e-5)
+    assert extras["log_odds_ratio"].item() == pytest.approx(-softplus(gap), abs=1e-6)
+    assert (rw.item(), rl.item()) == pytest.approx((lam * lw, lam * ll))
+
+
+@pytest.mark.parametrize("lp", [-1e-9, -1e-7, -1e-4, -0.3, -0.6931, -0.7, -5.0, -80.0, -1e4])
+def test_log1mexp_is_accurate_on_both_sides_of_the_switch(lp):
+    exact = math.log(-math.expm1(lp)) if lp > -0.6931 else math.log1p(-math.exp(lp))
+    got = log1mexp(torch.tensor(lp, dtype=torch.float64)).item()
+    assert got == pytest.approx(exact, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "hinge", "ipo", "odds_ratio"])
+def test_numeric_edges_give_finite_losses_and_gradients(name):
+    # near-certain completions (log p → 0, ORPO's log1mexp edge), hopeless ones, and a tie
+    lw = torch.tensor([0.0, -1e-8, -1e-3, -50.0, -1e4, -2.0], requires_grad=True)
+    ll = torch.tensor([-1e-8, 0.0, -1e4, -1e-3, -50.0, -2.0], requires_grad=True)
+    losses = LOSSES[name](lw, ll, Hyper(beta=2.0, gamma_beta_ratio=0.5 if name != "ipo" else 0.0))[0]
+    losses.sum().backward()
+    assert torch.isfinite(losses).all()
+    assert torch.isfinite(lw.grad).all() and torch.isfinite(ll.grad).all()
+
+
+def test_losses_are_unreduced_and_rewards_detached():
+    lw = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    for fn in LOSSES.values():
+        losses, rw, rl, _ = fn(lw, lw - 1, Hyper(beta=1.0))
+        assert losses.shape == (3,)
+        assert not rw.requires_grad and not rl.requires_grad
+
+
+def test_the_sign_is_right_raising_chosen_lowers_the_loss():
+    # a flipped sign would pass a smoke test; this would not
+    for name in ("sigmoid", "hinge", "odds_ratio"):
+        lw = torch.tensor([-1.5], requires_grad=True)
+        LOSSES[name](lw, torch.tensor([-1.6]), Hyper(beta=2.0))[0].sum().backward()
+        assert lw.grad.item() < 0, name
+
+
+def test_method_table_reductions_and_defaults():
+    assert METHODS["simpo"].losses == {"sigmoid": "mean", "hinge": "mean"}
+    assert METHODS["cpo"].losses == {"sigmoid": "sum", "hinge": "sum", "ipo": "mean"}
+    assert METHODS["orpo"].losses == {"odds_ratio": "mean"} and METHODS["orpo"].nll_span == "prompt+completion"
+    # the papers' defaults: SimPO has no NLL term; CPO's NLL weight is 1
+    assert METHODS["simpo"].defaults == {"beta": 2.0, "gamma_beta_ratio": 0.5, "nll_weight": 0.0, "alpha": 0.0}
+    assert METHODS["cpo"].defaults["nll_weight"] == 1.0 and METHODS["cpo"].defaults["beta"] == 0.1
+    assert METHODS["cpo_simpo"].defaults["nll_weight"] > 0

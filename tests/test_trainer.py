@@ -1,0 +1,68 @@
+"""The training step: gradient-accumulation invariance through the real Trainer loop, metrics
+reduced as sums and counts, metrics.jsonl, and evaluation metrics."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import make_trainer, random_pairs, tiny_random_model
+from prefopt.trainer import MetricsFile
+
+
+def one_step(tmp_path, keys, batch, accumulation, pairs):
+    model = tiny_random_model("llama", seed=1)
+    trainer = make_trainer(
+        model, keys, tmp_path / f"b{batch}x{accumulation}", pairs,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+        max_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, seed=7,
+    )
+    trainer.train()
+    logged = next(line for line in trainer.state.log_history if "loss" in line)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, logged
+
+
+@pytest.mark.parametrize("keys", [
+    {"method": "cpo_simpo"},  # mean log-probs + an NLL term whose token count differs per micro-batch
+    {"method": "orpo"},  # NLL over prompt + completion
+    {"method": "cpo", "loss_type": "sigmoid"},  # summed log-probs
+])
+def test_gradient_accumulation_invariance(tmp_path, keys):
+    pairs = random_pairs(8, seed=11, max_completion=12)
+    reference, ref_log = one_step(tmp_path, keys, 8, 1, pairs)
+    for batch, accumulation in [(4, 2), (2, 4)]:
+        weights, logged = one_step(tmp_path, keys, batch, accumulation, pairs)
+        assert logged["loss"] == pytest.approx(ref_log["loss"], rel=1e-5)
+        for name in ("rewards/accuracies", "rewards/chosen", "logps/chosen", "nll_loss"):
+            assert logged[name] == pytest.approx(ref_log[name], rel=1e-5, abs=1e-7), name
+        # a margin is the difference of two rewards of size |β·log p|: round-off scales with them
+        scale = abs(ref_log["rewards/chosen"])
+        assert logged["rewards/margins"] == pytest.approx(ref_log["rewards/margins"], abs=1e-6 * scale)
+        for name, w in weights.items():
+            # one SGD step of lr 0.5: equal weights mean equal gradients
+            torch.testing.assert_close(w, reference[name], rtol=1e-5, atol=1e-6, msg=f"{name} at {batch}x{accumulation}")
+    # and the step did move the weights (the comparison above is not vacuous)
+    initial = {n: p.detach() for n, p in tiny_random_model("llama", seed=1).named_parameters()}
+    assert max((reference[n] - initial[n]).abs().max().item() for n in initial) > 1e-4
+
+
+def test_metrics_file_and_eval_metrics(tmp_path):
+    trainer = make_trainer(tiny_random_model("qwen2"), {"method": "simpo"}, tmp_path, random_pairs(6, seed=2),
+                           eval_pairs=random_pairs(4, seed=9), callbacks=[MetricsFile(tmp_path / "m.jsonl")],
+                           per_device_train_batch_size=2, per_device_eval_batch_size=3, max_steps=3,
+                           eval_strategy="steps", eval_steps=2)
+    trainer.train()
+    lines = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines()]
+    train_lines = [l for l in lines if "loss" in l]
+    eval_lines = [l for l in lines if "eval_loss" in l]
+    assert [l["step"] for l in train_lines] == [1, 2, 3]
+    for l in train_lines:
+        assert {"loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/accuracies", "logps/rejected",
+                "logits/chosen", "nll_loss"} <= l.keys()
+        assert 0.0 <= l["rewards/accuracies"] <= 1.0
+        # SimPO rewards are β·mean log p; a random model's mean log p is about −log V
+        assert l["rewards/chosen"] == pytest.approx(2.0 * l["logps/chosen"], rel=1e-6)
+    assert [l["step"] for l in eval_lines] == [2, 3]  # every eval_steps, and at the end
+    assert {"eval_rewards/margins", "eval_logps/chosen", "eval_rewards/accuracies"} <= eval_lines[0].keys()
+    # the eval metrics cover exactly the 4 eval pairs: accuracy is a multiple of 1/4
+    assert (eval_lines[0]["eval_rewards/accuracies"] * 4) == pytest.approx(round(eval_lines[0]["eval_rewards/accuracies"] * 4))
