@@ -477,7 +477,7 @@ def _split_ids(prompt: list[int], chosen_full: list[int], rejected_full: list[in
     """
     shared = min(_common_prefix_len(prompt, chosen_full), _common_prefix_len(prompt, rejected_full))
     prompt_ids, chosen_ids, rejected_ids = chosen_full[:shared], chosen_full[shared:], rejected_full[shared:]
-    if bos is not None:  # a template may render BOS itself: never twice
+    if bos is not None and prompt_ids[:1] != [bos]:  # a template may render BOS itself: never twice
         prompt_ids = [bos] + prompt_ids
     if chosen_ids[-1:] != [eos]:
         chosen_ids = chosen_ids + [eos]
@@ -511,6 +511,8 @@ def _truncate_completion(ids: list[int], prompt_len: int, limit: int | None, max
 
 @dataclass
 class Prepared:
+    """Tokenized pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`, `source`, `row`) per split."""
+
     train: Dataset
     eval: Dataset | None
     report: dict  # {"train": split report, "eval": split report or None}, JSON-able
