@@ -150,3 +150,10 @@ dataset_mixture:
     assert [(s.path, s.mix_share) for s in d.train_datasets] == [("x.jsonl", 0.3), ("y.jsonl", None)]
     d = load_config(write(tmp_path, "method: cpo\ndataset_name: d\ndataset_test_split: validation")).data
     assert (d.train_datasets[0].split, d.eval_datasets[0].split) == ("train", "validation")
+
+
+def test_bare_yaml_no_means_the_string(tmp_path):
+    # YAML 1.1 reads `no` as false; for a string option it can only mean "no"
+    cfg = load_config(write(tmp_path, "method: simpo\nsave_strategy: no\neval_strategy: no"), ["--logging_strategy", "no"])
+    assert (cfg.training.save_strategy.value, cfg.training.eval_strategy.value) == ("no", "no")
+    assert cfg.training.logging_strategy.value == "no"

@@ -358,6 +358,9 @@ def _coerce(where: str, key: str, value, annotation):
     allowed = _base_types(annotation)
     if value is None or str in allowed and isinstance(value, str):
         return value
+    if isinstance(value, bool) and str in allowed and bool not in allowed:
+        # YAML 1.1 reads a bare `no`/`yes` as a boolean: `save_strategy: no` means the string
+        return "yes" if value else "no"
     if bool in allowed and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if isinstance(value, bool) and allowed & {int, float} and bool not in allowed:
@@ -514,6 +517,8 @@ def build_config(raw: dict, where: str = "config") -> Config:
     if training_values.get("remove_unused_columns"):
         _fail(where, "remove_unused_columns must stay false: the collator needs the tokenized columns.")
     training_values["remove_unused_columns"] = False
+    if not _has_accelerator():
+        training_values.setdefault("dataloader_pin_memory", False)  # pinning needs a device to pin for
     if (training_values.get("bf16") or training_values.get("fp16")) and not _has_accelerator():
         # Mixed precision asked for on a machine without a GPU: train on the CPU under autocast
         # rather than refuse; transformers would stop with "doesn't support bf16/gpu".

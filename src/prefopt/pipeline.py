@@ -61,7 +61,12 @@ def train(cfg: Config, log=print) -> RunResult:
     trainer = build_trainer(cfg, model, tokenizer, prepared)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=t.resume_from_checkpoint)
-    eval_metrics = trainer.evaluate() if prepared.eval is not None else None
+    eval_metrics = None
+    if prepared.eval is not None:
+        # the schedule may already have evaluated at the final step; don't do it twice
+        done = [line for line in trainer.state.log_history
+                if "eval_loss" in line and line["step"] == result.global_step]
+        eval_metrics = done[0] if done else trainer.evaluate()
     trainer.save_model(t.output_dir)
     if trainer.is_world_process_zero():
         model.generation_config.save_pretrained(t.output_dir)

@@ -52,6 +52,8 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` and wrap it for transformers.
 
+    `vocab_size` is an upper bound: a corpus with few distinct words runs out of merges earlier.
+
     Special tokens get the lowest ids, in this order: `<|endoftext|>` (eos), `<s>` (bos, if `bos`),
     `<pad>` (if `pad == "own"`), `<|im_start|>` and `<|im_end|>` (if `chat_template == "chatml"`),
     then `extra_special_tokens`. The tokenizer never inserts BOS/EOS itself (`add_special_tokens`
@@ -67,14 +69,14 @@ def train_tokenizer(
     if add_bos_in_template and not (bos and chat_template):
         raise ValueError("add_bos_in_template=True needs bos=True and chat_template='chatml'.")
 
-    chat_tokens = [IM_START, IM_END] if chat_template else []
-    specials = [EOS] + [BOS] * bos + [PAD] * (pad == "own") + chat_tokens + list(extra_special_tokens)
+    extra = ([IM_START, IM_END] if chat_template else []) + list(extra_special_tokens)
+    specials = [EOS] + [BOS] * bos + [PAD] * (pad == "own") + extra
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    # An explicit post-processor that adds no tokens; left as None, transformers would install
-    # one that follows `add_bos_token`, and BOS placement belongs to the data pipeline.
+    # Adds no tokens: where BOS/EOS go is the data pipeline's decision, so `add_special_tokens`
+    # must be a no-op (a tokenizer that adds BOS itself would get it twice).
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -89,7 +91,7 @@ def train_tokenizer(
         eos_token=EOS,
         bos_token=BOS if bos else None,
         pad_token={"own": PAD, "eos": EOS, None: None}[pad],
-        extra_special_tokens=chat_tokens + list(extra_special_tokens),
+        extra_special_tokens=extra,
     )
     if chat_template:
         tokenizer.chat_template = ("{{ bos_token }}" if add_bos_in_template else "") + CHATML_TEMPLATE
@@ -163,8 +165,13 @@ ARCHS = tuple(_ARCHS)
 
 
 def tiny_config(arch: str, vocab_size: int, **overrides) -> PretrainedConfig:
-    """A 2-layer config of `arch` with hidden size 64; `overrides` (any config field, or
-    `attn_implementation`) are applied last."""
+    """A 2-layer, hidden-64 config of `arch`; `overrides` (any config field, or
+    `attn_implementation`) are applied last.
+
+    Attention is sdpa except for gemma2, which only runs eager. mistral and gemma2 (its even
+    layers) use a sliding window of `SLIDING_WINDOW` tokens; mixtral and qwen2_moe have 4 experts,
+    top-2, and return router logits (so `aux_loss`) by default.
+    """
     if arch not in _ARCHS:
         raise ValueError(f"Unknown arch {arch!r}; tiny_config supports {', '.join(ARCHS)}.")
     # Everything goes through the constructor, since some fields (e.g. layer_types) are derived there.

@@ -1,0 +1,142 @@
+"""Tier three: the real CLI end to end on tiny models saved to local folders, asserting on the
+files written and the numbers logged; and the first step's numbers against TRL's own trainer
+run on the same files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prefopt.cli import main
+from prefopt.demo import make_rows, task_corpus
+from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tok = train_tokenizer(task_corpus(), vocab_size=300)
+    for arch in ("llama", "qwen2"):
+        save_tiny(tiny_model(arch, tok, seed=0), tok, root / arch)
+    for chat in (False, True):
+        for split, n, seed in (("train", 24, 0), ("test", 8, 1)):
+            path = root / ("chat" if chat else "text") / f"{split}.jsonl"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed, chat=chat)))
+    return root
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch, data, method", [("llama", "chat", "simpo"), ("qwen2", "text", "orpo"),
+                                                 ("llama", "text", "cpo")])
+def test_train_end_to_end(workspace, tmp_path, arch, data, method, capsys):
+    out = tmp_path / "run"
+    config = {
+        "model_name_or_path": str(workspace / arch),
+        "dataset_mixer": {str(workspace / data): 1.0},
+        "dataset_splits": ["train", "test"],
+        "method": method,
+        "learning_rate": 1e-3,
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+        "save_steps": 2,
+        "output_dir": str(out),
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "c.yaml"), "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert f"method" in printed and method in printed  # the resolved summary
+    assert "24 of 24 pairs kept" in printed
+
+    lines = read_metrics(out)
+    train = [l for l in lines if "loss" in l]
+    evals = [l for l in lines if "eval_loss" in l]
+    assert [l["step"] for l in train] == [1, 2, 3, 4]
+    assert [l["step"] for l in evals] == [2, 4]  # no duplicate evaluation at the end
+    for l in train:
+        assert all(torch.isfinite(torch.tensor(v)) for k, v in l.items() if isinstance(v, float))
+        assert l["learning_rate"] > 0 and l["grad_norm"] > 0
+    if method == "orpo":
+        assert {"log_odds_ratio", "log_odds_chosen", "eval_log_odds_ratio"} <= set(train[0]) | set(evals[0])
+    assert train[-1]["loss"] < train[0]["loss"]  # lr 1e-3 on 24 pairs: it learns
+
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train"]["kept"] == 24 and report["eval"]["kept"] == 8
+    resolved = yaml.safe_load((out / "prefopt_config.yaml").read_text())
+    assert resolved["method"] == method and resolved["seed"] == 3
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template  # saved with the model
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Sort: 3 1 2"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    trained = dict(model.named_parameters())
+    initial = dict(AutoModelForCausalLM.from_pretrained(workspace / arch).named_parameters())
+    assert any(not torch.equal(trained[n], initial[n]) for n in initial)
+
+
+def test_first_step_equals_trl_trainer_on_the_same_files(workspace, tmp_path):
+    """A TRL user's keys, TRL's CPOTrainer on the same model folder and jsonl: same first step."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import load_dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    keys = dict(loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.05, learning_rate=1e-3,
+                per_device_train_batch_size=4, max_steps=1, logging_steps=1, seed=5, max_length=64)
+    trl_args = CPOConfig(output_dir=str(tmp_path / "trl"), bf16=False, gradient_checkpointing=False, use_cpu=True,
+                         report_to="none", save_strategy="no", **keys)
+    model_dir = workspace / "llama"
+    trl = CPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=trl_args,
+                     train_dataset=load_dataset("json", data_files=str(workspace / "chat" / "train.jsonl"), split="train"),
+                     processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trl.train()
+    theirs = next(l for l in trl.state.log_history if "loss" in l)
+
+    out = tmp_path / "ours"
+    argv = ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(workspace / "chat" / "train.jsonl"),
+            "--output_dir", str(out), "--save_strategy", "no"]
+    for k, v in keys.items():
+        argv += [f"--{k}", str(v)]
+    assert main(argv) == 0
+    ours = read_metrics(out)[0]
+    compared = [k for k in theirs if k not in ("epoch", "step") and not k.startswith("logits/")]
+    assert {"loss", "grad_norm", "rewards/accuracies", "nll_loss", "logps/chosen"} <= set(compared)
+    for k in compared:
+        assert ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-6), k
+
+
+def test_bad_config_exits_2_with_the_message(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("method: simpo\nbetta: 2\n")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "c.yaml: unknown key 'betta'. Did you mean 'beta'?" in err
+
+
+def test_python_dash_m_and_config_explain(tmp_path):
+    (tmp_path / "c.yaml").write_text("loss_type: simpo\nbeta: 10\nsimpo_gamma: 5.4\ncpo_alpha: 0.05\n")
+    done = subprocess.run([sys.executable, "-m", "prefopt", "config", "explain", str(tmp_path / "c.yaml")],
+                          capture_output=True, text=True, check=True)
+    assert "cpo_simpo" in done.stdout and "0.54" in done.stdout and "0.05" in done.stdout
+
+
+def test_quantization_refused_on_cpu_before_loading(tmp_path, capsys):
+    seeds = Path(__file__).parent / "fixtures" / "seed_configs"
+    code = main(["train", str(seeds / "llama3-8b-orpo-qlora.yaml"), "--model_name_or_path", str(tmp_path / "nowhere")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "load_in_4bit needs bitsandbytes on a CUDA GPU" in err and "Set load_in_4bit: false" in err
