@@ -1,5 +1,7 @@
 """Offline demo: teach a tiny model, from preference pairs, to sort digits.
 
+    prefopt train          # (or `make demo`) runs `run_demo()`: everything below, offline
+
     make_rows(1, seed=0)
     # [{"prompt": "Sort: 6 0 4 8 7 6 =", "chosen": " 0 4 6 6 7 8", "rejected": " 0 4 6 6 7 8 4"}]
     is_correct("Sort: 3 1 2 =", " 1 2 3")  # True
@@ -7,8 +9,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
+import shutil
+import time
+from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic task: sort a list of digits.
@@ -102,3 +108,113 @@ def is_correct(prompt: str, response: str) -> bool:
     if match is None:
         raise ValueError(f"Not a sort prompt (expected 'Sort: <digits separated by spaces>'): {prompt!r}")
     return response.split() == sorted(match.group(1).split())
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo run: build a tiny model and tokenizer, write the task as jsonl, train with the normal
+# pipeline (so the demo exercises the real local-folder and local-file paths), and show what
+# changed: held-out preference accuracy and greedy answers, before and after.
+# ---------------------------------------------------------------------------------------------
+
+DEMO_CONFIG = {
+    "method": "cpo_simpo",  # SimPO's preference term plus an NLL term: it also learns to answer
+    "beta": 2.0,
+    "gamma_beta_ratio": 0.5,
+    "nll_weight": 1.0,
+    "learning_rate": 3e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "weight_decay": 0.0,
+    "max_steps": 3000,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "logging_steps": 50,
+    "eval_strategy": "steps",
+    "eval_steps": 1000,
+    "eval_on_start": True,  # the "before" numbers
+    "save_strategy": "no",
+    "max_length": 64,
+    "seed": 0,
+}
+
+
+def _held_out(n: int, train_prompts: set[str], seed: int) -> list[dict]:
+    """Chat rows whose prompts never occur in training."""
+    rows = [r for r in make_rows(4 * n, seed, chat=True) if r["prompt"][0]["content"] not in train_prompts]
+    return rows[:n]
+
+
+def _generate(model_dir: Path, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    answers = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def run_demo(output_dir: str | Path = "demo_output", log=print, **overrides) -> dict:
+    """Train the demo end to end; returns the measured before/after numbers.
+
+    `overrides` replace DEMO_CONFIG entries (the tests shorten the run with them).
+    """
+    from .config import build_config
+    from .pipeline import train
+    from .tiny import save_tiny, tiny_model, train_tokenizer
+
+    start = time.time()
+    out = Path(output_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True)
+    train_rows = make_rows(6000, seed=1, chat=True)
+    test_rows = _held_out(256, {r["prompt"][0]["content"] for r in train_rows}, seed=2)
+    for name, rows in (("train", train_rows), ("test", test_rows)):
+        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    tokenizer = train_tokenizer(task_corpus(), vocab_size=300)
+    base = save_tiny(tiny_model("llama", tokenizer, seed=0), tokenizer, out / "base_model")
+    log(f"prefopt demo: a {sum(p.numel() for p in tiny_model('llama', tokenizer).parameters()) / 1e6:.2f}M-parameter "
+        f"llama and a {len(tokenizer)}-token tokenizer built in {base}; {len(train_rows)} training pairs, "
+        f"{len(test_rows)} held-out pairs with unseen prompts")
+
+    cfg = build_config({**DEMO_CONFIG, **overrides, "model_name_or_path": str(base), "output_dir": str(out / "model"),
+                        "dataset_mixer": {str(data_dir): 1.0}, "dataset_splits": ["train", "test"]}, where="demo")
+    probe = [r["prompt"][0]["content"] for r in test_rows[:64]]
+    before = _generate(base, probe)
+    result = train(cfg, log=log)
+    after = _generate(Path(cfg.training.output_dir), probe)
+
+    evals = [json.loads(line) for line in (Path(cfg.training.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "eval_rewards/accuracies" in e]
+    acc_before, acc_after = evals[0]["eval_rewards/accuracies"], evals[-1]["eval_rewards/accuracies"]
+    right = lambda answers: sum(is_correct(p, a) for p, a in zip(probe, answers)) / len(probe)  # noqa: E731
+    numbers = {
+        "preference_accuracy_before": acc_before,
+        "preference_accuracy_after": acc_after,
+        "greedy_correct_before": right(before),
+        "greedy_correct_after": right(after),
+        "seconds": time.time() - start,
+    }
+    lines = [
+        "",
+        "prefopt demo: held-out results",
+        f"  preference accuracy (chosen reward > rejected), {len(test_rows)} unseen pairs: "
+        f"{acc_before:.3f} before -> {acc_after:.3f} after",
+        f"  greedy answers that are correctly sorted, {len(probe)} unseen prompts: "
+        f"{numbers['greedy_correct_before']:.0%} before -> {numbers['greedy_correct_after']:.0%} after",
+        "  examples (prompt | before | after):",
+        *[f"    {p:<20} | {b[:24]:<24} | {a}" for p, b, a in zip(probe[:5], before, after)],
+        f"  total time {numbers['seconds']:.0f}s; eval metrics per step in {result.output_dir / 'metrics.jsonl'}",
+    ]
+    log("\n".join(lines))
+    return numbers
