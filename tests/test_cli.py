@@ -90,7 +90,8 @@ def test_train_end_to_end(workspace, tmp_path, arch, data, method, capsys):
     assert any(not torch.equal(trained[n], initial[n]) for n in initial)
 
 
-def test_first_step_equals_trl_trainer_on_the_same_files(workspace, tmp_path):
+@pytest.mark.parametrize("data", ["chat", "text"])
+def test_first_step_equals_trl_trainer_on_the_same_files(workspace, tmp_path, data):
     """A TRL user's keys, TRL's CPOTrainer on the same model folder and jsonl: same first step."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import load_dataset
@@ -102,13 +103,13 @@ def test_first_step_equals_trl_trainer_on_the_same_files(workspace, tmp_path):
                          report_to="none", save_strategy="no", **keys)
     model_dir = workspace / "llama"
     trl = CPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=trl_args,
-                     train_dataset=load_dataset("json", data_files=str(workspace / "chat" / "train.jsonl"), split="train"),
+                     train_dataset=load_dataset("json", data_files=str(workspace / data / "train.jsonl"), split="train"),
                      processing_class=AutoTokenizer.from_pretrained(model_dir))
     trl.train()
     theirs = next(l for l in trl.state.log_history if "loss" in l)
 
     out = tmp_path / "ours"
-    argv = ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(workspace / "chat" / "train.jsonl"),
+    argv = ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(workspace / data / "train.jsonl"),
             "--output_dir", str(out), "--save_strategy", "no"]
     for k, v in keys.items():
         argv += [f"--{k}", str(v)]
@@ -140,3 +141,11 @@ def test_quantization_refused_on_cpu_before_loading(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "load_in_4bit needs bitsandbytes on a CUDA GPU" in err and "Set load_in_4bit: false" in err
+
+
+def test_a_term_not_implemented_is_refused_not_ignored(tmp_path, capsys):
+    seeds = Path(__file__).parent / "fixtures" / "seed_configs"
+    code = main(["train", str(seeds / "elyza-llama3-diversity-simpo.yaml"), "--report_to", "none",
+                 "--model_name_or_path", str(tmp_path / "nowhere")])
+    assert code == 2
+    assert "diversity_weight 0.05: the diversity term is not implemented" in capsys.readouterr().err

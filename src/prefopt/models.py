@@ -1,8 +1,4 @@
-"""Loading the tokenizer and the model (Hub id or local folder), with LoRA/QLoRA when asked.
-
-`check_runnable` refuses, before anything loads, what this machine cannot do (4/8-bit
-quantization or bitsandbytes optimizers without CUDA).
-"""
+"""Loading the tokenizer and the model (Hub id or local folder), with LoRA/QLoRA when asked."""
 
 from pathlib import Path
 
@@ -13,22 +9,6 @@ from .config import ModelArgs
 from .errors import PrefoptError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto", None: torch.float32}
-
-
-def check_runnable(m: ModelArgs, t: TrainingArguments, where: str):
-    cuda = torch.cuda.is_available()
-    if (m.load_in_4bit or m.load_in_8bit) and not cuda:
-        bits = "load_in_4bit" if m.load_in_4bit else "load_in_8bit"
-        raise PrefoptError(
-            f"{where}: {bits} needs bitsandbytes on a CUDA GPU, and this machine has none. "
-            f"Set {bits}: false (LoRA still works in full precision with use_peft: true), or run on a GPU."
-        )
-    optim = str(getattr(t.optim, "value", t.optim))
-    if ("8bit" in optim or "paged" in optim) and not cuda:
-        raise PrefoptError(
-            f"{where}: optim {optim} needs bitsandbytes on a CUDA GPU, and this machine has none. "
-            "Use optim: adamw_torch, or run on a GPU."
-        )
 
 
 def _source(m: ModelArgs, tokenizer: bool = False) -> str:

@@ -10,12 +10,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import set_seed
+from transformers.integrations import get_available_reporting_integrations
 
 from . import data as data_mod
 from .collate import collator_for
 from .config import Config, explain, save_resolved
-from .models import check_runnable, load_model, load_tokenizer
+from .errors import PrefoptError
+from .models import load_model, load_tokenizer
 from .trainer import MetricsFile, PreferenceTrainer
 
 
@@ -25,6 +28,32 @@ class RunResult:
     train_metrics: dict
     eval_metrics: dict | None
     trainer: PreferenceTrainer
+
+
+def check_runnable(cfg: Config):
+    """Refuse, before anything loads, what this machine or this version cannot do."""
+    m, t, where = cfg.model, cfg.training, cfg.source or "config"
+    cuda = torch.cuda.is_available()
+    if (m.load_in_4bit or m.load_in_8bit) and not cuda:
+        bits = "load_in_4bit" if m.load_in_4bit else "load_in_8bit"
+        raise PrefoptError(
+            f"{where}: {bits} needs bitsandbytes on a CUDA GPU, and this machine has none. "
+            f"Set {bits}: false (LoRA still works in full precision with use_peft: true), or run on a GPU."
+        )
+    optim = str(getattr(t.optim, "value", t.optim))
+    if ("8bit" in optim or "paged" in optim) and not cuda:
+        raise PrefoptError(
+            f"{where}: optim {optim} needs bitsandbytes on a CUDA GPU, and this machine has none. "
+            "Use optim: adamw_torch, or run on a GPU."
+        )
+    missing = [r for r in t.report_to if r not in ("none", "all") and r not in get_available_reporting_integrations()]
+    if missing:
+        raise PrefoptError(f"{where}: report_to {', '.join(missing)}: not installed. Install it "
+                           f"(pip install {' '.join(missing)}) or set report_to: none.")
+    if cfg.objective.diversity_weight:
+        # never train with a term silently left out of the loss
+        raise PrefoptError(f"{where}: diversity_weight {cfg.objective.diversity_weight:g}: the diversity term is "
+                           "not implemented in this version of prefopt. Set diversity_weight: 0 to train without it.")
 
 
 def build_trainer(cfg: Config, model, tokenizer, prepared) -> PreferenceTrainer:
@@ -44,8 +73,7 @@ def build_trainer(cfg: Config, model, tokenizer, prepared) -> PreferenceTrainer:
 def train(cfg: Config, log=print) -> RunResult:
     t = cfg.training
     out = Path(t.output_dir)
-    where = cfg.source or "config"
-    check_runnable(cfg.model, t, where)
+    check_runnable(cfg)
     log("prefopt: resolved objective\n" + explain(cfg))
 
     set_seed(t.seed)
