@@ -125,12 +125,15 @@ DEMO_CONFIG = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.05,
     "weight_decay": 0.0,
-    "max_steps": 3000,
+    # Longer is not better here: at 3000 steps greedy answers got worse (77% -> 48% correct) while
+    # preference accuracy stayed 1.0 — the preference term learns "repeated digits are bad" from
+    # near misses that insert a digit, and starts dropping duplicates. Over-optimisation in miniature.
+    "max_steps": 1200,
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
     "logging_steps": 50,
     "eval_strategy": "steps",
-    "eval_steps": 1000,
+    "eval_steps": 400,
     "eval_on_start": True,  # the "before" numbers
     "save_strategy": "no",
     "max_length": 64,
