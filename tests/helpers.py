@@ -41,7 +41,7 @@ def random_pairs(n: int, seed: int = 0, max_prompt: int = 7, max_completion: int
 
 
 def make_trainer(model, config_keys: dict, tmp_path, pairs=None, eval_pairs=None, callbacks=None,
-                 **training) -> PreferenceTrainer:
+                 layout: str = "padded", **training) -> PreferenceTrainer:
     cfg = build_config({"output_dir": str(tmp_path), "report_to": "none", "use_cpu": True,
                         "logging_steps": 1, "save_strategy": "no", **config_keys, **training})
     return PreferenceTrainer(
@@ -50,6 +50,6 @@ def make_trainer(model, config_keys: dict, tmp_path, pairs=None, eval_pairs=None
         train_dataset=Dataset.from_list(pairs) if pairs else None,
         eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
         callbacks=callbacks,
-        data_collator=collator_for(cfg, pad_token_id=0),
+        data_collator=collator_for(cfg, pad_token_id=0, layout=layout),
         objective=cfg.objective,
     )

@@ -62,9 +62,9 @@ def trl_loss_and_metrics(kind, keys, model, pairs):
     return trl.get_batch_loss_metrics(model, trl_batch(pairs), train_eval="train")
 
 
-def prefopt_loss_and_metrics(kind, keys, model, pairs, tmp_path):
+def prefopt_loss_and_metrics(kind, keys, model, pairs, tmp_path, layout="padded"):
     config_keys = dict(keys, method="orpo") if kind == "orpo" else dict(keys)
-    trainer = make_trainer(model, config_keys, tmp_path)
+    trainer = make_trainer(model, config_keys, tmp_path, layout=layout)
     batch = trainer.data_collator(pairs)
     loss = trainer.compute_loss(model, batch)
     trainer.log({"loss": loss.item()})
@@ -75,9 +75,9 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch, layout", [("llama", "padded"), ("qwen2", "padded"), ("llama", "packed")])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_loss_metrics_and_gradients_equal_trl(case, arch, tmp_path):
+def test_loss_metrics_and_gradients_equal_trl(case, arch, layout, tmp_path):
     kind, keys = CASES[case]
     pairs = random_pairs(4, seed=3)
     ours_model = tiny_random_model(arch)
@@ -85,7 +85,7 @@ def test_loss_metrics_and_gradients_equal_trl(case, arch, tmp_path):
 
     trl_loss, trl_metrics = trl_loss_and_metrics(kind, keys, trl_model, pairs)
     trl_loss.backward()
-    loss, logged = prefopt_loss_and_metrics(kind, keys, ours_model, pairs, tmp_path)
+    loss, logged = prefopt_loss_and_metrics(kind, keys, ours_model, pairs, tmp_path, layout)
     loss.backward()
 
     assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)

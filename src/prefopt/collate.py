@@ -12,15 +12,36 @@ which layout made it:
                                  scored only when an NLL term spans the prompt (ORPO)
     source, row                  provenance of each pair, for error messages
 
-Layout "padded" (this module, the reference): rows are [prompt; chosen] for each pair, then
-[prompt; rejected] for each pair, right-padded to the longest.
+Layouts:
+
+- "padded" (the reference): rows are [prompt; chosen] for each pair, then [prompt; rejected]
+  for each pair, right-padded to the longest. A 2-D `attention_mask`.
+- "shared": one row per pair, [prompt][chosen][rejected]. The rejected branch restarts its
+  position ids where the prompt ends and may not attend to the chosen branch, so it sees exactly
+  what it would see in its own row — but the prompt is computed once, not twice.
+- "packed": as "shared", with several triples per row (first-fit decreasing, up to
+  `pack_length` tokens), each attending only within itself: padding only at the rows' tails.
+
+"shared" and "packed" replace `attention_mask` with per-token ids from which `attention_bias`
+builds the additive 4-D mask in the model's dtype:
+
+    position_ids  [R, T]  position within the triple (rejected restarts after the prompt)
+    segment_ids   [R, T]  which triple a token belongs to, -1 on padding
+    branch_ids    [R, T]  0 prompt, 1 chosen, 2 rejected
 """
 
 from dataclasses import dataclass
 
+import logging
+
 import torch
 
 from .config import Config
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("packed", "shared", "padded")
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
 
 @dataclass
@@ -60,7 +81,148 @@ class PaddedCollator:
         }
 
 
-def collator_for(cfg: Config, pad_token_id: int) -> PaddedCollator:
+def _score(index, target, seq, is_completion, row_start, ids, first, positions, seq_id, P):
+    """Append the scored tokens ids[first:] of one branch; `positions[t]` predicts token t."""
+    for t in range(first, len(ids)):
+        index.append(row_start + positions[t])
+        target.append(ids[t])
+        seq.append(seq_id)
+        is_completion.append(t >= P)
+
+
+@dataclass
+class SharedPrefixCollator:
+    """Layouts "shared" (pack=False) and "packed" (pack=True): see the module docstring."""
+
+    pad_token_id: int
+    score_prompt: bool = False
+    pack: bool = True
+    pack_length: int | None = None  # tokens per packed row; None: the longest triple in the batch
+
+    def _rows(self, lengths: list[int]) -> list[list[int]]:
+        """Which triples go in which row: one each, or first-fit decreasing into pack_length."""
+        if not self.pack:
+            return [[i] for i in range(len(lengths))]
+        capacity = max(self.pack_length or 0, max(lengths))
+        rows, free = [], []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            slot = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+            if slot is None:
+                rows.append([i])
+                free.append(capacity - lengths[i])
+            else:
+                rows[slot].append(i)
+                free[slot] -= lengths[i]
+        return rows
+
+    def __call__(self, features: list[dict]) -> dict:
+        B = len(features)
+        lengths = [len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features]
+        rows = self._rows(lengths)
+        T = max(sum(lengths[i] for i in row) for row in rows)
+        R = len(rows)
+        input_ids = torch.full((R, T), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((R, T), dtype=torch.long)
+        segment_ids = torch.full((R, T), -1, dtype=torch.long)
+        branch_ids = torch.zeros((R, T), dtype=torch.long)
+        index, target, seq, is_completion = [], [], [], []
+        for r, row in enumerate(rows):
+            offset = 0
+            for i in row:
+                f = features[i]
+                prompt, chosen, rejected = f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]
+                P, C, Rj = len(prompt), len(chosen), len(rejected)
+                n = P + C + Rj
+                span = slice(offset, offset + n)
+                input_ids[r, span] = torch.tensor(prompt + chosen + rejected)
+                position_ids[r, span] = torch.tensor(list(range(P + C)) + list(range(P, P + Rj)))
+                segment_ids[r, span] = i
+                branch_ids[r, span] = torch.tensor([PROMPT] * P + [CHOSEN] * C + [REJECTED] * Rj)
+                start = r * T + offset
+                # Where each token of a branch is predicted from: the previous token of the same
+                # branch, or for a completion's first token the prompt's last one.
+                chosen_from = [t - 1 for t in range(P + C)]
+                rejected_from = [t - 1 for t in range(P)] + [P - 1] + [P + C + k - 1 for k in range(1, Rj)]
+                first = 1 if self.score_prompt else max(P, 1)
+                _score(index, target, seq, is_completion, start, prompt + chosen, first, chosen_from, i, P)
+                _score(index, target, seq, is_completion, start, prompt + rejected, max(P, 1), rejected_from, B + i, P)
+                offset += n
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "segment_ids": segment_ids,
+            "branch_ids": branch_ids,
+            "score_index": torch.tensor(index, dtype=torch.long),
+            "score_target": torch.tensor(target, dtype=torch.long),
+            "score_seq": torch.tensor(seq, dtype=torch.long),
+            "score_is_completion": torch.tensor(is_completion, dtype=torch.bool),
+            "source": [f["source"] for f in features],
+            "row": [f["row"] for f in features],
+        }
+
+
+def attention_bias(batch: dict, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """The additive [R, 1, T, T] mask for a "shared"/"packed" batch (0 = attend).
+
+    A query attends to earlier tokens of its own triple, except that rejected tokens never see
+    chosen ones; with `window`, only to keys whose position is less than `window` behind its own
+    (sliding-window attention, measured in positions as the unshared sequence would have them).
+    Padding attends to itself so no row is fully masked (eager attention would give NaN).
+    Masked entries are the dtype's most negative number, not -inf, for the same reason.
+    """
+    seg, branch, pos = batch["segment_ids"], batch["branch_ids"], batch["position_ids"]
+    T = seg.shape[1]
+    idx = torch.arange(T, device=seg.device)
+    visible = (idx[None, :, None] >= idx[None, None, :]) & (seg[:, :, None] == seg[:, None, :])
+    visible &= ~((branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN))
+    if window is not None:
+        visible &= (pos[:, :, None] - pos[:, None, :]) < window
+    visible |= torch.eye(T, dtype=torch.bool, device=seg.device)[None] & (seg[:, :, None] < 0)
+    bias = torch.zeros(visible.shape, dtype=dtype, device=seg.device)
+    bias.masked_fill_(~visible, torch.finfo(dtype).min)
+    return bias[:, None]
+
+
+# Architectures whose forward is tested to give the padded layout's log-probs with the 4-D mask
+# (tests/test_layouts.py). Anything else trains with the padded layout.
+MASK_TESTED = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma2"})
+
+
+def model_inputs(batch: dict, config, dtype: torch.dtype) -> dict:
+    """The forward's mask and position kwargs for any layout."""
+    if "segment_ids" not in batch:
+        return {"attention_mask": batch["attention_mask"]}
+    text = config.get_text_config()
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types:
+        # models with per-layer attention types take one mask per type
+        mask = {kind: attention_bias(batch, dtype, text.sliding_window if kind == "sliding_attention" else None)
+                for kind in set(layer_types)}
+    else:
+        mask = attention_bias(batch, dtype, getattr(text, "sliding_window", None))
+    return {"attention_mask": mask, "position_ids": batch["position_ids"]}
+
+
+def choose_layout(requested: str, config, attn_implementation: str | None, router_aux: bool) -> tuple[str, str | None]:
+    """The layout to use and, when it differs from the request, why (one log line)."""
+    if requested == "padded":
+        return requested, None
+    text = config.get_text_config()
+    if router_aux:
+        why = "the MoE router loss needs a 2-D attention mask"
+    elif text.model_type not in MASK_TESTED:
+        why = f"architecture {text.model_type} is not tested with prefix-sharing masks"
+    elif attn_implementation not in ("sdpa", "eager"):
+        why = f"attention {attn_implementation} cannot take a 4-D mask (use sdpa or eager)"
+    else:
+        return requested, None
+    return "padded", f"layout {requested} -> padded: {why}"
+
+
+def collator_for(cfg: Config, pad_token_id: int, layout: str = "padded"):
     # prompt tokens are scored only for an NLL term that spans the prompt (ORPO)
     score_prompt = cfg.objective.nll_weight > 0 and cfg.method.nll_span == "prompt+completion"
-    return PaddedCollator(pad_token_id=pad_token_id, score_prompt=score_prompt)
+    if layout == "padded":
+        return PaddedCollator(pad_token_id=pad_token_id, score_prompt=score_prompt)
+    return SharedPrefixCollator(pad_token_id=pad_token_id, score_prompt=score_prompt, pack=layout == "packed",
+                                pack_length=cfg.data.pack_length)

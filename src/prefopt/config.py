@@ -98,6 +98,13 @@ class DataArgs:
         default="keep_end", metadata={"help": "Which end of an over-long prompt to keep: keep_end or keep_start."}
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    layout: str = field(
+        default="packed",
+        metadata={"help": "packed (several prompt-shared triples per row), shared (one per row) or padded."},
+    )
+    pack_length: int | None = field(
+        default=None, metadata={"help": "Tokens per packed row (None: the longest triple in the batch)."}
+    )
 
 
 @dataclass
@@ -546,6 +553,8 @@ def _validate(where: str, model: ModelArgs, data: DataArgs, obj: ObjectiveArgs):
     if data.max_prompt_length is not None and data.max_length is not None and data.max_prompt_length >= data.max_length:
         _fail(where, f"max_prompt_length ({data.max_prompt_length}) must be below max_length ({data.max_length}) "
                      "to leave room for the completion.")
+    if data.layout not in ("packed", "shared", "padded"):
+        _fail(where, f"layout must be packed, shared or padded, got {data.layout!r}.")
     if data.truncation_mode not in ("keep_end", "keep_start"):
         _fail(where, f"truncation_mode must be keep_end or keep_start, got {data.truncation_mode!r}.")
     if data.column_mapping is not None:

@@ -15,7 +15,7 @@ from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
 
 from . import data as data_mod
-from .collate import collator_for
+from .collate import choose_layout, collator_for
 from .config import Config, explain, save_resolved
 from .errors import PrefoptError
 from .models import load_model, load_tokenizer
@@ -56,8 +56,13 @@ def check_runnable(cfg: Config):
                            "not implemented in this version of prefopt. Set diversity_weight: 0 to train without it.")
 
 
-def build_trainer(cfg: Config, model, tokenizer, prepared) -> PreferenceTrainer:
-    collator = collator_for(cfg, tokenizer.pad_token_id)
+def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> PreferenceTrainer:
+    config = model.config
+    router_aux = bool(getattr(config.get_text_config(), "output_router_logits", False))
+    layout, why = choose_layout(cfg.data.layout, config, config._attn_implementation, router_aux)
+    if why:
+        log(f"prefopt: {why}")
+    collator = collator_for(cfg, tokenizer.pad_token_id, layout)
     return PreferenceTrainer(
         model=model,
         args=cfg.training,
@@ -86,7 +91,7 @@ def train(cfg: Config, log=print) -> RunResult:
     log(data_mod.format_report(prepared.report))
 
     model = load_model(cfg.model, tokenizer, t)
-    trainer = build_trainer(cfg, model, tokenizer, prepared)
+    trainer = build_trainer(cfg, model, tokenizer, prepared, log)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=t.resume_from_checkpoint)
     eval_metrics = None

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .collate import model_inputs
 from .config import ObjectiveArgs
 from .logprobs import chunk_size_for, head_transform, per_sequence, token_logps
 from .losses import LOSSES, METHODS, Hyper
@@ -69,15 +70,16 @@ class PreferenceTrainer(Trainer):
         """Per-sequence log-probs and the NLL pieces for one micro-batch."""
         B = len(batch["row"])
         extra = {"output_router_logits": True} if self.aux_coef else {}
+        unwrapped = self.accelerator.unwrap_model(model)
         out = model(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            **model_inputs(batch, unwrapped.config, unwrapped.dtype),
             use_cache=False,
             output_hidden_states=True,
             logits_to_keep=1,  # the model's own head sees one position; ours sees the scored ones
             **extra,
         )
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        head = unwrapped.get_output_embeddings()
         tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"], head,
                           self.head_fn, self.chunk)
         seq, completion = batch["score_seq"], batch["score_is_completion"]
