@@ -534,7 +534,9 @@ def test_prepare_writes_and_formats_the_report(tmp_path):
                         "max_length": 7, "max_completion_length": 4})
     prepared = prepare(cfg, words())
     assert prepared.eval is None
-    assert prepared.train.column_names == ["source", "row", "prompt_ids", "chosen_ids", "rejected_ids"]
+    assert prepared.train.column_names == ["source", "row", "prompt_ids", "chosen_ids", "rejected_ids", "length"]
+    assert prepared.train["length"] == [len(p) + len(c) + len(r) for p, c, r in
+                                        zip(prepared.train["prompt_ids"], prepared.train["chosen_ids"], prepared.train["rejected_ids"])]
     assert prepared.train["row"] == [0, 1, 2, 4]
     assert prepared.report == {"train": EXPECTED_REPORT, "eval": None}
     written = write_report(prepared.report, cfg.training.output_dir)

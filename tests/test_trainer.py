@@ -66,3 +66,28 @@ def test_metrics_file_and_eval_metrics(tmp_path):
     assert {"eval_rewards/margins", "eval_logps/chosen", "eval_rewards/accuracies"} <= eval_lines[0].keys()
     # the eval metrics cover exactly the 4 eval pairs: accuracy is a multiple of 1/4
     assert (eval_lines[0]["eval_rewards/accuracies"] * 4) == pytest.approx(round(eval_lines[0]["eval_rewards/accuracies"] * 4))
+
+
+def test_token_balanced_micro_batches_keep_the_pairs_per_step(tmp_path):
+    """train_sampling_strategy: batch_rebalance (transformers' sampler, fed our `length` column):
+    micro-batches vary in pair count by token cost, every optimizer step still sees
+    batch × accumulation pairs, and the loss is normalised by exactly those pairs."""
+    pairs = random_pairs(16, seed=3, max_prompt=20, max_completion=20)
+    for p in pairs:
+        p["length"] = len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
+    seen = []
+    trainer = make_trainer(tiny_random_model("llama"), {"method": "simpo"}, tmp_path, pairs, layout="packed",
+                           per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
+                           train_sampling_strategy="batch_rebalance")
+    original = trainer.get_batch_samples
+
+    def spy(*args):
+        batches, counts = original(*args)
+        seen.append(([len(b["row"]) for b in batches], int(counts["pairs"])))
+        return batches, counts
+
+    trainer.get_batch_samples = spy
+    trainer.train()
+    assert [total for _, total in seen] == [8, 8]
+    assert all(sum(sizes) == 8 for sizes, _ in seen)
+    assert any(len(set(sizes)) > 1 for sizes, _ in seen)  # sizes follow token cost, not a fixed count

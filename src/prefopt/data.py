@@ -399,7 +399,7 @@ def _blank(answer, conversational: bool) -> bool:
 
 
 def tokenize_pairs(ds: Dataset, tokenizer, data: DataArgs) -> tuple[Dataset, dict]:
-    """Normalised rows → `prompt_ids`, `chosen_ids`, `rejected_ids` (list[int]) + `source`, `row`.
+    """Normalised rows → `prompt_ids`, `chosen_ids`, `rejected_ids` (list[int]), `length` + `source`, `row`.
 
     The model sees prompt_ids + chosen_ids and prompt_ids + rejected_ids; the loss covers the
     completion part. Returns the kept pairs and this split's report (see `prepare`).
@@ -458,6 +458,8 @@ def _tokenize_batch(batch: dict, tokenizer, conversational: bool, max_length: in
         out["rejected_truncated"].append(len(cut_rejected) < len(rejected))
         out["drop"].append("empty_completion" if blank[i]
                            else "truncated_to_nothing" if not (cut_chosen and cut_rejected) else "")
+    # unique tokens of the pair (prompt once): the cost the "length"-based samplers balance
+    out["length"] = [len(p) + len(c) + len(r) for p, c, r in zip(out["prompt_ids"], out["chosen_ids"], out["rejected_ids"])]
     return {**out, "source": batch["source"], "row": batch["row"]}
 
 
