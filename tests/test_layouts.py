@@ -122,7 +122,7 @@ def test_fallback_to_padded_says_why(caplog):
         "padded", "layout packed -> padded: the MoE router loss needs a 2-D attention mask")
     llama = tiny_model("llama", 101)
     assert choose_layout("packed", llama.config, "flash_attention_2", router_aux=False)[1].endswith(
-        "attention flash_attention_2 cannot take a 4-D mask (use sdpa or eager)")
+        "attention flash_attention_2 cannot take a 4-D mask (use sdpa, eager or flex_attention)")
     assert choose_layout("shared", llama.config, "sdpa", router_aux=False) == ("shared", None)
     qmoe = tiny_model("qwen2_moe", 101)
     assert "not tested with prefix-sharing masks" in choose_layout("packed", qmoe.config, "sdpa", False)[1]

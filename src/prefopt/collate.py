@@ -183,6 +183,23 @@ def attention_bias(batch: dict, dtype: torch.dtype, window: int | None = None) -
     return bias[:, None]
 
 
+def block_mask(batch: dict, window: int | None = None):
+    """The same rule as `attention_bias`, as a FlexAttention BlockMask: sparse, so the blocks a
+    query may not see (other triples, the chosen branch from rejected) cost no compute."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg, branch, pos = batch["segment_ids"], batch["branch_ids"], batch["position_ids"]
+    R, T = seg.shape
+
+    def mask_mod(b, h, q, k):
+        visible = (q >= k) & (seg[b, q] == seg[b, k]) & ~((branch[b, q] == REJECTED) & (branch[b, k] == CHOSEN))
+        if window is not None:
+            visible = visible & (pos[b, q] - pos[b, k] < window)
+        return visible | ((q == k) & (seg[b, q] < 0))
+
+    return create_block_mask(mask_mod, B=R, H=None, Q_LEN=T, KV_LEN=T, device=seg.device)
+
+
 # Architectures whose forward is tested to give the padded layout's log-probs with the 4-D mask
 # (tests/test_layouts.py). Anything else trains with the padded layout.
 MASK_TESTED = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma2"})
@@ -193,13 +210,16 @@ def model_inputs(batch: dict, config, dtype: torch.dtype) -> dict:
     if "segment_ids" not in batch:
         return {"attention_mask": batch["attention_mask"]}
     text = config.get_text_config()
+    if config._attn_implementation == "flex_attention":
+        build = lambda window: block_mask(batch, window)  # noqa: E731
+    else:
+        build = lambda window: attention_bias(batch, dtype, window)  # noqa: E731
     layer_types = getattr(text, "layer_types", None)
     if layer_types:
         # models with per-layer attention types take one mask per type
-        mask = {kind: attention_bias(batch, dtype, text.sliding_window if kind == "sliding_attention" else None)
-                for kind in set(layer_types)}
+        mask = {kind: build(text.sliding_window if kind == "sliding_attention" else None) for kind in set(layer_types)}
     else:
-        mask = attention_bias(batch, dtype, getattr(text, "sliding_window", None))
+        mask = build(getattr(text, "sliding_window", None))
     return {"attention_mask": mask, "position_ids": batch["position_ids"]}
 
 
@@ -212,8 +232,8 @@ def choose_layout(requested: str, config, attn_implementation: str | None, route
         why = "the MoE router loss needs a 2-D attention mask"
     elif text.model_type not in MASK_TESTED:
         why = f"architecture {text.model_type} is not tested with prefix-sharing masks"
-    elif attn_implementation not in ("sdpa", "eager"):
-        why = f"attention {attn_implementation} cannot take a 4-D mask (use sdpa or eager)"
+    elif attn_implementation not in ("sdpa", "eager", "flex_attention"):
+        why = f"attention {attn_implementation} cannot take a 4-D mask (use sdpa, eager or flex_attention)"
     else:
         return requested, None
     return "padded", f"layout {requested} -> padded: {why}"

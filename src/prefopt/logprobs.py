@@ -5,21 +5,30 @@
     seq = per_sequence(tok.logps, batch["score_seq"], mask, num_seqs)                   # [S]
 
 Only the N positions a loss needs go through the head, `chunk` at a time; each chunk's logits are
-formed in fp32, reduced to one log-prob (and one mean logit, for the `logits/*` metrics) and
-dropped. Backward recomputes them chunk by chunk (activation checkpointing), so peak memory is
-one chunk's [chunk, V] logits instead of [B, T, V] — and the time cost is one extra head matmul.
+formed in fp32, reduced to one log-prob and dropped. Backward recomputes them chunk by chunk, so
+peak memory is one chunk's [chunk, V] logits instead of [B, T, V] — and the time cost is one
+extra head matmul. Two implementations of the same function:
+
+- `_FusedHeadLogps` (a plain `nn.Linear` head, the common case): forward keeps only the [N]
+  log-sum-exps; backward recomputes a chunk's logits once and turns them, in place, into
+  g·(onehot − softmax), the gradient of the logits — one [chunk, V] buffer, no extra passes.
+- `torch.utils.checkpoint` around the head *module*, for heads that must be called as modules:
+  ZeRO-3 gathers partitioned weights in the module's hooks, LoRA or quantization replace the
+  linear, and Gemma-2's soft-cap is a non-linear step after it.
 """
 
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
 
-# One chunk's fp32 logits take about this many bytes (64M elements × 4 B = 256 MiB).
-CHUNK_ELEMENTS = 64 * 1024 * 1024
+# One chunk's fp32 logits take about this many bytes (16M elements × 4 B = 64 MiB): large enough
+# for an efficient matmul, small enough to stay well below the body's activations.
+CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 
 def head_transform(config) -> Callable[[Tensor], Tensor] | None:
@@ -48,6 +57,51 @@ class TokenScores:
     mean_logits: Tensor  # [N] fp32 mean over the vocabulary of the logits there, detached
 
 
+class _FusedHeadLogps(torch.autograd.Function):
+    """log p(target) = z[target] − logsumexp(z), z = h Wᵀ + b, for N positions in chunks."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, target: Tensor, weight: Tensor, bias: Tensor | None, chunk: int) -> Tensor:
+        N = h.shape[0]
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        logp = torch.empty(N, dtype=torch.float32, device=h.device)
+        for s in range(0, N, chunk):
+            z = F.linear(h[s : s + chunk], weight, bias).float()
+            lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
+            logp[s : s + chunk] = z.gather(1, target[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+        ctx.save_for_backward(h, target, weight, bias, lse)
+        ctx.chunk = chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor):
+        h, target, weight, bias, lse = ctx.saved_tensors
+        need_h, _, need_w, need_b, _ = ctx.needs_input_grad
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            h_c, g = h[s : s + ctx.chunk], grad_logp[s : s + ctx.chunk].float()
+            z = F.linear(h_c, weight, bias).float()
+            # d log p(t) / dz = onehot(t) − softmax(z); scaled by the incoming gradient, in place
+            z.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g[:, None])
+            z[torch.arange(z.shape[0], device=z.device), target[s : s + ctx.chunk]] += g
+            if need_h:
+                grad_h[s : s + ctx.chunk] = (z.to(h.dtype) @ weight).to(h.dtype)
+            if need_w:
+                grad_w.addmm_(z.t(), h_c.float())
+            if need_b:
+                grad_b += z.sum(0)
+        return (grad_h, None, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None)
+
+
+def fusable(head: torch.nn.Module, transform) -> bool:
+    """Whether the fused path may read the head's weight directly (see the module docstring)."""
+    return (type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter
+            and not hasattr(head.weight, "ds_id") and transform is None)
+
+
 def _score_chunk(h: Tensor, target: Tensor, head: torch.nn.Module, transform) -> tuple[Tensor, Tensor]:
     logits = head(h).float()  # [n, V]
     if transform is not None:
@@ -68,6 +122,7 @@ def token_logps(
     head: torch.nn.Module,
     transform: Callable[[Tensor], Tensor] | None = None,
     chunk: int = 1024,
+    fused: bool | None = None,
 ) -> TokenScores:
     """Score the N positions `score_index` (flat indices into hidden's [R·T]) against their targets.
 
@@ -76,6 +131,16 @@ def token_logps(
     """
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H).index_select(0, score_index)  # [N, H]
+    if fused is None:
+        fused = fusable(head, transform)
+    if fused:
+        logps = _FusedHeadLogps.apply(h, score_target, head.weight, head.bias, chunk)
+        with torch.no_grad():
+            # mean over the vocabulary of h·W_vᵀ + b_v is h·mean(W) + mean(b): no [N, V] pass
+            means = h.float() @ head.weight.float().mean(0)
+            if head.bias is not None:
+                means += head.bias.float().mean()
+        return TokenScores(logps, means)
     logps, means = [], []
     for start in range(0, h.shape[0], chunk):
         h_c, t_c = h[start : start + chunk], score_target[start : start + chunk]

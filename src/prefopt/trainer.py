@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
 from .collate import model_inputs
@@ -47,6 +48,8 @@ class PreferenceTrainer(Trainer):
         self.head_fn = head_transform(config)
         self.chunk = chunk_size_for(text.vocab_size, o.logprob_chunk_size)
         self.aux_coef = text.router_aux_loss_coef if getattr(text, "output_router_logits", False) else 0.0
+        # FSDP shards the head's weight outside its own forward: call the module there
+        self.fused_head = False if self.accelerator.distributed_type == DistributedType.FSDP else None
         # split -> metric name -> [sum, count], tensors on the device until logged
         self._metric_sums = {"train": defaultdict(lambda: [0.0, 0.0]), "eval": defaultdict(lambda: [0.0, 0.0])}
 
@@ -81,7 +84,7 @@ class PreferenceTrainer(Trainer):
         )
         head = unwrapped.get_output_embeddings()
         tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"], head,
-                          self.head_fn, self.chunk)
+                          self.head_fn, self.chunk, self.fused_head)
         seq, completion = batch["score_seq"], batch["score_is_completion"]
         logp_sum, n_tokens = per_sequence(tok.logps, seq, completion, 2 * B)
         logps = logp_sum / n_tokens.clamp(min=1) if self.mean_logps else logp_sum
