@@ -50,6 +50,7 @@ def make_trainer(model, config_keys: dict, tmp_path, pairs=None, eval_pairs=None
         train_dataset=Dataset.from_list(pairs) if pairs else None,
         eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
         callbacks=callbacks,
-        data_collator=collator_for(cfg, pad_token_id=0, layout=layout),
+        data_collator=collator_for(cfg, pad_token_id=0, layout=layout,
+                                   attn_implementation=model.config._attn_implementation),
         objective=cfg.objective,
     )

@@ -126,3 +126,30 @@ def test_fallback_to_padded_says_why(caplog):
     assert choose_layout("shared", llama.config, "sdpa", router_aux=False) == ("shared", None)
     qmoe = tiny_model("qwen2_moe", 101)
     assert "not tested with prefix-sharing masks" in choose_layout("packed", qmoe.config, "sdpa", False)[1]
+
+
+def test_sdpa_packs_a_micro_batch_into_one_row_at_the_lower_bound(tmp_path):
+    from prefopt.config import build_config
+    from prefopt.collate import collator_for
+
+    pairs = random_pairs(6, seed=2, max_prompt=20, max_completion=20)
+    unique = sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    cfg = build_config({"method": "simpo", "output_dir": str(tmp_path)})
+    sdpa = collator_for(cfg, 0, "packed", "sdpa")(pairs)
+    assert sdpa["input_ids"].shape == (1, unique)  # every position is a unique token
+    eager = collator_for(cfg, 0, "packed", "eager")(pairs)  # dense mask: rows stop at the longest triple
+    longest = max(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    assert eager["input_ids"].shape[1] == longest and eager["input_ids"].shape[0] > 1
+
+
+def test_segmented_sdpa_is_plain_sdpa_for_everyone_else():
+    """Installing it changes nothing for a model called without segments (generation, eval)."""
+    from prefopt.collate import install_segmented_sdpa
+
+    model = tiny_model("qwen2", 101)
+    ids = torch.randint(3, 100, (2, 9))
+    before = model(input_ids=ids).logits
+    install_segmented_sdpa()
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    out = model.generate(ids[:1], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 12)

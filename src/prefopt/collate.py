@@ -32,13 +32,12 @@ builds the additive 4-D mask in the model's dtype:
 
 from dataclasses import dataclass
 
-import logging
+import sys
 
 import torch
 
 from .config import Config
 
-logger = logging.getLogger(__name__)
 
 LAYOUTS = ("packed", "shared", "padded")
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
@@ -97,7 +96,7 @@ class SharedPrefixCollator:
     pad_token_id: int
     score_prompt: bool = False
     pack: bool = True
-    pack_length: int | None = None  # tokens per packed row; None: the longest triple in the batch
+    pack_length: int | None = None  # tokens per packed row (at least the longest triple); None: the longest
 
     def _rows(self, lengths: list[int]) -> list[list[int]]:
         """Which triples go in which row: one each, or first-fit decreasing into pack_length."""
@@ -126,6 +125,7 @@ class SharedPrefixCollator:
         segment_ids = torch.full((R, T), -1, dtype=torch.long)
         branch_ids = torch.zeros((R, T), dtype=torch.long)
         index, target, seq, is_completion = [], [], [], []
+        segments = []  # (row, start, end) of each triple
         for r, row in enumerate(rows):
             offset = 0
             for i in row:
@@ -134,6 +134,7 @@ class SharedPrefixCollator:
                 P, C, Rj = len(prompt), len(chosen), len(rejected)
                 n = P + C + Rj
                 span = slice(offset, offset + n)
+                segments.append((r, offset, offset + n))
                 input_ids[r, span] = torch.tensor(prompt + chosen + rejected)
                 position_ids[r, span] = torch.tensor(list(range(P + C)) + list(range(P, P + Rj)))
                 segment_ids[r, span] = i
@@ -152,6 +153,7 @@ class SharedPrefixCollator:
             "position_ids": position_ids,
             "segment_ids": segment_ids,
             "branch_ids": branch_ids,
+            "segments": segments,
             "score_index": torch.tensor(index, dtype=torch.long),
             "score_target": torch.tensor(target, dtype=torch.long),
             "score_seq": torch.tensor(seq, dtype=torch.long),
@@ -159,6 +161,22 @@ class SharedPrefixCollator:
             "source": [f["source"] for f in features],
             "row": [f["row"] for f in features],
         }
+
+
+def _visible(seg, branch, pos, window):
+    """[R, T, T] bool: causal, within a triple, rejected never sees chosen, optional window."""
+    T = seg.shape[1]
+    idx = torch.arange(T, device=seg.device)
+    visible = (idx[None, :, None] >= idx[None, None, :]) & (seg[:, :, None] == seg[:, None, :])
+    visible &= ~((branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN))
+    if window is not None:
+        visible &= (pos[:, :, None] - pos[:, None, :]) < window
+    return visible
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return bias.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
 
 
 def attention_bias(batch: dict, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
@@ -172,15 +190,64 @@ def attention_bias(batch: dict, dtype: torch.dtype, window: int | None = None) -
     """
     seg, branch, pos = batch["segment_ids"], batch["branch_ids"], batch["position_ids"]
     T = seg.shape[1]
-    idx = torch.arange(T, device=seg.device)
-    visible = (idx[None, :, None] >= idx[None, None, :]) & (seg[:, :, None] == seg[:, None, :])
-    visible &= ~((branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN))
-    if window is not None:
-        visible &= (pos[:, :, None] - pos[:, None, :]) < window
+    visible = _visible(seg, branch, pos, window)
     visible |= torch.eye(T, dtype=torch.bool, device=seg.device)[None] & (seg[:, :, None] < 0)
-    bias = torch.zeros(visible.shape, dtype=dtype, device=seg.device)
-    bias.masked_fill_(~visible, torch.finfo(dtype).min)
-    return bias[:, None]
+    return _additive(visible, dtype)
+
+
+class Segments:
+    """The triples of a packed batch, handed through the model's kwargs to `segmented_sdpa`.
+
+    Each layer asks for a triple's mask with its own sliding window; masks are built once per
+    (triple, window) and dtype.
+    """
+
+    def __init__(self, batch: dict):
+        self.spans = batch["segments"]
+        self.branch, self.pos = batch["branch_ids"], batch["position_ids"]
+        self._masks = {}
+
+    def mask(self, k: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        key = (k, window, dtype)
+        if key not in self._masks:
+            r, s, e = self.spans[k]
+            ones = torch.zeros((1, e - s), dtype=torch.long, device=self.pos.device)
+            visible = _visible(ones, self.branch[r : r + 1, s:e], self.pos[r : r + 1, s:e], window)
+            self._masks[key] = _additive(visible, dtype)
+        return self._masks[key]
+
+
+_plain_sdpa = None
+
+
+def segmented_sdpa(module, query, key, value, attention_mask, prefopt_segments: Segments | None = None, **kwargs):
+    """transformers' SDPA attention, run triple by triple when a packed batch says where they are.
+
+    Attention inside a packed row is block-diagonal: computing it densely over the whole row
+    would spend T² work on a mask that is mostly empty. Per triple it costs Σ n², like
+    variable-length flash attention. Without `prefopt_segments` this is plain SDPA.
+    """
+    if prefopt_segments is None:
+        return _plain_sdpa(module, query, key, value, attention_mask, **kwargs)
+    window = kwargs.get("sliding_window")
+    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [R, T, heads, d]
+    for k, (r, s, e) in enumerate(prefopt_segments.spans):
+        mask = prefopt_segments.mask(k, window, query.dtype)
+        o, _ = _plain_sdpa(module, query[r : r + 1, :, s:e], key[r : r + 1, :, s:e], value[r : r + 1, :, s:e],
+                           mask, **kwargs)
+        out[r, s:e] = o[0]
+    return out, None
+
+
+def install_segmented_sdpa():
+    """Route transformers' "sdpa" attention through `segmented_sdpa` (a no-op for other callers)."""
+    global _plain_sdpa
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _plain_sdpa is None:
+        _plain_sdpa = sdpa_attention_forward
+        AttentionInterface.register("sdpa", segmented_sdpa)
 
 
 def block_mask(batch: dict, window: int | None = None):
@@ -210,11 +277,17 @@ def model_inputs(batch: dict, config, dtype: torch.dtype) -> dict:
     if "segment_ids" not in batch:
         return {"attention_mask": batch["attention_mask"]}
     text = config.get_text_config()
+    layer_types = getattr(text, "layer_types", None)
+    if config._attn_implementation == "sdpa" and _plain_sdpa is not None and "segments" in batch:
+        # each layer's attention builds its own per-triple masks; the model gets a 1-element
+        # placeholder so that no [T, T] mask is built anywhere
+        placeholder = torch.zeros((batch["input_ids"].shape[0], 1, 1, 1), dtype=dtype, device=batch["input_ids"].device)
+        mask = {kind: placeholder for kind in set(layer_types)} if layer_types else placeholder
+        return {"attention_mask": mask, "position_ids": batch["position_ids"], "prefopt_segments": Segments(batch)}
     if config._attn_implementation == "flex_attention":
         build = lambda window: block_mask(batch, window)  # noqa: E731
     else:
         build = lambda window: attention_bias(batch, dtype, window)  # noqa: E731
-    layer_types = getattr(text, "layer_types", None)
     if layer_types:
         # models with per-layer attention types take one mask per type
         mask = {kind: build(text.sliding_window if kind == "sliding_attention" else None) for kind in set(layer_types)}
@@ -239,10 +312,19 @@ def choose_layout(requested: str, config, attn_implementation: str | None, route
     return "padded", f"layout {requested} -> padded: {why}"
 
 
-def collator_for(cfg: Config, pad_token_id: int, layout: str = "padded"):
+def collator_for(cfg: Config, pad_token_id: int, layout: str = "padded", attn_implementation: str | None = None):
+    """The collator for a layout. With SDPA, prefix-shared rows run attention triple by triple
+    (`segmented_sdpa`), so packing costs no attention work and a micro-batch packs into one row;
+    with a dense mask (eager, flex), rows stop at the longest triple to bound the T² cost."""
     # prompt tokens are scored only for an NLL term that spans the prompt (ORPO)
     score_prompt = cfg.objective.nll_weight > 0 and cfg.method.nll_span == "prompt+completion"
     if layout == "padded":
         return PaddedCollator(pad_token_id=pad_token_id, score_prompt=score_prompt)
+    segmented = attn_implementation == "sdpa"
+    if segmented:
+        install_segmented_sdpa()
+    pack_length = cfg.data.pack_length
+    if pack_length is None and segmented:
+        pack_length = sys.maxsize
     return SharedPrefixCollator(pad_token_id=pad_token_id, score_prompt=score_prompt, pack=layout == "packed",
-                                pack_length=cfg.data.pack_length)
+                                pack_length=pack_length)

@@ -103,7 +103,9 @@ class DataArgs:
         metadata={"help": "packed (several prompt-shared triples per row), shared (one per row) or padded."},
     )
     pack_length: int | None = field(
-        default=None, metadata={"help": "Tokens per packed row (None: the longest triple in the batch)."}
+        default=None,
+        metadata={"help": "Tokens per packed row (None: the whole micro-batch in one row with SDPA; "
+                          "the longest triple with other attention)."},
     )
 
 

@@ -62,7 +62,7 @@ def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> Prefere
     layout, why = choose_layout(cfg.data.layout, config, config._attn_implementation, router_aux)
     if why:
         log(f"prefopt: {why}")
-    collator = collator_for(cfg, tokenizer.pad_token_id, layout)
+    collator = collator_for(cfg, tokenizer.pad_token_id, layout, config._attn_implementation)
     return PreferenceTrainer(
         model=model,
         args=cfg.training,
