@@ -46,6 +46,9 @@ def check_runnable(cfg: Config):
             f"{where}: optim {optim} needs bitsandbytes on a CUDA GPU, and this machine has none. "
             "Use optim: adamw_torch, or run on a GPU."
         )
+    if m.attn_implementation == "flex_attention" and not cuda:
+        raise PrefoptError(f"{where}: attn_implementation flex_attention has no backward pass on the CPU in this "
+                           "torch; use sdpa (or eager) here, flex_attention on a CUDA GPU.")
     missing = [r for r in t.report_to if r not in ("none", "all") and r not in get_available_reporting_integrations()]
     if missing:
         raise PrefoptError(f"{where}: report_to {', '.join(missing)}: not installed. Install it "
