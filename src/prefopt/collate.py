@@ -43,6 +43,18 @@ LAYOUTS = ("packed", "shared", "padded")
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
 
+def _score_tensors(index, target, seq, is_completion, features) -> dict:
+    """The part of the batch contract every layout shares: what to score, and provenance."""
+    return {
+        "score_index": torch.tensor(index, dtype=torch.long),
+        "score_target": torch.tensor(target, dtype=torch.long),
+        "score_seq": torch.tensor(seq, dtype=torch.long),
+        "score_is_completion": torch.tensor(is_completion, dtype=torch.bool),
+        "source": [f["source"] for f in features],
+        "row": [f["row"] for f in features],
+    }
+
+
 @dataclass
 class PaddedCollator:
     pad_token_id: int
@@ -71,12 +83,7 @@ class PaddedCollator:
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "score_index": torch.tensor(index, dtype=torch.long),
-            "score_target": torch.tensor(target, dtype=torch.long),
-            "score_seq": torch.tensor(seq, dtype=torch.long),
-            "score_is_completion": torch.tensor(is_completion, dtype=torch.bool),
-            "source": [f["source"] for f in features],
-            "row": [f["row"] for f in features],
+            **_score_tensors(index, target, seq, is_completion, features),
         }
 
 
@@ -154,12 +161,7 @@ class SharedPrefixCollator:
             "segment_ids": segment_ids,
             "branch_ids": branch_ids,
             "segments": segments,
-            "score_index": torch.tensor(index, dtype=torch.long),
-            "score_target": torch.tensor(target, dtype=torch.long),
-            "score_seq": torch.tensor(seq, dtype=torch.long),
-            "score_is_completion": torch.tensor(is_completion, dtype=torch.bool),
-            "source": [f["source"] for f in features],
-            "row": [f["row"] for f in features],
+            **_score_tensors(index, target, seq, is_completion, features),
         }
 
 
