@@ -185,8 +185,9 @@ def run_demo(output_dir: str | Path = "demo_output", log=print, **overrides) -> 
         (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     tokenizer = train_tokenizer(task_corpus(), vocab_size=300)
-    base = save_tiny(tiny_model("llama", tokenizer, seed=0), tokenizer, out / "base_model")
-    log(f"prefopt demo: a {sum(p.numel() for p in tiny_model('llama', tokenizer).parameters()) / 1e6:.2f}M-parameter "
+    model = tiny_model("llama", tokenizer, seed=0)
+    base = save_tiny(model, tokenizer, out / "base_model")
+    log(f"prefopt demo: a {model.num_parameters() / 1e6:.2f}M-parameter "
         f"llama and a {len(tokenizer)}-token tokenizer built in {base}; {len(train_rows)} training pairs, "
         f"{len(test_rows)} held-out pairs with unseen prompts")
 
