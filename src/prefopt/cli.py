@@ -2,6 +2,7 @@
 
     prefopt train [CONFIG.yaml] [--key value ...]     (no config: the offline demo)
     prefopt config explain CONFIG.yaml [--key value ...]
+    prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype bfloat16]
     python -m prefopt ...                             (the same)
 """
 
@@ -13,6 +14,8 @@ USAGE = """usage:
   prefopt train [CONFIG.yaml] [--key value ...]   train (no config: the built-in offline demo)
   prefopt config explain CONFIG.yaml [--key value ...]
                                                   print the resolved objective and settings
+  prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype DTYPE]
+                                                  fold a LoRA adapter into its base; save a full model
 Any config key can be given or overridden as --key value."""
 
 
@@ -48,7 +51,38 @@ def cmd_config(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config}
+def _options(args: list[str], names: set[str], usage: str) -> tuple[list[str], dict[str, str]]:
+    """Positional arguments and `--name value` / `--name=value` options."""
+    positional, options, i = [], {}, 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, _, value = arg[2:].partition("=")
+            if key not in names:
+                raise PrefoptError(f"unknown option --{key}. {usage}")
+            if not value:
+                if i + 1 >= len(args):
+                    raise PrefoptError(f"--{key} needs a value. {usage}")
+                i, value = i + 1, args[i + 1]
+            options[key] = value
+        else:
+            positional.append(arg)
+        i += 1
+    return positional, options
+
+
+def cmd_merge(args: list[str]) -> int:
+    usage = "usage: prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype float32|bfloat16|float16]"
+    positional, options = _options(args, {"output", "base", "dtype"}, usage)
+    if len(positional) != 1 or "output" not in options:
+        raise PrefoptError(usage)
+    from .models import merge_adapter
+
+    merge_adapter(positional[0], options["output"], base=options.get("base"), dtype=options.get("dtype"))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

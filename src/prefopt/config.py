@@ -57,6 +57,14 @@ class ModelArgs:
     lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
     )
+    existing_adapter: str | None = field(
+        default=None, metadata={"help": "When model_name_or_path is a LoRA adapter folder: continue (train that "
+                                        "adapter further) or merge (fold it into its base, then train as configured)."}
+    )
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model of the adapter in model_name_or_path (None: the one its "
+                                        "adapter_config.json records)."}
+    )
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4 bits (CUDA only)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8 bits (CUDA only)."})
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 or fp4."})
@@ -535,12 +543,50 @@ def build_config(raw: dict, where: str = "config") -> Config:
             _fail(where, "fp16 needs a CUDA GPU; on this machine use bf16 (CPU autocast) or neither.")
         training_values["use_cpu"] = True
         notes.append("bf16 without a GPU: CPU training under bf16 autocast")
+    if training_values.get("deepspeed"):
+        training_values["deepspeed"] = _deepspeed(where, training_values["deepspeed"])
     try:
         training = TrainingArguments(**training_values)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ImportError) as e:
         _fail(where, f"training arguments rejected by transformers: {e}")
     _validate(where, model, data, objective)
     return Config(model=model, data=data, objective=objective, training=training, source=where, notes=notes)
+
+
+def _deepspeed(where: str, value):
+    """`deepspeed:` (a JSON file, as the SimPO repo passes it, or an inline mapping), checked here.
+
+    A relative path is read from the working directory, else next to the config file. ZeRO-3 must
+    gather the 16-bit weights when saving, or the final model would be empty shards.
+    """
+    import importlib.util
+    import json
+
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        beside = Path(where).parent / path
+        if not path.is_file() and not path.is_absolute() and beside.is_file():
+            path = beside
+        if not path.is_file():
+            _fail(where, f"deepspeed: no such file {value!r} (looked in the working directory and next to the "
+                         "config); fix the path.")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            _fail(where, f"deepspeed: {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.")
+        value = str(path)
+    else:
+        config = value
+    if not isinstance(config, dict):
+        _fail(where, "deepspeed must be a JSON file or a mapping of DeepSpeed settings.")
+    zero = config.get("zero_optimization") or {}
+    if zero.get("stage") == 3 and str(zero.get("stage3_gather_16bit_weights_on_model_save")).lower() != "true":
+        _fail(where, "deepspeed: ZeRO stage 3 without stage3_gather_16bit_weights_on_model_save: true would save "
+                     "the final model as empty shards; set it to true in zero_optimization.")
+    if importlib.util.find_spec("deepspeed") is None:
+        _fail(where, "deepspeed is set but the deepspeed package is not installed: pip install deepspeed "
+                     "(or pip install 'prefopt[deepspeed]'), or remove the deepspeed key to train without it.")
+    return value
 
 
 def _has_accelerator() -> bool:

@@ -1,24 +1,97 @@
-"""Loading the tokenizer and the model (Hub id or local folder), with LoRA/QLoRA when asked."""
+"""Loading the tokenizer and the model (Hub id or local folder), with LoRA/QLoRA when asked.
 
+    model folder ──► from_pretrained (dtype, attention, 4/8-bit) ──► resize to the tokenizer
+        ──► [existing adapter: continue it, or merge it in] ──► [new LoRA] ──► dropout off
+
+A model folder that holds a LoRA adapter (`adapter_config.json`) is never trained by surprise:
+`existing_adapter: continue` trains that adapter further, `existing_adapter: merge` folds it into
+its base first (full precision only). When the tokenizer grew (`chat_template: chatml` on a base
+model), the new rows of the embeddings (and of an untied head) are trained with the adapter, and
+the resized embeddings are saved with it, so base + adapter reloads to the same model.
+"""
+
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainingArguments
 
 from .config import ModelArgs
 from .errors import PrefoptError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto", None: torch.float32}
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _local(name: str) -> Path | None:
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise PrefoptError(f"model folder {name!r} does not exist. Check model_name_or_path.")
+    return path if looks_local else None
 
 
 def _source(m: ModelArgs, tokenizer: bool = False) -> str:
     name = (m.tokenizer_name_or_path if tokenizer else None) or m.model_name_or_path
     if name is None:
         raise PrefoptError("model_name_or_path is not set: give a Hub id or a local folder.")
-    looks_local = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
-    if looks_local and not Path(name).expanduser().is_dir():
-        raise PrefoptError(f"model folder {name!r} does not exist. Check model_name_or_path.")
-    return str(Path(name).expanduser()) if looks_local else name
+    local = _local(name)
+    return str(local) if local else name
+
+
+def read_adapter_config(name: str) -> dict | None:
+    """The adapter_config.json of a local adapter folder; None for anything else."""
+    local = Path(name).expanduser()
+    if not (local / ADAPTER_CONFIG).is_file():  # a Hub id, a full model, or a missing folder (loading says so)
+        return None
+    try:
+        return json.loads((local / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise PrefoptError(f"{local / ADAPTER_CONFIG}: not valid JSON ({e}).") from None
+
+
+def adapter_base(m: ModelArgs, adapter: dict, where: str) -> str:
+    base = m.base_model_name_or_path or adapter.get("base_model_name_or_path")
+    if not base:
+        raise PrefoptError(f"{where}: the adapter in {m.model_name_or_path} does not record its base model; "
+                           "set base_model_name_or_path.")
+    local = Path(base).expanduser()
+    if base.startswith((".", "/", "~")) and not local.is_dir():
+        raise PrefoptError(f"{where}: the adapter's base model {base!r} does not exist here; set "
+                           "base_model_name_or_path to where it is.")
+    return str(local) if local.is_dir() else base
+
+
+def check_adapter_start(m: ModelArgs, where: str):
+    """Refuse, before anything loads, an adapter folder given without saying what to do with it."""
+    if m.model_name_or_path is None:
+        return
+    adapter = read_adapter_config(m.model_name_or_path)
+    if m.existing_adapter not in (None, "continue", "merge"):
+        raise PrefoptError(f"{where}: existing_adapter must be continue or merge, got {m.existing_adapter!r}.")
+    if adapter is None:
+        if m.existing_adapter:
+            raise PrefoptError(f"{where}: existing_adapter: {m.existing_adapter} but {m.model_name_or_path} holds no "
+                               f"{ADAPTER_CONFIG}; remove existing_adapter, or point model_name_or_path at an adapter.")
+        return
+    if adapter.get("peft_type", "LORA") != "LORA":
+        raise PrefoptError(f"{where}: {m.model_name_or_path} holds a {adapter.get('peft_type')} adapter; only LoRA "
+                           "adapters can be continued or merged.")
+    if m.existing_adapter is None:
+        raise PrefoptError(
+            f"{where}: {m.model_name_or_path} is a LoRA adapter, not a full model. Say what to do with it: "
+            "existing_adapter: continue (train this adapter further; the lora_* settings are those it was saved "
+            "with), or existing_adapter: merge (fold it into its base, then train as configured). "
+            f"`prefopt merge {m.model_name_or_path} --output DIR` writes the merged model once."
+        )
+    if m.existing_adapter == "merge" and (m.load_in_4bit or m.load_in_8bit):
+        raise PrefoptError(
+            f"{where}: existing_adapter: merge with {'load_in_4bit' if m.load_in_4bit else 'load_in_8bit'}: an "
+            "adapter cannot be merged exactly into a quantised base. Merge in full precision first "
+            f"(`prefopt merge {m.model_name_or_path} --output DIR`), then train on DIR with load_in_4bit, "
+            "or use existing_adapter: continue."
+        )
+    adapter_base(m, adapter, where)
 
 
 def load_tokenizer(m: ModelArgs):
@@ -29,13 +102,11 @@ def load_tokenizer(m: ModelArgs):
         raise PrefoptError(f"could not load the tokenizer from {name!r}: {e}") from None
 
 
-def load_model(m: ModelArgs, tokenizer, t: TrainingArguments) -> PreTrainedModel:
-    """The causal LM, resized to the tokenizer, dropout off (if asked), LoRA-wrapped (if asked)."""
-    name = _source(m)
+def _from_pretrained(name: str, m: ModelArgs, quantize: bool) -> PreTrainedModel:
     kwargs = {"revision": m.model_revision, "trust_remote_code": m.trust_remote_code, "dtype": DTYPES[m.dtype]}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
-    if m.load_in_4bit or m.load_in_8bit:
+    if quantize and (m.load_in_4bit or m.load_in_8bit):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -46,45 +117,187 @@ def load_model(m: ModelArgs, tokenizer, t: TrainingArguments) -> PreTrainedModel
             bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as e:
         raise PrefoptError(f"could not load the model from {name!r}: {e}") from None
 
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        # e.g. `chat_template: chatml` added <|im_start|>/<|im_end|> to a base model's vocabulary
-        model.resize_token_embeddings(len(tokenizer))
+
+def resize_to(model: PreTrainedModel, tokenizer) -> list[int]:
+    """Grow the embeddings to cover every token of `tokenizer`; the ids of the new rows."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return []
+    # e.g. `chat_template: chatml` added <|im_start|>/<|im_end|> to a base model's vocabulary
+    model.resize_token_embeddings(len(tokenizer))
+    return list(range(rows, len(tokenizer)))
+
+
+def load_model(m: ModelArgs, tokenizer, t: TrainingArguments, log=print) -> PreTrainedModel:
+    """The causal LM, resized to the tokenizer, LoRA-wrapped (if asked), dropout off (if asked)."""
+    name = _source(m)
+    adapter = read_adapter_config(name)
+    merging = adapter is not None and m.existing_adapter == "merge"
+    model = _from_pretrained(adapter_base(m, adapter, name) if adapter else name, m, quantize=not merging)
+    new_ids = resize_to(model, tokenizer)
     for cfg in (model.config.get_text_config(), model.generation_config):
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.bos_token_id = tokenizer.bos_token_id
+    if t.activation_checkpointing:
+        model.config.use_cache = False
+    quantized = m.load_in_4bit or m.load_in_8bit
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 norms and head, frozen base; the Trainer turns activation checkpointing on itself
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if merging:
+            model = PeftModel.from_pretrained(model, name).merge_and_unload()
+            log(f"prefopt: merged the adapter in {name} into its base")
+        else:
+            model = PeftModel.from_pretrained(model, name, is_trainable=True)
+            log(f"prefopt: continuing to train the adapter in {name} (the lora_* settings are its own)")
+    if m.use_peft and not (adapter is not None and not merging):
+        model = _add_lora(model, m, new_ids)
     if m.disable_dropout:
+        # after LoRA is added, so lora_dropout is switched off too (as TRL does with disable_dropout)
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    if t.gradient_checkpointing:
-        model.config.use_cache = False
-    if m.use_peft:
-        model = _add_lora(model, m, t)
     return model
 
 
-def _add_lora(model, m: ModelArgs, t: TrainingArguments):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def _embedding_names(model) -> tuple[str, str | None]:
+    """Module names of the input embeddings and (when not tied to them) the output head."""
+    names = {module: name for name, module in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out is None or out.weight is inp.weight
+    return names[inp], None if tied else names[out]
 
-    if m.load_in_4bit or m.load_in_8bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs=t.gradient_checkpointing_kwargs,
-        )
-    elif t.gradient_checkpointing:
-        # frozen embeddings give checkpointed blocks inputs without grad; their adapters would get none
-        model.enable_input_require_grads()
+
+def _add_lora(model, m: ModelArgs, new_ids: list[int]):
+    from peft import LoraConfig, get_peft_model
+
+    trainable_tokens = None
+    if new_ids:
+        # Rows added for new tokens start untrained: train just those rows (not the whole matrix).
+        # A tied head shares the input rows; an untied one gets its own.
+        emb, head = _embedding_names(model)
+        saved = set(m.lora_modules_to_save or [])
+        trainable_tokens = {n: new_ids for n in (emb, head) if n and n.rsplit(".", 1)[-1] not in saved}
     lora = LoraConfig(
         r=m.lora_r,
         lora_alpha=m.lora_alpha,
         lora_dropout=m.lora_dropout,
         target_modules=m.lora_target_modules,
         modules_to_save=m.lora_modules_to_save,
+        trainable_token_indices=trainable_tokens or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        if "not found in the base model" not in str(e) and "Target modules" not in str(e):
+            raise
+        linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+        raise PrefoptError(f"lora_target_modules {m.lora_target_modules}: not in this model. Its linear layers are "
+                           f"named {', '.join(linear)}.") from None
+
+
+# -- saved models --------------------------------------------------------------------------------
+
+def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def check_saved(path: str | Path, trust_remote_code: bool = False) -> int:
+    """Fail loudly unless `path` holds complete weights; the number of parameters saved.
+
+    A full model is compared, tensor by tensor, with the shapes its own config.json implies (built
+    on the meta device, so nothing is allocated); an adapter must hold non-empty LoRA tensors. This
+    catches what sharded training can leave behind: empty ZeRO-3 placeholders, FSDP shards, or
+    missing files.
+    """
+    path = Path(path)
+    shapes = _saved_shapes(path)
+    fix = ("Under DeepSpeed ZeRO-3 set zero3_save_16bit_model: true (accelerate config) or "
+           "stage3_gather_16bit_weights_on_model_save: true (DeepSpeed JSON); under FSDP the final save must "
+           "gather a full state dict.")
+    if not shapes:
+        raise PrefoptError(f"{path}: no .safetensors weights were written. {fix}")
+    empty = [k for k, s in shapes.items() if 0 in s]
+    if (path / ADAPTER_CONFIG).is_file():
+        lora = [k for k in shapes if "lora_" in k or "trainable_tokens" in k]
+        if empty or not lora:
+            raise PrefoptError(f"{path}: the saved adapter is incomplete ({len(empty)} empty tensors, "
+                               f"{len(lora)} LoRA tensors). {fix}")
+        return sum(int(torch.Size(s).numel()) for s in shapes.values())
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    groups: dict[int, list[str]] = {}
+    for name, p in reference.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    expected = {name: tuple(p.shape) for name, p in reference.state_dict().items()}
+    problems = [f"{k}: saved empty" for k in empty]
+    for names in groups.values():
+        present = [n for n in names if n in shapes]
+        if not present:
+            problems.append(f"{names[0]}: missing")
+        for n in present:
+            if shapes[n] != expected[n]:
+                problems.append(f"{n}: saved {list(shapes[n])}, the config implies {list(expected[n])}")
+    problems += [f"{n}: saved but not in the model" for n in shapes if n not in expected]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise PrefoptError(f"{path}: the saved model is incomplete or inconsistent: {shown}. {fix}")
+    return sum(p.numel() for p in reference.parameters())
+
+
+def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype: str | None = None,
+                  log=print) -> Path:
+    """Fold the LoRA adapter in `adapter_dir` into its base and save a full model to `output`."""
+    if dtype not in DTYPES:
+        raise PrefoptError(f"prefopt merge: --dtype must be float32, bfloat16, float16 or auto, got {dtype!r}.")
+    # default: the dtype the base is stored in
+    m = ModelArgs(model_name_or_path=adapter_dir, base_model_name_or_path=base, dtype=dtype or "auto",
+                  existing_adapter="merge")
+    if read_adapter_config(adapter_dir) is None:
+        raise PrefoptError(f"prefopt merge: {adapter_dir} holds no {ADAPTER_CONFIG}; name a folder a LoRA "
+                           "run saved (its output_dir or a checkpoint-N inside it).")
+    check_adapter_start(m, "prefopt merge")
+    base_name = adapter_base(m, read_adapter_config(adapter_dir), "prefopt merge")
+    quantized = getattr(AutoConfig.from_pretrained(base_name), "quantization_config", None)
+    if quantized:
+        raise PrefoptError(
+            f"prefopt merge: the base {base_name} is stored quantised ({quantized.get('quant_method', 'quantised')}); "
+            "merging into quantised weights is not exact. Give the full-precision base with --base."
+        )
+    out = Path(output)
+    if out.resolve() == Path(adapter_dir).resolve():
+        raise PrefoptError("prefopt merge: --output must differ from the adapter folder.")
+    tokenizer = load_tokenizer(m)
+    model = _from_pretrained(base_name, m, quantize=False)
+    resize_to(model, tokenizer)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    generation = Path(adapter_dir) / "generation_config.json"
+    if generation.is_file():
+        (out / "generation_config.json").write_text(generation.read_text())
+    n = check_saved(out)
+    log(f"prefopt: merged {adapter_dir} into {base_name}: {n:,} parameters in {out}")
+    return out

@@ -128,6 +128,17 @@ class PreferenceTrainer(Trainer):
             loss = self._loss(model, inputs, "eval", None)
         return loss.detach(), None, None
 
+    # -- saving ----------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """The final model is always whole. Under FSDP with a sharded state dict the Trainer would
+        write no weights here at all; gather a full one instead (checkpoints stay sharded)."""
+        fsdp = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if fsdp is not None and not _internal_call and "FULL_STATE_DICT" not in str(fsdp.state_dict_type):
+            self._save(output_dir or self.args.output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+            return
+        super().save_model(output_dir, _internal_call)
+
     # -- metrics -----------------------------------------------------------------------------
 
     def _record(self, split, f, chosen_rewards, rejected_rewards, extras, nll):

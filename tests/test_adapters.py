@@ -1,0 +1,166 @@
+"""LoRA through the real pipeline: gradient checkpointing, new chat tokens on a base model,
+saving, reloading, merging, and starting from an existing adapter."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prefopt.cli import main
+from prefopt.config import build_config
+from prefopt.demo import make_rows, task_corpus
+from prefopt.errors import PrefoptError
+from prefopt.models import check_saved
+from prefopt.pipeline import train
+from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    chat_tok = train_tokenizer(task_corpus(), vocab_size=300)
+    save_tiny(tiny_model("llama", chat_tok, seed=0), chat_tok, root / "instruct")
+    # a "base" model: no chat template and no <|im_start|>/<|im_end|> in its vocabulary
+    base_tok = train_tokenizer(task_corpus(), vocab_size=300, chat_template=None)
+    save_tiny(tiny_model("llama", base_tok, seed=0), base_tok, root / "base")
+    (root / "chat").mkdir()
+    (root / "chat" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(8, 0, chat=True)))
+    return root
+
+
+def run(ws, out, model="instruct", **keys):
+    values = {"model_name_or_path": str(ws / model), "dataset_mixer": {str(ws / "chat"): 1.0},
+              "dataset_splits": ["train"], "method": "cpo_simpo", "learning_rate": 2e-2, "max_steps": 5,
+              "per_device_train_batch_size": 8, "logging_steps": 1, "output_dir": str(out), "report_to": "none",
+              "save_strategy": "no", "use_peft": True, "lora_r": 4, "lora_alpha": 8, "seed": 1, **keys}
+    return train(build_config(values), log=lambda *a: None)
+
+
+def losses(result) -> list[float]:
+    return [line["loss"] for line in result.trainer.state.log_history if "loss" in line]
+
+
+@pytest.mark.parametrize("use_peft", [True, False])
+def test_gradient_checkpointing_changes_memory_not_numbers(ws, tmp_path, use_peft):
+    start = AutoModelForCausalLM.from_pretrained(ws / "instruct").state_dict()
+    plain = run(ws, tmp_path / "plain", use_peft=use_peft)
+    ckpt = run(ws, tmp_path / "ckpt", use_peft=use_peft, gradient_checkpointing=True)
+    inner = ckpt.trainer.model.get_base_model() if use_peft else ckpt.trainer.model
+    assert inner.model.gradient_checkpointing and not inner.config.use_cache
+    assert losses(ckpt) == pytest.approx(losses(plain), rel=1e-5)
+    assert losses(ckpt)[-1] < losses(ckpt)[0] - 0.05  # the same batch, five steps: it learns
+
+    trained = {n: p for n, p in ckpt.trainer.model.named_parameters()}
+    if use_peft:
+        adapters = [n for n in trained if "lora_" in n]
+        assert adapters and all(trained[n].requires_grad for n in adapters)
+        assert any(not torch.equal(trained[n], torch.zeros_like(trained[n])) for n in adapters if "lora_B" in n)
+        merged = ckpt.trainer.model.get_base_model().state_dict()
+        for name, before in start.items():  # frozen base weights did not move
+            key = name.replace(".weight", ".base_layer.weight")
+            assert torch.equal(merged.get(key, merged.get(name)), before), name
+    else:
+        moved = [n for n, p in inner.state_dict().items() if not torch.equal(p, start[n])]
+        assert len(moved) == len(start)
+
+
+def test_chatml_on_a_base_model_trains_and_saves_the_new_token_rows(ws, tmp_path):
+    out = tmp_path / "run"
+    result = run(ws, out, model="base", chat_template="chatml")
+    tok = AutoTokenizer.from_pretrained(out)
+    old = len(AutoTokenizer.from_pretrained(ws / "base"))
+    assert len(tok) == old + 2 and tok.eos_token == "<|im_end|>"
+    model = result.trainer.model
+    deltas = {n: p for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+    assert len(deltas) == 2  # input rows and the untied head's rows
+    assert all(p.abs().sum() > 0 for p in deltas.values())  # the new rows were trained
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
+        saved = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert any("embed_tokens" in k and shape[0] == len(tok) for k, shape in saved.items())
+    check_saved(out)
+
+    ids = torch.tensor([tok("<|im_start|>user\n3 1 2<|im_end|>\n<|im_start|>assistant\n")["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(ws / "base")
+        base.resize_token_embeddings(len(tok))  # new rows drawn at random: the adapter must bring its own
+        reloaded = PeftModel.from_pretrained(base, out)(ids).logits
+    torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-5)
+
+    assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == tok.chat_template
+
+
+def test_an_existing_adapter_is_continued_or_merged_only_when_asked(ws, tmp_path, capsys):
+    first = tmp_path / "first"
+    run(ws, first)
+    with pytest.raises(PrefoptError, match="is a LoRA adapter, not a full model.*existing_adapter: continue.*"
+                                           "existing_adapter: merge"):
+        run(ws, tmp_path / "x", model=first)
+    with pytest.raises(PrefoptError, match="cannot be merged exactly into a quantised base"):
+        run(ws, tmp_path / "x", model=first, existing_adapter="merge", load_in_4bit=True)
+
+    ids = torch.tensor([[3, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(ws / "instruct")
+        saved = PeftModel.from_pretrained(base, first)(ids).logits
+
+    cont = run(ws, tmp_path / "cont", model=first, existing_adapter="continue", max_steps=1, learning_rate=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(cont.trainer.model.eval()(ids).logits, saved)  # it starts where it stopped
+    assert any(p.requires_grad for n, p in cont.trainer.model.named_parameters() if "lora_" in n)
+
+    merged = run(ws, tmp_path / "merged", model=first, existing_adapter="merge", max_steps=1, learning_rate=0.0)
+    model = merged.trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, saved, rtol=1e-5, atol=1e-5)  # merged in, fresh LoRA (B = 0)
+    assert isinstance(model, PeftModel)
+    adapters = [n for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    assert adapters and all("base_layer" not in n for n in adapters)
+
+
+def test_wrong_target_modules_name_the_model_layers(ws, tmp_path):
+    with pytest.raises(PrefoptError, match=r"lora_target_modules \['qkv'\]: not in this model.*q_proj"):
+        run(ws, tmp_path / "x", lora_target_modules=["qkv"])
+
+
+def test_merge_refusals(ws, tmp_path, capsys):
+    assert main(["merge", str(ws / "instruct"), "--output", str(tmp_path / "m")]) == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err
+    assert main(["merge", str(ws / "instruct")]) == 2
+    assert "usage: prefopt merge" in capsys.readouterr().err
+
+    adapter = tmp_path / "adapter"
+    run(ws, adapter, max_steps=1)
+    quantised = tmp_path / "quantised"
+    shutil.copytree(ws / "instruct", quantised)
+    config = json.loads((quantised / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantised / "config.json").write_text(json.dumps(config))
+    assert main(["merge", str(adapter), "--output", str(tmp_path / "m"), "--base", str(quantised)]) == 2
+    err = capsys.readouterr().err
+    assert "stored quantised (bitsandbytes)" in err and "--base" in err
+
+
+def test_check_saved_fails_loudly_on_an_incomplete_model(ws, tmp_path):
+    full = tmp_path / "full"
+    shutil.copytree(ws / "instruct", full)
+    assert check_saved(full) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(full).parameters())
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(full / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"] = torch.empty(0)  # what an ungathered ZeRO-3 shard looks like
+    del weights["model.norm.weight"]
+    save_file(weights, full / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PrefoptError, match=r"up_proj.weight: saved empty.*model.norm.weight: missing.*ZeRO-3"):
+        check_saved(full)
