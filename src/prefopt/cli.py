@@ -6,6 +6,7 @@
     python -m prefopt ...                             (the same)
 """
 
+import os
 import sys
 
 from .errors import PrefoptError
@@ -85,8 +86,25 @@ def cmd_merge(args: list[str]) -> int:
 COMMANDS = {"train": cmd_train, "config": cmd_config, "merge": cmd_merge}
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher (and torch.distributed.launch) put `--local_rank=N` first on the command
+    line; the rank comes from the LOCAL_RANK variable the launcher also sets."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    argv = _drop_local_rank(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -97,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv[1:])
     except PrefoptError as e:
-        print(f"prefopt: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process of a launch stops with the same message
+            print(f"prefopt: error: {e}", file=sys.stderr)
         return 2
 
 

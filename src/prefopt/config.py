@@ -536,6 +536,9 @@ def build_config(raw: dict, where: str = "config") -> Config:
     training_values["remove_unused_columns"] = False
     if not _has_accelerator():
         training_values.setdefault("dataloader_pin_memory", False)  # pinning needs a device to pin for
+        # Without it, processes started by torchrun would not join one process group (gloo) and would
+        # each train alone on all the data.
+        training_values["use_cpu"] = True
     if (training_values.get("bf16") or training_values.get("fp16")) and not _has_accelerator():
         # Mixed precision asked for on a machine without a GPU: train on the CPU under autocast
         # rather than refuse; transformers would stop with "doesn't support bf16/gpu".
@@ -727,7 +730,11 @@ def resolved_dict(cfg: Config) -> dict:
                        for s in sources]
     if not out["datasets"]:
         del out["datasets"]
-    defaults = TrainingArguments(output_dir=cfg.training.output_dir).to_dict()
+    # the dataclass defaults, not a second TrainingArguments: building one sets up devices again,
+    # which under torchrun takes this process out of the process group
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)
+                if f.default is not dataclasses.MISSING}
+    defaults = {k: getattr(v, "value", v) for k, v in defaults.items()}
     spellings = {alias for canonical, group in ALIASES.items() for alias in group if alias != canonical}
     for k, v in cfg.training.to_dict().items():
         if k in TRAINING_KEYS and k not in spellings and (v != defaults.get(k) or k in TRAINING_DEFAULTS):

@@ -17,6 +17,7 @@ extra head matmul. Two implementations of the same function:
   linear, and Gemma-2's soft-cap is a non-linear step after it.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,22 +64,30 @@ class _FusedHeadLogps(torch.autograd.Function):
     """log p(target) = z[target] − logsumexp(z), z = h Wᵀ + b, for N positions in chunks."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, target: Tensor, weight: Tensor, bias: Tensor | None, chunk: int) -> Tensor:
+    def forward(ctx, h: Tensor, target: Tensor, weight: Tensor, bias: Tensor | None, chunk: int,
+                gather=nullcontext) -> Tensor:
         N = h.shape[0]
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
         logp = torch.empty(N, dtype=torch.float32, device=h.device)
-        for s in range(0, N, chunk):
-            z = F.linear(h[s : s + chunk], weight, bias).float()
-            lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
-            logp[s : s + chunk] = z.gather(1, target[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
-        ctx.save_for_backward(h, target, weight, bias, lse)
-        ctx.chunk = chunk
+        with gather():
+            for s in range(0, N, chunk):
+                z = F.linear(h[s : s + chunk], weight, bias).float()
+                lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
+                logp[s : s + chunk] = z.gather(1, target[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+        ctx.save_for_backward(h, target, lse)
+        # kept as attributes, not saved tensors: a ZeRO-3 weight's storage is swapped by `gather`
+        ctx.weight, ctx.bias, ctx.chunk, ctx.gather = weight, bias, chunk, gather
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp: Tensor):
-        h, target, weight, bias, lse = ctx.saved_tensors
-        need_h, _, need_w, need_b, _ = ctx.needs_input_grad
+        h, target, lse = ctx.saved_tensors
+        with ctx.gather():
+            return _FusedHeadLogps._backward(ctx, h, target, ctx.weight, ctx.bias, lse, grad_logp)
+
+    @staticmethod
+    def _backward(ctx, h, target, weight, bias, lse, grad_logp):
+        need_h, _, need_w, need_b, _, _ = ctx.needs_input_grad
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
@@ -95,13 +104,29 @@ class _FusedHeadLogps(torch.autograd.Function):
             if need_b:
                 grad_b += z.sum(0)
         return (grad_h, None, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None)
+                grad_b.to(bias.dtype) if need_b else None, None, None)
 
 
 def fusable(head: torch.nn.Module, transform) -> bool:
-    """Whether the fused path may read the head's weight directly (see the module docstring)."""
-    return (type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter
-            and not hasattr(head.weight, "ds_id") and transform is None)
+    """Whether the fused path may read the head's weight directly (see the module docstring).
+
+    A ZeRO-3-partitioned head qualifies only when frozen (LoRA): the fused path then gathers it
+    itself around forward and backward. (Called as a module inside a checkpoint, a frozen
+    partitioned head is not gathered again for the recompute.) A trainable one stays a module,
+    so ZeRO-3 receives its gradient through its own hooks.
+    """
+    return (type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter and transform is None
+            and not (hasattr(head.weight, "ds_id") and head.weight.requires_grad))
+
+
+def _gather(head: torch.nn.Module):
+    """A context that makes a ZeRO-3-partitioned head's parameters whole (read-only) inside it."""
+    if not hasattr(head.weight, "ds_id"):
+        return nullcontext
+    import deepspeed
+
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    return lambda: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _score_chunk(h: Tensor, target: Tensor, head: torch.nn.Module, transform) -> tuple[Tensor, Tensor]:
@@ -136,8 +161,9 @@ def token_logps(
     if fused is None:
         fused = fusable(head, transform)
     if fused:
-        logps = _FusedHeadLogps.apply(h, score_target, head.weight, head.bias, chunk)
-        with torch.no_grad():
+        gather = _gather(head)
+        logps = _FusedHeadLogps.apply(h, score_target, head.weight, head.bias, chunk, gather)
+        with torch.no_grad(), gather():
             # mean over the vocabulary of h·W_vᵀ + b_v is h·mean(W) + mean(b): no [N, V] pass
             means = h.float() @ head.weight.float().mean(0)
             if head.bias is not None:

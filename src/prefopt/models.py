@@ -11,6 +11,7 @@ the resized embeddings are saved with it, so base + adapter reloads to the same 
 """
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -124,7 +125,8 @@ def _from_pretrained(name: str, m: ModelArgs, quantize: bool) -> PreTrainedModel
 
 def resize_to(model: PreTrainedModel, tokenizer) -> list[int]:
     """Grow the embeddings to cover every token of `tokenizer`; the ids of the new rows."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 the local shape is empty
     if len(tokenizer) <= rows:
         return []
     # e.g. `chat_template: chatml` added <|im_start|>/<|im_end|> to a base model's vocabulary
@@ -220,6 +222,20 @@ def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@contextmanager
+def _no_zero3_init():
+    """Build a model plainly even inside a ZeRO-3 run (only the main process checks the saved model;
+    ZeRO-3's partitioned construction would wait for the others forever)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def check_saved(path: str | Path, trust_remote_code: bool = False) -> int:
     """Fail loudly unless `path` holds complete weights; the number of parameters saved.
 
@@ -244,7 +260,7 @@ def check_saved(path: str | Path, trust_remote_code: bool = False) -> int:
         return sum(int(torch.Size(s).numel()) for s in shapes.values())
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_zero3_init():
         reference = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     groups: dict[int, list[str]] = {}
     for name, p in reference.named_parameters(remove_duplicate=False):

@@ -6,11 +6,13 @@ Data is loaded, checked and tokenized before any weights load, so a bad row cost
 not the minutes of loading a 7B model.
 """
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
 
@@ -50,6 +52,9 @@ def check_runnable(cfg: Config):
     if m.attn_implementation == "flex_attention" and not cuda:
         raise PrefoptError(f"{where}: attn_implementation flex_attention has no backward pass on the CPU in this "
                            "torch; use sdpa (or eager) here, flex_attention on a CUDA GPU.")
+    if (t.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true") and not cuda:
+        raise PrefoptError(f"{where}: FSDP runs on CUDA GPUs only, and this machine has none. On CPU processes "
+                           "use DDP (torchrun --nproc_per_node N -m prefopt train ...) or DeepSpeed.")
     plugin = getattr(t, "deepspeed_plugin", None)
     zero = (plugin.deepspeed_config.get("zero_optimization") or {}) if plugin is not None else {}
     if zero.get("stage") == 3 and str(zero.get("stage3_gather_16bit_weights_on_model_save")).lower() != "true":
@@ -63,6 +68,36 @@ def check_runnable(cfg: Config):
         # never train with a term silently left out of the loss
         raise PrefoptError(f"{where}: diversity_weight {cfg.objective.diversity_weight:g}: the diversity term is "
                            "not implemented in this version of prefopt. Set diversity_weight: 0 to train without it.")
+
+
+def describe_processes(trainer, cfg: Config) -> str:
+    """How the run is spread over processes, after refusing a silent fallback: accelerate runs
+    DeepSpeed only on GPU or CPU process groups it set up, and FSDP only on GPUs; elsewhere it
+    quietly trains without them."""
+    t, acc = cfg.training, trainer.accelerator
+    kind = acc.distributed_type
+    env = lambda name: os.environ.get(name, "").lower() == "true"  # noqa: E731
+    wanted = (DistributedType.DEEPSPEED if t.deepspeed or env("ACCELERATE_USE_DEEPSPEED")
+              else DistributedType.FSDP if t.fsdp or env("ACCELERATE_USE_FSDP") else None)
+    if wanted is not None and kind != wanted:
+        raise PrefoptError(
+            f"{cfg.source or 'config'}: {wanted.value} was asked for, but this run would train with "
+            f"{kind.value} instead. " + ("FSDP runs on CUDA GPUs only; on CPU processes use DDP (torchrun) or "
+                                         "DeepSpeed." if wanted == DistributedType.FSDP else
+                                         "Launch with accelerate launch, deepspeed or torchrun.")
+        )
+    n = acc.num_processes
+    if kind == DistributedType.DEEPSPEED:
+        stage = (acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization") or {}).get("stage", 0)
+        how = f"DeepSpeed ZeRO-{stage}"
+    elif kind == DistributedType.FSDP:
+        plugin = acc.state.fsdp_plugin
+        how = f"FSDP{getattr(plugin, 'fsdp_version', 1)}, {str(plugin.state_dict_type).rsplit('.', 1)[-1]} checkpoints"
+    elif n > 1:
+        how = "DDP"
+    else:
+        return f"1 process on {t.device}"
+    return f"{n} processes on {acc.device.type}, {how}"
 
 
 def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> PreferenceTrainer:
@@ -89,6 +124,15 @@ def train(cfg: Config, log=print) -> RunResult:
     first one prints and writes the run's files, and it tokenizes before the others read its cache."""
     t = cfg.training
     out = Path(t.output_dir)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != t.world_size:  # also starts the process group, so process_index below is right
+        raise PrefoptError(f"started as {launched} processes, but they did not join one training run "
+                           f"(world size {t.world_size}); each would train alone. Check the launcher's settings.")
+    if (t.deepspeed or getattr(t, "deepspeed_plugin", None)) and not torch.cuda.is_available():
+        # accelerate leaves DeepSpeed's own process group to CUDA setups; on CPU processes it is gloo
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     main_process = t.process_index == 0
     log = log if main_process else (lambda *args: None)
     check_runnable(cfg)
@@ -107,6 +151,7 @@ def train(cfg: Config, log=print) -> RunResult:
 
     model = load_model(cfg.model, tokenizer, t, log)
     trainer = build_trainer(cfg, model, tokenizer, prepared, log)
+    log(f"prefopt: {describe_processes(trainer, cfg)}")
     start = time.time()
     result = trainer.train(resume_from_checkpoint=t.resume_from_checkpoint)
     eval_metrics = None
