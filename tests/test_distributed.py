@@ -24,6 +24,7 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     tok = train_tokenizer(task_corpus(), vocab_size=300)
     save_tiny(tiny_model("llama", tok, seed=0), tok, root / "model")
+    save_tiny(tiny_model("llama", tok, seed=0, tie_word_embeddings=True), tok, root / "tied")
     (root / "data").mkdir()
     for split, n, seed in (("train", 32, 0), ("test", 12, 1)):
         (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
@@ -122,21 +123,26 @@ def test_zero3_from_a_deepspeed_json_equals_one_process(ws, single, tmp_path, la
     """The SimPO repo's route: `deepspeed: ds_config.json` in the YAML, any launcher. The final
     model is gathered from the shards and checked before the run reports success."""
     (ws / "ds_zero3.json").write_text(json.dumps(ZERO3))
+    # the deepspeed launcher gets the seeds' own JSON (its bf16 "auto" resolves to off here)
+    (ws / "ds_seed.json").write_text((ROOT / "tests/fixtures/seed_configs/ds_config.json").read_text())
     launcher = torchrun() if launch == "torchrun" else [
         str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
         "--module", "prefopt"]
-    run = _run(ws, tmp_path / "z3", launcher, 2, "--deepspeed", "ds_zero3.json")
+    run = _run(ws, tmp_path / "z3", launcher, 2, "--deepspeed", "ds_zero3.json" if launch == "torchrun" else "ds_seed.json")
     assert "prefopt: 2 processes on cpu, DeepSpeed ZeRO-3" in run[0].stdout
     assert "saved model checked: 110,656 parameters" in run[0].stdout
     assert_same_run(single, run)
 
 
-@pytest.mark.parametrize("name, stage", [("zero3", 3), ("zero2", 2)])
-def test_shipped_accelerate_deepspeed_configs_run(ws, single, tmp_path, name, stage):
+@pytest.mark.parametrize("config, stage", [("configs/accelerate/zero3.yaml", 3), ("configs/accelerate/zero2.yaml", 2),
+                                           ("tests/fixtures/seed_configs/deepspeed_zero3.yaml", 3)])
+def test_accelerate_deepspeed_configs_run(ws, single, tmp_path, config, stage):
+    """The shipped configs and the seeds' own, launched as the seeds do (the precision is the
+    command line's: bf16 needs a GPU)."""
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-                str(ROOT / "configs" / "accelerate" / f"{name}.yaml"), "--num_processes", "2",
+                str(ROOT / config), "--num_processes", "2",
                 "--mixed_precision", "no", "--main_process_port", str(_free_port()), "-m", "prefopt"]
-    run = _run(ws, tmp_path / name, launcher, 2)
+    run = _run(ws, tmp_path / "out", launcher, 2)
     assert f"prefopt: 2 processes on cpu, DeepSpeed ZeRO-{stage}" in run[0].stdout
     assert_same_run(single, run)
 
@@ -150,6 +156,26 @@ def test_lora_with_checkpointing_under_zero3_equals_one_process(ws, tmp_path):
     run = _run(ws, tmp_path / "z3", torchrun(), 2, "--deepspeed", "ds_zero3.json", *lora)
     assert "prefopt: 2 processes on cpu, DeepSpeed ZeRO-3" in run[0].stdout
     assert_same_run(one, run)
+
+
+FSDP2 = ["--fsdp", "full_shard auto_wrap", "--fsdp_config",
+         json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                     "state_dict_type": "SHARDED_STATE_DICT"})]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fsdp2_forced_on_cpu_processes_equals_one_process(ws, single, tmp_path, tied):
+    """FSDP runs only on GPUs in a real launch; tests/fsdp_cpu_worker.py forces accelerate's state to
+    FSDP2 on two CPU processes so the trainer's FSDP paths run here: an untied head as its own FSDP
+    unit, a tied one scored through the model's own head call, and a final model gathered from
+    sharded state (the Trainer alone would write no weights with SHARDED_STATE_DICT)."""
+    worker = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(_free_port()), str(ROOT / "tests" / "fsdp_cpu_worker.py")]
+    extra = ["--model_name_or_path", str(ws / "tied")] if tied else []
+    reference = _run(ws, tmp_path / "one", [sys.executable, "-m", "prefopt"], 4, *extra) if tied else single
+    run = _run(ws, tmp_path / "fsdp", worker, 2, *FSDP2, *extra)
+    assert "fsdp worker: 2 processes, FSDPLlamaForCausalLM, SHARDED_STATE_DICT" in run[0].stdout
+    assert_same_run(reference, run)
 
 
 def test_shipped_accelerate_configs_validate():

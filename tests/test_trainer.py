@@ -91,3 +91,28 @@ def test_token_balanced_micro_batches_keep_the_pairs_per_step(tmp_path):
     assert [total for _, total in seen] == [8, 8]
     assert all(sum(sizes) == 8 for sizes, _ in seen)
     assert any(len(set(sizes)) > 1 for sizes, _ in seen)  # sizes follow token cost, not a fixed count
+
+
+@pytest.mark.parametrize("arch, layout", [("llama", "packed"), ("qwen2", "padded"), ("gemma2", "shared")])
+def test_scoring_through_the_models_own_head_equals_the_chunked_head(tmp_path, arch, layout):
+    """Under FSDP a tied head is scored through the model's own head call (`head_in_forward`):
+    same loss, metrics and gradients as the chunked head path, soft-capping included (gemma2)."""
+    from prefopt.tiny import tiny_model
+
+    results = []
+    for in_forward in (False, True):
+        model = tiny_random_model(arch, seed=3) if arch != "gemma2" else tiny_model("gemma2", 101, seed=3)
+        trainer = make_trainer(model, {"method": "cpo_simpo"}, tmp_path / str(in_forward), layout=layout)
+        trainer.head_in_forward = in_forward
+        batch = trainer.data_collator([dict(p) for p in random_pairs(5, seed=4)])
+        loss = trainer._loss(model, batch, "train", None)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        {k: v[0].item() for k, v in trainer._metric_sums["train"].items()}))
+    (l0, g0, m0), (l1, g1, m1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > 5
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in m0:
+        assert m1[name] == pytest.approx(m0[name], rel=1e-5, abs=1e-6), name

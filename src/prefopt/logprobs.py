@@ -184,6 +184,15 @@ def token_logps(
     return TokenScores(torch.cat(logps), torch.cat(means))
 
 
+def logps_from_logits(logits: Tensor, rows: Tensor, columns: Tensor, target: Tensor) -> TokenScores:
+    """Scores from logits the model computed itself for some columns: `logits` is [R, K, V] and
+    scored position i sits at row `rows[i]`, kept column `columns[i]`. (Any softcap or scaling is
+    already applied by the model's forward.)"""
+    z = logits[rows, columns].float()  # [N, V]
+    logps = z.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    return TokenScores(logps, z.detach().mean(-1))
+
+
 def per_sequence(values: Tensor, seq: Tensor, mask: Tensor, num_seqs: int) -> tuple[Tensor, Tensor]:
     """Sum `values` over the positions of each sequence where `mask` holds: ([S] sums, [S] counts)."""
     sums = values.new_zeros(num_seqs).index_add(0, seq, values * mask)

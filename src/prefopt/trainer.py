@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from .collate import model_inputs
 from .config import ObjectiveArgs
-from .logprobs import chunk_size_for, head_transform, per_sequence, token_logps
+from .logprobs import chunk_size_for, head_transform, logps_from_logits, per_sequence, token_logps
 from .losses import LOSSES, METHODS, Hyper
 
 
@@ -50,8 +50,33 @@ class PreferenceTrainer(Trainer):
         self.aux_coef = text.router_aux_loss_coef if getattr(text, "output_router_logits", False) else 0.0
         # FSDP shards the head's weight outside its own forward: call the module there
         self.fused_head = False if self.accelerator.distributed_type == DistributedType.FSDP else None
+        self.head_in_forward = False
+        if self.is_fsdp_enabled:
+            self._head_as_own_fsdp_unit()
         # split -> metric name -> [sum, count], tensors on the device until logged
         self._metric_sums = {"train": defaultdict(lambda: [0.0, 0.0]), "eval": defaultdict(lambda: [0.0, 0.0])}
+
+    def _head_as_own_fsdp_unit(self):
+        """Make the LM head its own FSDP unit, so calling it after the model's forward gathers and
+        frees its weight through its own hooks. (accelerate otherwise groups it with the final norm,
+        and a second call of that group outside the model's forward crashed in backward.)"""
+        plugin = self.accelerator.state.fsdp_plugin
+        model = self.accelerator.unwrap_model(self.model)
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is model.get_input_embeddings().weight
+        if tied:
+            # A tied head must share its unit with the embeddings, which the model's forward
+            # already used: score through the model's own head call instead (its logits exist
+            # for the scored columns at once, no chunking).
+            self.head_in_forward = True
+            return
+        if type(head) is torch.nn.Linear:
+            head.__class__ = OutputHead
+        if type(head) is OutputHead and plugin.auto_wrap_policy is not None:
+            names = plugin.transformer_cls_names_to_wrap
+            if names is None:
+                names = list(getattr(model, "_no_split_modules", None) or [])
+            plugin.transformer_cls_names_to_wrap = [*names, OutputHead.__name__]
 
     # -- normalisers for the whole optimizer step ---------------------------------------------
 
@@ -74,17 +99,19 @@ class PreferenceTrainer(Trainer):
         B = len(batch["row"])
         extra = {"output_router_logits": True} if self.aux_coef else {}
         unwrapped = self.accelerator.unwrap_model(model)
-        out = model(
-            input_ids=batch["input_ids"],
-            **model_inputs(batch, unwrapped.config, unwrapped.dtype),
-            use_cache=False,
-            output_hidden_states=True,
-            logits_to_keep=1,  # the model's own head sees one position; ours sees the scored ones
-            **extra,
-        )
-        head = unwrapped.get_output_embeddings()
-        tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"], head,
-                          self.head_fn, self.chunk, self.fused_head)
+        inputs = {"input_ids": batch["input_ids"], **model_inputs(batch, unwrapped.config, unwrapped.dtype),
+                  "use_cache": False, **extra}
+        if self.head_in_forward:
+            # the model's own head, on the scored columns only (see _head_as_own_fsdp_unit)
+            T = batch["input_ids"].shape[1]
+            columns, where = torch.unique(batch["score_index"] % T, return_inverse=True)
+            out = model(**inputs, logits_to_keep=columns)
+            tok = logps_from_logits(out.logits, batch["score_index"] // T, where, batch["score_target"])
+        else:
+            # the model's own head sees one position; ours sees the scored ones, in chunks
+            out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+            tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"],
+                              unwrapped.get_output_embeddings(), self.head_fn, self.chunk, self.fused_head)
         seq, completion = batch["score_seq"], batch["score_is_completion"]
         logp_sum, n_tokens = per_sequence(tok.logps, seq, completion, 2 * B)
         logps = logp_sum / n_tokens.clamp(min=1) if self.mean_logps else logp_sum
@@ -132,12 +159,18 @@ class PreferenceTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """The final model is always whole. Under FSDP with a sharded state dict the Trainer would
-        write no weights here at all; gather a full one instead (checkpoints stay sharded)."""
-        fsdp = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
-        if fsdp is not None and not _internal_call and "FULL_STATE_DICT" not in str(fsdp.state_dict_type):
-            self._save(output_dir or self.args.output_dir, state_dict=self.accelerator.get_state_dict(self.model))
-            return
-        super().save_model(output_dir, _internal_call)
+        write no weights here at all; gather a full one instead (checkpoints stay sharded), and
+        keep one copy of tied weights, which gathering turns into separate tensors."""
+        if not self.is_fsdp_enabled or _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        state = self.accelerator.get_state_dict(self.model)
+        aliases: dict[int, list[str]] = {}
+        for name, p in self.accelerator.unwrap_model(self.model).named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        for names in aliases.values():
+            for name in [n for n in names if n in state][1:]:
+                del state[name]
+        self._save(output_dir or self.args.output_dir, state_dict=state)
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -187,6 +220,11 @@ class PreferenceTrainer(Trainer):
                 logs[prefix + name] = total / count if count else math.nan
             self._metric_sums[split].clear()
         super().log(logs, start_time)
+
+
+class OutputHead(torch.nn.Linear):
+    """The LM head, under FSDP: a plain Linear with a class of its own, so the wrap policy can
+    make it a separate FSDP unit (see `PreferenceTrainer._head_as_own_fsdp_unit`)."""
 
 
 class MetricsFile(TrainerCallback):
