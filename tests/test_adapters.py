@@ -108,7 +108,7 @@ def test_an_existing_adapter_is_continued_or_merged_only_when_asked(ws, tmp_path
                                            "existing_adapter: merge"):
         run(ws, tmp_path / "x", model=first)
     with pytest.raises(PrefoptError, match="cannot be merged exactly into a quantised base"):
-        run(ws, tmp_path / "x", model=first, existing_adapter="merge", load_in_4bit=True)
+        run(ws, tmp_path / "x", model=first, existing_adapter="merge", load_in_4bit=True, use_peft=False)
 
     ids = torch.tensor([[3, 40, 41, 42, 43, 44]])
     with torch.no_grad():
@@ -120,13 +120,15 @@ def test_an_existing_adapter_is_continued_or_merged_only_when_asked(ws, tmp_path
         torch.testing.assert_close(cont.trainer.model.eval()(ids).logits, saved)  # it starts where it stopped
     assert any(p.requires_grad for n, p in cont.trainer.model.named_parameters() if "lora_" in n)
 
-    merged = run(ws, tmp_path / "merged", model=first, existing_adapter="merge", max_steps=1, learning_rate=0.0)
+    merged = run(ws, tmp_path / "merged", model=first, existing_adapter="merge", use_peft=False, max_steps=1,
+                 learning_rate=0.0)
     model = merged.trainer.model.eval()
+    assert not isinstance(model, PeftModel) and not any("lora_" in n for n in model.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, saved, rtol=1e-5, atol=1e-5)  # merged in, fresh LoRA (B = 0)
-    assert isinstance(model, PeftModel)
-    adapters = [n for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
-    assert adapters and all("base_layer" not in n for n in adapters)
+        torch.testing.assert_close(model(ids).logits, saved, rtol=1e-5, atol=1e-5)  # the adapter is in the weights
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # saved as a full model
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, saved, rtol=1e-5, atol=1e-5)
 
 
 def test_wrong_target_modules_name_the_model_layers(ws, tmp_path):
@@ -164,3 +166,30 @@ def test_check_saved_fails_loudly_on_an_incomplete_model(ws, tmp_path):
     save_file(weights, full / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(PrefoptError, match=r"up_proj.weight: saved empty.*model.norm.weight: missing.*ZeRO-3"):
         check_saved(full)
+
+
+def test_merge_then_a_new_lora_and_merge_under_zero3_are_refused(ws, tmp_path):
+    first = tmp_path / "first"
+    run(ws, first, max_steps=1)
+    with pytest.raises(PrefoptError, match="merged base that exists nowhere on disk.*use_peft: false"):
+        run(ws, tmp_path / "x", model=first, existing_adapter="merge")
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+             "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    with pytest.raises(PrefoptError, match="merge under DeepSpeed ZeRO-3.*prefopt merge"):
+        run(ws, tmp_path / "x", model=first, existing_adapter="merge", use_peft=False, deepspeed=zero3)
+
+
+def test_check_saved_reads_moe_experts_as_saved_and_only_this_runs_files(ws, tmp_path):
+    from prefopt.tiny import tiny_model
+
+    moe = tmp_path / "moe"
+    tiny_model("mixtral", 100, seed=0).save_pretrained(moe)  # experts saved one by one (w1/w2/w3)
+    assert check_saved(moe) == sum(p.numel() for p in tiny_model("mixtral", 100, seed=0).parameters())
+
+    adapter = tmp_path / "adapter"
+    run(ws, adapter, max_steps=1)
+    shutil.copy(ws / "instruct" / "model.safetensors", adapter / "model.safetensors")  # a stray full model
+    n = check_saved(adapter)
+    assert n < 50_000  # the adapter's own tensors only
+    with pytest.raises(PrefoptError, match="no .safetensors weights were written"):
+        check_saved(moe, adapter=True)  # an adapter save that wrote no adapter file

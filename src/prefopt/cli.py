@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv[1:])
     except PrefoptError as e:
-        if os.environ.get("RANK", "0") == "0":  # every process of a launch stops with the same message
-            print(f"prefopt: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under a launcher, say which process it was
+        print(f"prefopt: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         return 2
 
 

@@ -134,12 +134,24 @@ class ObjectiveArgs:
 
 
 @dataclass
+class RunArgs:
+    """What to do with what an earlier run left in output_dir (not part of the run's identity)."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start afresh in an output_dir that holds another run (its checkpoints "
+                                         "and metrics.jsonl are deleted) instead of refusing or resuming."}
+    )
+
+
+@dataclass
 class Config:
     model: ModelArgs
     data: DataArgs
     objective: ObjectiveArgs
     training: TrainingArguments
+    run: RunArgs = field(default_factory=RunArgs)
     source: str | None = None  # the YAML file, for messages
+    forced: set[str] = field(default_factory=set)  # training keys set for this machine, not by the user
     notes: list[str] = field(default_factory=list)  # how dialect keys were read
 
     @property
@@ -205,8 +217,9 @@ def _names(cls) -> set[str]:
 MODEL_KEYS = _names(ModelArgs)
 DATA_KEYS = _names(DataArgs) - {"train_datasets", "eval_datasets"}
 OBJECTIVE_KEYS = _names(ObjectiveArgs)
+RUN_KEYS = _names(RunArgs)
 TRAINING_KEYS = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-VALID_KEYS = MODEL_KEYS | DATA_KEYS | OBJECTIVE_KEYS | TRAINING_KEYS | DIALECT_KEYS
+VALID_KEYS = MODEL_KEYS | DATA_KEYS | OBJECTIVE_KEYS | RUN_KEYS | TRAINING_KEYS | DIALECT_KEYS
 
 
 def _fail(where: str, message: str):
@@ -512,9 +525,11 @@ def build_config(raw: dict, where: str = "config") -> Config:
     for key in DATASET_FORMS + DATASET_COMPANIONS:
         raw.pop(key, None)
 
-    sections = {"model": {}, "data": {}, "objective": {}, "training": {}}
+    sections = {"model": {}, "data": {}, "objective": {}, "run": {}, "training": {}}
     for key, value in raw.items():
-        if key in MODEL_KEYS:
+        if key in RUN_KEYS:
+            sections["run"][key] = value
+        elif key in MODEL_KEYS:
             sections["model"][key] = value
         elif key in OBJECTIVE_KEYS:
             sections["objective"][key] = value
@@ -534,11 +549,16 @@ def build_config(raw: dict, where: str = "config") -> Config:
     if training_values.get("remove_unused_columns"):
         _fail(where, "remove_unused_columns must stay false: the collator needs the tokenized columns.")
     training_values["remove_unused_columns"] = False
+    forced = set()
     if not _has_accelerator():
-        training_values.setdefault("dataloader_pin_memory", False)  # pinning needs a device to pin for
+        if "dataloader_pin_memory" not in training_values:
+            training_values["dataloader_pin_memory"] = False  # pinning needs a device to pin for
+            forced.add("dataloader_pin_memory")
         # Without it, processes started by torchrun would not join one process group (gloo) and would
         # each train alone on all the data.
-        training_values["use_cpu"] = True
+        if not training_values.get("use_cpu"):
+            training_values["use_cpu"] = True
+            forced.add("use_cpu")
     if (training_values.get("bf16") or training_values.get("fp16")) and not _has_accelerator():
         # Mixed precision asked for on a machine without a GPU: train on the CPU under autocast
         # rather than refuse; transformers would stop with "doesn't support bf16/gpu".
@@ -553,7 +573,9 @@ def build_config(raw: dict, where: str = "config") -> Config:
     except (ValueError, TypeError, ImportError) as e:
         _fail(where, f"training arguments rejected by transformers: {e}")
     _validate(where, model, data, objective)
-    return Config(model=model, data=data, objective=objective, training=training, source=where, notes=notes)
+    run = _build(where, RunArgs, sections["run"])
+    return Config(model=model, data=data, objective=objective, training=training, run=run, source=where, notes=notes,
+                  forced=forced)
 
 
 def _deepspeed(where: str, value):
@@ -593,9 +615,13 @@ def _deepspeed(where: str, value):
 
 
 def _has_accelerator() -> bool:
+    import accelerate.utils as au
     import torch
 
-    return torch.cuda.is_available() or torch.backends.mps.is_available()
+    others = ("is_xpu_available", "is_npu_available", "is_mlu_available", "is_hpu_available", "is_musa_available",
+              "is_sdaa_available")
+    return (torch.cuda.is_available() or torch.backends.mps.is_available()
+            or any(getattr(au, name, lambda: False)() for name in others))
 
 
 def _validate(where: str, model: ModelArgs, data: DataArgs, obj: ObjectiveArgs):
@@ -732,14 +758,23 @@ def resolved_dict(cfg: Config) -> dict:
         del out["datasets"]
     # the dataclass defaults, not a second TrainingArguments: building one sets up devices again,
     # which under torchrun takes this process out of the process group
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)
-                if f.default is not dataclasses.MISSING}
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(TrainingArguments)}
     defaults = {k: getattr(v, "value", v) for k, v in defaults.items()}
     spellings = {alias for canonical, group in ALIASES.items() for alias in group if alias != canonical}
     for k, v in cfg.training.to_dict().items():
-        if k in TRAINING_KEYS and k not in spellings and (v != defaults.get(k) or k in TRAINING_DEFAULTS):
+        if k not in TRAINING_KEYS or k in spellings or k in cfg.forced:
+            continue
+        if isinstance(v, str) and v.startswith("<") and v.endswith(">"):  # a token to_dict() masked
+            continue
+        derived = k in DERIVED_BY_TRANSFORMERS or (not v and not defaults.get(k))  # "" vs [], None vs {}
+        if k in TRAINING_DEFAULTS or (v != defaults.get(k) and not derived):
             out[k] = plain(v)
     return out
+
+
+# Set by TrainingArguments itself when left unset (written back, they would pin this machine's choice)
+DERIVED_BY_TRANSFORMERS = {"disable_tqdm", "accelerator_config", "logging_dir"}
 
 
 def save_resolved(cfg: Config, path: str | Path):

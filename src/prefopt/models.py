@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainingArguments
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .config import ModelArgs
 from .errors import PrefoptError
@@ -40,15 +42,27 @@ def _source(m: ModelArgs, tokenizer: bool = False) -> str:
     return str(local) if local else name
 
 
-def read_adapter_config(name: str) -> dict | None:
-    """The adapter_config.json of a local adapter folder; None for anything else."""
+def read_adapter_config(name: str, revision: str | None = None) -> dict | None:
+    """The adapter_config.json of an adapter folder or Hub repo; None for a full model (or a
+    missing folder: loading says so)."""
     local = Path(name).expanduser()
-    if not (local / ADAPTER_CONFIG).is_file():  # a Hub id, a full model, or a missing folder (loading says so)
-        return None
+    file = local / ADAPTER_CONFIG
+    if not file.is_file():
+        if name.startswith((".", "/", "~")) or local.exists():
+            return None
+        from transformers.utils import find_adapter_config_file
+
+        try:  # transformers would otherwise load base + adapter from a Hub adapter id without a word
+            found = find_adapter_config_file(name, revision=revision)
+        except Exception:  # offline, or no such repo: loading the model reports it
+            found = None
+        if found is None:
+            return None
+        file = Path(found)
     try:
-        return json.loads((local / ADAPTER_CONFIG).read_text())
+        return json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise PrefoptError(f"{local / ADAPTER_CONFIG}: not valid JSON ({e}).") from None
+        raise PrefoptError(f"{file}: not valid JSON ({e}).") from None
 
 
 def adapter_base(m: ModelArgs, adapter: dict, where: str) -> str:
@@ -67,7 +81,7 @@ def check_adapter_start(m: ModelArgs, where: str):
     """Refuse, before anything loads, an adapter folder given without saying what to do with it."""
     if m.model_name_or_path is None:
         return
-    adapter = read_adapter_config(m.model_name_or_path)
+    adapter = read_adapter_config(m.model_name_or_path, m.model_revision)
     if m.existing_adapter not in (None, "continue", "merge"):
         raise PrefoptError(f"{where}: existing_adapter must be continue or merge, got {m.existing_adapter!r}.")
     if adapter is None:
@@ -84,6 +98,12 @@ def check_adapter_start(m: ModelArgs, where: str):
             "existing_adapter: continue (train this adapter further; the lora_* settings are those it was saved "
             "with), or existing_adapter: merge (fold it into its base, then train as configured). "
             f"`prefopt merge {m.model_name_or_path} --output DIR` writes the merged model once."
+        )
+    if m.existing_adapter == "merge" and m.use_peft:
+        raise PrefoptError(
+            f"{where}: existing_adapter: merge with use_peft: the new adapter would be saved against a merged base "
+            f"that exists nowhere on disk. Merge first (`prefopt merge {m.model_name_or_path} --output DIR`) and "
+            "train the new LoRA on DIR, or set use_peft: false to fine-tune the merged model in full."
         )
     if m.existing_adapter == "merge" and (m.load_in_4bit or m.load_in_8bit):
         raise PrefoptError(
@@ -137,7 +157,7 @@ def resize_to(model: PreTrainedModel, tokenizer) -> list[int]:
 def load_model(m: ModelArgs, tokenizer, t: TrainingArguments, log=print) -> PreTrainedModel:
     """The causal LM, resized to the tokenizer, LoRA-wrapped (if asked), dropout off (if asked)."""
     name = _source(m)
-    adapter = read_adapter_config(name)
+    adapter = read_adapter_config(name, m.model_revision)
     merging = adapter is not None and m.existing_adapter == "merge"
     model = _from_pretrained(adapter_base(m, adapter, name) if adapter else name, m, quantize=not merging)
     new_ids = resize_to(model, tokenizer)
@@ -158,6 +178,7 @@ def load_model(m: ModelArgs, tokenizer, t: TrainingArguments, log=print) -> PreT
 
         if merging:
             model = PeftModel.from_pretrained(model, name).merge_and_unload()
+            model.requires_grad_(True)  # loading the adapter froze the base; all of it trains now
             log(f"prefopt: merged the adapter in {name} into its base")
         else:
             model = PeftModel.from_pretrained(model, name, is_trainable=True)
@@ -190,6 +211,13 @@ def _add_lora(model, m: ModelArgs, new_ids: list[int]):
         emb, head = _embedding_names(model)
         saved = set(m.lora_modules_to_save or [])
         trainable_tokens = {n: new_ids for n in (emb, head) if n and n.rsplit(".", 1)[-1] not in saved}
+        if trainable_tokens and is_deepspeed_zero3_enabled():
+            names = [n.rsplit(".", 1)[-1] for n in trainable_tokens]
+            raise PrefoptError(
+                f"the tokenizer adds {len(new_ids)} tokens to the vocabulary, and under DeepSpeed ZeRO-3 their rows "
+                f"cannot be trained alone (PEFT trainable tokens read the partitioned weight). Train those modules in "
+                f"full with lora_modules_to_save: {names}, or add the tokens without ZeRO-3."
+            )
     lora = LoraConfig(
         r=m.lora_r,
         lora_alpha=m.lora_alpha,
@@ -211,11 +239,21 @@ def _add_lora(model, m: ModelArgs, new_ids: list[int]):
 
 # -- saved models --------------------------------------------------------------------------------
 
-def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def _saved_shapes(path: Path, adapter: bool) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes in the weight files this kind of save writes (not any stray .safetensors)."""
     from safetensors import safe_open
 
+    if adapter:
+        files = [path / "adapter_model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        files = sorted({path / name for name in index.get("weight_map", {}).values()})
+    else:
+        files = [path / "model.safetensors"]
     shapes = {}
-    for file in sorted(path.glob("*.safetensors")):
+    for file in files:
+        if not file.is_file():
+            continue
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 shapes[key] = tuple(f.get_slice(key).get_shape())
@@ -236,7 +274,7 @@ def _no_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def check_saved(path: str | Path, trust_remote_code: bool = False) -> int:
+def check_saved(path: str | Path, trust_remote_code: bool = False, adapter: bool | None = None) -> int:
     """Fail loudly unless `path` holds complete weights; the number of parameters saved.
 
     A full model is compared, tensor by tensor, with the shapes its own config.json implies (built
@@ -245,14 +283,16 @@ def check_saved(path: str | Path, trust_remote_code: bool = False) -> int:
     missing files.
     """
     path = Path(path)
-    shapes = _saved_shapes(path)
+    if adapter is None:
+        adapter = (path / ADAPTER_CONFIG).is_file()
+    shapes = _saved_shapes(path, adapter)
     fix = ("Under DeepSpeed ZeRO-3 set zero3_save_16bit_model: true (accelerate config) or "
            "stage3_gather_16bit_weights_on_model_save: true (DeepSpeed JSON); under FSDP the final save must "
            "gather a full state dict.")
     if not shapes:
         raise PrefoptError(f"{path}: no .safetensors weights were written. {fix}")
     empty = [k for k, s in shapes.items() if 0 in s]
-    if (path / ADAPTER_CONFIG).is_file():
+    if adapter:
         lora = [k for k in shapes if "lora_" in k or "trainable_tokens" in k]
         if empty or not lora:
             raise PrefoptError(f"{path}: the saved adapter is incomplete ({len(empty)} empty tensors, "
@@ -262,10 +302,12 @@ def check_saved(path: str | Path, trust_remote_code: bool = False) -> int:
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"), _no_zero3_init():
         reference = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    # the names and shapes save_pretrained writes: MoE experts, for one, are stored per expert
+    tensors = revert_weight_conversion(reference, dict(reference.state_dict(keep_vars=True)))
     groups: dict[int, list[str]] = {}
-    for name, p in reference.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    expected = {name: tuple(p.shape) for name, p in reference.state_dict().items()}
+    for name, tensor in tensors.items():
+        groups.setdefault(id(tensor), []).append(name)  # tied weights are one tensor, saved once
+    expected = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
     problems = [f"{k}: saved empty" for k in empty]
     for names in groups.values():
         present = [n for n in names if n in shapes]
@@ -278,7 +320,7 @@ def check_saved(path: str | Path, trust_remote_code: bool = False) -> int:
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise PrefoptError(f"{path}: the saved model is incomplete or inconsistent: {shown}. {fix}")
-    return sum(p.numel() for p in reference.parameters())
+    return reference.num_parameters()
 
 
 def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype: str | None = None,
@@ -294,7 +336,11 @@ def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype:
                            "run saved (its output_dir or a checkpoint-N inside it).")
     check_adapter_start(m, "prefopt merge")
     base_name = adapter_base(m, read_adapter_config(adapter_dir), "prefopt merge")
-    quantized = getattr(AutoConfig.from_pretrained(base_name), "quantization_config", None)
+    try:
+        quantized = getattr(AutoConfig.from_pretrained(base_name), "quantization_config", None)
+    except (OSError, ValueError) as e:
+        raise PrefoptError(f"prefopt merge: cannot read the base model's config at {base_name!r}: {e}. "
+                           "Give the base with --base.") from None
     if quantized:
         raise PrefoptError(
             f"prefopt merge: the base {base_name} is stored quantised ({quantized.get('quant_method', 'quantised')}); "
@@ -303,7 +349,8 @@ def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype:
     out = Path(output)
     if out.resolve() == Path(adapter_dir).resolve():
         raise PrefoptError("prefopt merge: --output must differ from the adapter folder.")
-    tokenizer = load_tokenizer(m)
+    has_tokenizer = any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(m if has_tokenizer else ModelArgs(model_name_or_path=base_name))
     model = _from_pretrained(base_name, m, quantize=False)
     resize_to(model, tokenizer)
     from peft import PeftModel

@@ -21,6 +21,7 @@ from .collate import choose_layout, collator_for
 from .config import Config, explain, save_resolved
 from .errors import PrefoptError
 from .models import check_adapter_start, check_saved, load_model, load_tokenizer
+from .runs import prepare_output_dir
 from .trainer import MetricsFile, PreferenceTrainer
 
 
@@ -60,6 +61,10 @@ def check_runnable(cfg: Config):
     if zero.get("stage") == 3 and str(zero.get("stage3_gather_16bit_weights_on_model_save")).lower() != "true":
         raise PrefoptError(f"{where}: DeepSpeed ZeRO-3 without zero3_save_16bit_model: true (accelerate config) "
                            "would save the final model as empty shards; set it to true.")
+    if zero.get("stage") == 3 and m.existing_adapter == "merge":
+        raise PrefoptError(f"{where}: existing_adapter: merge under DeepSpeed ZeRO-3: the base is partitioned as it "
+                           f"loads and cannot take the merge. Merge once first (`prefopt merge {m.model_name_or_path} "
+                           "--output DIR`), then train on DIR.")
     missing = [r for r in t.report_to if r not in ("none", "all") and r not in get_available_reporting_integrations()]
     if missing:
         raise PrefoptError(f"{where}: report_to {', '.join(missing)}: not installed. Install it "
@@ -128,15 +133,20 @@ def train(cfg: Config, log=print) -> RunResult:
     if launched != t.world_size:  # also starts the process group, so process_index below is right
         raise PrefoptError(f"started as {launched} processes, but they did not join one training run "
                            f"(world size {t.world_size}); each would train alone. Check the launcher's settings.")
+    main_process = t.process_index == 0
+    log = log if main_process else (lambda *args: None)
+    check_runnable(cfg)
     if (t.deepspeed or getattr(t, "deepspeed_plugin", None)) and not torch.cuda.is_available():
         # accelerate leaves DeepSpeed's own process group to CUDA setups; on CPU processes it is gloo
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
-    main_process = t.process_index == 0
-    log = log if main_process else (lambda *args: None)
-    check_runnable(cfg)
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                            ("MASTER_PORT", "29500")):
+            os.environ.setdefault(name, value)  # a single process started without a launcher
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     log("prefopt: resolved objective\n" + explain(cfg))
+    with t.main_process_first(desc="output_dir"):
+        resume = prepare_output_dir(cfg, main_process, log)
 
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -153,7 +163,9 @@ def train(cfg: Config, log=print) -> RunResult:
     trainer = build_trainer(cfg, model, tokenizer, prepared, log)
     log(f"prefopt: {describe_processes(trainer, cfg)}")
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=t.resume_from_checkpoint)
+    if resume:
+        trainer.restore_metric_sums(resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = None
     if prepared.eval is not None:
         # the schedule may already have evaluated at the final step; don't do it twice
@@ -163,7 +175,7 @@ def train(cfg: Config, log=print) -> RunResult:
     trainer.save_model(t.output_dir)
     if trainer.is_world_process_zero():
         model.generation_config.save_pretrained(t.output_dir)
-        n = check_saved(t.output_dir, cfg.model.trust_remote_code)
+        n = check_saved(t.output_dir, cfg.model.trust_remote_code, adapter=hasattr(model, "peft_config"))
         log(f"prefopt: saved model checked: {n:,} parameters, every tensor present with its full shape")
     trainer.accelerator.wait_for_everyone()
     log(f"prefopt: trained {result.global_step} steps in {time.time() - start:.0f}s; "

@@ -22,11 +22,16 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 from .collate import model_inputs
 from .config import ObjectiveArgs
 from .logprobs import chunk_size_for, head_transform, logps_from_logits, per_sequence, token_logps
+from .errors import PrefoptError
 from .losses import LOSSES, METHODS, Hyper
+from .runs import mark_complete
+
+METRIC_SUMS = "prefopt_metric_sums.json"
 
 
 class PreferenceTrainer(Trainer):
@@ -51,6 +56,8 @@ class PreferenceTrainer(Trainer):
         # FSDP shards the head's weight outside its own forward: call the module there
         self.fused_head = False if self.accelerator.distributed_type == DistributedType.FSDP else None
         self.head_in_forward = False
+        self._step_finite, self._step_rows = torch.tensor(True, device=self.args.device), []
+        self.add_callback(FiniteGuard(self))
         if self.is_fsdp_enabled:
             self._head_as_own_fsdp_unit()
         # split -> metric name -> [sum, count], tensors on the device until logged
@@ -147,6 +154,9 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self._loss(model, inputs, "train", num_items_in_batch)
+        # checked once per optimizer step (FiniteGuard), not here: no device sync per micro-batch
+        self._step_finite = self._step_finite & torch.isfinite(loss.detach())
+        self._step_rows.extend(zip(inputs["source"], inputs["row"]))
         return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -154,6 +164,35 @@ class PreferenceTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self._loss(model, inputs, "eval", None)
         return loss.detach(), None, None
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, then (once every process has written its part) the metric sums
+        not yet logged and the mark that makes it complete; old checkpoints are rotated out only
+        after that, so a kill at any moment leaves a complete checkpoint to resume from."""
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation comes after the mark
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint = Path(run_dir) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            sums = {split: {k: [float(v[0]), float(v[1])] for k, v in d.items()} for split, d in self._metric_sums.items()}
+            (checkpoint / METRIC_SUMS).write_text(json.dumps(sums))
+            mark_complete(checkpoint)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def restore_metric_sums(self, checkpoint: str | Path):
+        """Metrics accumulated since the last log before `checkpoint` was written (resume)."""
+        path = Path(checkpoint) / METRIC_SUMS
+        if path.is_file():
+            for split, entries in json.loads(path.read_text()).items():
+                self._metric_sums[split].update({k: list(v) for k, v in entries.items()})
 
     # -- saving ----------------------------------------------------------------------------------
 
@@ -163,6 +202,8 @@ class PreferenceTrainer(Trainer):
         keep one copy of tied weights, which gathering turns into separate tensors."""
         if not self.is_fsdp_enabled or _internal_call:
             return super().save_model(output_dir, _internal_call)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
         state = self.accelerator.get_state_dict(self.model)
         aliases: dict[int, list[str]] = {}
         for name, p in self.accelerator.unwrap_model(self.model).named_parameters(remove_duplicate=False):
@@ -220,6 +261,34 @@ class PreferenceTrainer(Trainer):
                 logs[prefix + name] = total / count if count else math.nan
             self._metric_sums[split].clear()
         super().log(logs, start_time)
+
+
+class FiniteGuard(TrainerCallback):
+    """Stops training at the step whose loss or gradients are not finite, before the optimizer
+    applies them, naming the step and the dataset rows in it. Nothing is saved after that: the
+    last checkpoint stays the last good one, and no NaN weights become the final model."""
+
+    def __init__(self, trainer: "PreferenceTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        tr = self.trainer
+        # local shards under FSDP (DTensor); the flags are then combined over processes
+        grads = [getattr(p.grad, "_local_tensor", p.grad) for p in tr.model.parameters() if p.grad is not None]
+        # (DeepSpeed keeps its own gradients; there the loss check stands alone)
+        grads_ok = torch.stack([g.isfinite().all() for g in grads]).all() if grads else tr._step_finite.new_ones(())
+        flags = tr.accelerator.reduce(torch.stack([tr._step_finite, grads_ok]).float(), reduction="sum")
+        loss_ok, grads_ok = (bool(f) for f in flags == tr.accelerator.num_processes)
+        rows, tr._step_rows = tr._step_rows, []
+        tr._step_finite = torch.tensor(True, device=tr.args.device)
+        if not (loss_ok and grads_ok):
+            shown = ", ".join(f"{src} row {row}" for src, row in rows[:20]) + (" …" if len(rows) > 20 else "")
+            raise PrefoptError(
+                f"step {state.global_step + 1}: the {'loss' if not loss_ok else 'gradient'} is not finite (NaN or "
+                f"inf); training stopped before applying it. Rows in this step (this process): {shown}. Usual "
+                "causes: a learning rate too high, fp16 overflow (use bf16), or a degenerate row. The last "
+                "checkpoint in output_dir is intact; no final model was written."
+            )
 
 
 class OutputHead(torch.nn.Linear):
