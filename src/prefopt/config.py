@@ -46,6 +46,10 @@ class ModelArgs:
         default=None, metadata={"help": "eager, sdpa, flash_attention_2, flex_attention (None: transformers' pick)."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with a Hub repo."})
+    allow_pickle_weights: bool = field(
+        default=False, metadata={"help": "Load weights stored only as pickle (.bin/.pt), which can run code when "
+                                         "loaded; by default only safetensors are read."}
+    )
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0 (as TRL)."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})

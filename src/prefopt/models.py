@@ -115,6 +115,31 @@ def check_adapter_start(m: ModelArgs, where: str):
     adapter_base(m, adapter, where)
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_weights_format(m: ModelArgs, where: str):
+    """Refuse, before loading, a local model folder whose weights exist only as pickle."""
+    if m.model_name_or_path is None or m.allow_pickle_weights:
+        return
+    local = Path(m.model_name_or_path).expanduser()
+    adapter = read_adapter_config(m.model_name_or_path) if local.is_dir() else None
+    if adapter is not None:
+        base = Path(m.base_model_name_or_path or adapter.get("base_model_name_or_path") or "").expanduser()
+        folders = [local] + ([base] if base.is_dir() else [])
+    else:
+        folders = [local] if local.is_dir() else []
+    for folder in folders:
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern)
+                         if p.name != "training_args.bin")
+        if pickles and not any(folder.glob("*.safetensors")):
+            raise PrefoptError(
+                f"{where}: {folder} holds its weights only as pickle ({', '.join(pickles[:3])}), which can run code "
+                "when loaded. Convert them to safetensors (save_pretrained writes safetensors), or set "
+                "allow_pickle_weights: true if you trust where the files came from."
+            )
+
+
 def load_tokenizer(m: ModelArgs):
     name = _source(m, tokenizer=True)
     try:
@@ -124,7 +149,9 @@ def load_tokenizer(m: ModelArgs):
 
 
 def _from_pretrained(name: str, m: ModelArgs, quantize: bool) -> PreTrainedModel:
-    kwargs = {"revision": m.model_revision, "trust_remote_code": m.trust_remote_code, "dtype": DTYPES[m.dtype]}
+    kwargs = {"revision": m.model_revision, "trust_remote_code": m.trust_remote_code, "dtype": DTYPES[m.dtype],
+              # pickle can run code when loaded: only safetensors unless the config opts in
+              "use_safetensors": None if m.allow_pickle_weights else True}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     if quantize and (m.load_in_4bit or m.load_in_8bit):

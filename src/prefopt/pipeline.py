@@ -20,7 +20,7 @@ from . import data as data_mod
 from .collate import choose_layout, collator_for
 from .config import Config, explain, save_resolved
 from .errors import PrefoptError
-from .models import check_adapter_start, check_saved, load_model, load_tokenizer
+from .models import check_adapter_start, check_saved, check_weights_format, load_model, load_tokenizer
 from .runs import prepare_output_dir
 from .trainer import MetricsFile, PreferenceTrainer
 
@@ -38,6 +38,7 @@ def check_runnable(cfg: Config):
     m, t, where = cfg.model, cfg.training, cfg.source or "config"
     cuda = torch.cuda.is_available()
     check_adapter_start(m, where)
+    check_weights_format(m, where)
     if (m.load_in_4bit or m.load_in_8bit) and not cuda:
         bits = "load_in_4bit" if m.load_in_4bit else "load_in_8bit"
         raise PrefoptError(

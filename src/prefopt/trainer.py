@@ -57,6 +57,7 @@ class PreferenceTrainer(Trainer):
         self.fused_head = False if self.accelerator.distributed_type == DistributedType.FSDP else None
         self.head_in_forward = False
         self._step_finite, self._step_rows = torch.tensor(True, device=self.args.device), []
+        self._loss_sum_before, self._steps_before = 0.0, 0  # what a resumed run did before its checkpoint
         self.add_callback(FiniteGuard(self))
         if self.is_fsdp_enabled:
             self._head_as_own_fsdp_unit()
@@ -181,7 +182,9 @@ class PreferenceTrainer(Trainer):
         checkpoint = Path(run_dir) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
             sums = {split: {k: [float(v[0]), float(v[1])] for k, v in d.items()} for split, d in self._metric_sums.items()}
-            (checkpoint / METRIC_SUMS).write_text(json.dumps(sums))
+            # the sum of step losses so far, for a resumed run's train_loss (the Trainer's counts from the resume)
+            loss_sum = self._loss_sum_before + self._total_loss_scalar + float(self._tr_loss)
+            (checkpoint / METRIC_SUMS).write_text(json.dumps({**sums, "loss_sum": loss_sum}))
             mark_complete(checkpoint)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
@@ -191,7 +194,10 @@ class PreferenceTrainer(Trainer):
         """Metrics accumulated since the last log before `checkpoint` was written (resume)."""
         path = Path(checkpoint) / METRIC_SUMS
         if path.is_file():
-            for split, entries in json.loads(path.read_text()).items():
+            saved = json.loads(path.read_text())
+            self._loss_sum_before = saved.pop("loss_sum", 0.0)
+            self._steps_before = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+            for split, entries in saved.items():
                 self._metric_sums[split].update({k: list(v) for k, v in entries.items()})
 
     # -- saving ----------------------------------------------------------------------------------
@@ -246,6 +252,10 @@ class PreferenceTrainer(Trainer):
             add("aux_loss", f["aux_loss"], 1)
 
     def log(self, logs: dict, start_time=None):
+        if "train_loss" in logs and self._steps_before:
+            # the Trainer averages over the steps of this process only; a resumed run reports the whole run
+            steps = self.state.global_step
+            logs["train_loss"] = (logs["train_loss"] * (steps - self._steps_before) + self._loss_sum_before) / steps
         split = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
         if split is not None and self._metric_sums[split]:
             names = sorted(self._metric_sums[split])

@@ -1,0 +1,168 @@
+"""A crash loses nothing: a run killed with SIGKILL (mid-step, mid-checkpoint, before a checkpoint
+is marked complete) and started again with the very same command ends with the same weights and
+the same logged trajectory as a run that was never interrupted. Plus: an output_dir holding a
+different run is refused, and a non-finite loss or gradient stops training at its step."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from prefopt.config import build_config
+from prefopt.demo import make_rows, task_corpus
+from prefopt.errors import PrefoptError
+from prefopt.pipeline import train
+from prefopt.runs import COMPLETE, checkpoints
+from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+# values that depend on wall-clock time, not on the computation
+TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
+          "eval_samples_per_second", "eval_steps_per_second", "total_flos"}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    tok = train_tokenizer(task_corpus(), vocab_size=300)
+    save_tiny(tiny_model("llama", tok, seed=0), tok, root / "model")
+    (root / "data").mkdir()
+    for split, n, seed in (("train", 24, 0), ("test", 8, 1)):
+        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
+    config = {
+        "model_name_or_path": str(root / "model"),
+        "dataset_mixer": {str(root / "data"): 1.0},
+        "dataset_splits": ["train", "test"],
+        "method": "cpo_simpo",
+        "learning_rate": 5e-3,
+        "max_steps": 8,  # 2 epochs of 24 pairs at 6 per step: resuming crosses an epoch boundary
+        "per_device_train_batch_size": 3,
+        "gradient_accumulation_steps": 2,
+        "logging_steps": 1,
+        "eval_strategy": "steps",
+        "eval_steps": 4,
+        "save_steps": 2,
+        "save_total_limit": 1,  # rotation must never leave nothing complete to resume from
+        "report_to": "none",
+        "seed": 11,
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def _train(ws, out, kill: str | None = None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "prefopt", "train", str(ws / "config.yaml"), "--output_dir", str(out)]
+    if kill:
+        env["PREFOPT_KILL"] = kill
+        cmd = [sys.executable, str(ROOT / "tests" / "kill_worker.py")] + cmd[3:]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ws)
+
+
+def _trajectory(out: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ws):
+    out = ws / "uninterrupted"
+    done = _train(ws, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _trajectory(out), load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("kill, resumed_from", [
+    ("step:5", "checkpoint-4"),  # inside step 6, after checkpoint-4
+    ("save:6", "checkpoint-4"),  # checkpoint-6 half written: weights, no optimizer state
+    ("mark:6", "checkpoint-4"),  # checkpoint-6 written, not yet marked (and checkpoint-4 not yet rotated out)
+    ("step:1", None),  # before the first checkpoint: starts over
+])
+def test_killed_run_resumes_to_the_same_result(ws, uninterrupted, tmp_path, kill, resumed_from):
+    out = tmp_path / "run"
+    killed = _train(ws, out, kill)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
+    complete = [p.name for p in checkpoints(out) if (p / COMPLETE).is_file()]
+    assert complete == ([resumed_from] if resumed_from else [])
+    if kill.startswith(("save", "mark")):
+        assert (out / "checkpoint-6").is_dir() and not (out / "checkpoint-6" / COMPLETE).exists()
+
+    again = _train(ws, out)  # the very same command
+    assert again.returncode == 0, again.stderr[-3000:]
+    if resumed_from:
+        assert f"resuming from {out / resumed_from}" in again.stdout
+        if kill.startswith(("save", "mark")):
+            assert f"removing {out / 'checkpoint-6'}" in again.stdout
+    else:
+        assert "resuming" not in again.stdout
+
+    trajectory, weights = uninterrupted
+    assert len(_trajectory(out)) == len(trajectory)
+    for a, b in zip(trajectory, _trajectory(out)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
+    final = load_file(out / "model.safetensors")
+    for name in weights:
+        torch.testing.assert_close(final[name], weights[name], rtol=1e-6, atol=1e-7)
+
+
+def test_an_output_dir_holding_another_run_is_refused(ws, tmp_path, capsys):
+    from prefopt.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", str(ws / "config.yaml"), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--beta", "3.0", "--learning_rate", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert f"output_dir {out} holds a run with a different config" in err
+    assert "beta: 10.0 → 3.0" in err and "learning_rate: 0.005 → 0.001" in err
+    assert "Use a new output_dir" in err and "--overwrite_output_dir true" in err
+
+    assert main(args + ["--beta", "3.0", "--overwrite_output_dir", "true"]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x and "train_runtime" not in x] == [1, 2]  # only the new run
+    assert yaml.safe_load((out / "prefopt_config.yaml").read_text())["beta"] == 3.0
+
+
+def _nan_run(ws, tmp_path, monkeypatch, what: str):
+    from prefopt.trainer import PreferenceTrainer
+
+    original = PreferenceTrainer._loss
+
+    def poisoned(self, model, batch, split, counts):
+        loss = original(self, model, batch, split, counts)
+        if split == "train" and self.state.global_step == 2:
+            if what == "loss":
+                return loss * float("nan")
+            weight = self.accelerator.unwrap_model(model).get_input_embeddings().weight
+            zero = weight.sum() - weight.sum().detach()
+            return loss + 0 * torch.sqrt(zero)  # the loss stays finite; d√x at 0 is inf, times 0: NaN
+        return loss
+
+    monkeypatch.setattr(PreferenceTrainer, "_loss", poisoned)
+    out = tmp_path / what
+    cfg = build_config({**yaml.safe_load((ws / "config.yaml").read_text()), "output_dir": str(out),
+                        "save_steps": 1, "save_total_limit": None})
+    with pytest.raises(PrefoptError) as err:
+        train(cfg, log=lambda *a: None)
+    return out, str(err.value)
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_non_finite_step_stops_training_and_writes_no_final_model(ws, tmp_path, monkeypatch, what):
+    out, message = _nan_run(ws, tmp_path, monkeypatch, what)
+    assert f"step 3: the {what} is not finite (NaN or inf)" in message
+    assert f"{ws / 'data'}[train] row" in message  # the rows of that step, by file, split and row
+    assert "The last checkpoint in output_dir is intact" in message
+    assert [p.name for p in checkpoints(out) if (p / COMPLETE).is_file()] == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "model.safetensors").exists()
+    saved = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
