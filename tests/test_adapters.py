@@ -193,3 +193,24 @@ def test_check_saved_reads_moe_experts_as_saved_and_only_this_runs_files(ws, tmp
     assert n < 50_000  # the adapter's own tensors only
     with pytest.raises(PrefoptError, match="no .safetensors weights were written"):
         check_saved(moe, adapter=True)  # an adapter save that wrote no adapter file
+
+
+def test_the_eos_row_trains_when_pad_is_eos(tmp_path):
+    """A config whose pad id is the EOS id makes EOS the embedding's padding_idx (a row that never
+    gets a gradient); prefopt masks by length, so it lifts that and EOS trains like any token
+    (it is an input wherever a conversation history holds a finished turn)."""
+    from prefopt.config import ModelArgs
+    from prefopt.models import load_model, load_tokenizer
+
+    tok = train_tokenizer(task_corpus(), vocab_size=300, pad="eos")
+    assert tok.pad_token_id == tok.eos_token_id
+    built = tiny_model("llama", tok, seed=0)
+    assert built.get_input_embeddings().padding_idx == tok.eos_token_id  # the trap, as configs build it
+    save_tiny(built, tok, tmp_path / "model")
+    m = ModelArgs(model_name_or_path=str(tmp_path / "model"))
+    model = load_model(m, load_tokenizer(m), build_config({"output_dir": str(tmp_path), "method": "simpo"}).training,
+                       log=lambda *a: None)
+    assert model.get_input_embeddings().padding_idx is None
+    ids = torch.tensor([[5, 6, tok.eos_token_id, 7, 8]])
+    model(ids, labels=ids).loss.backward()
+    assert model.get_input_embeddings().weight.grad[tok.eos_token_id].abs().sum() > 0

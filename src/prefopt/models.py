@@ -188,6 +188,11 @@ def load_model(m: ModelArgs, tokenizer, t: TrainingArguments, log=print) -> PreT
     merging = adapter is not None and m.existing_adapter == "merge"
     model = _from_pretrained(adapter_base(m, adapter, name) if adapter else name, m, quantize=not merging)
     new_ids = resize_to(model, tokenizer)
+    embeddings = model.get_input_embeddings()
+    if getattr(embeddings, "padding_idx", None) is not None:
+        # A config's pad id becomes the embedding's padding_idx, whose row never gets a gradient: with
+        # pad == eos, EOS would never train. Padding is masked by length here, so no row is special.
+        embeddings.padding_idx = None
     for cfg in (model.config.get_text_config(), model.generation_config):
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.eos_token_id = tokenizer.eos_token_id
