@@ -17,6 +17,7 @@ USAGE = """usage:
                                                   print the resolved objective and settings
   prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype DTYPE]
                                                   fold a LoRA adapter into its base; save a full model
+  prefopt plot OUTPUT_DIR                         PNGs of a run's metrics (OUTPUT_DIR/plots)
 Any config key can be given or overridden as --key value."""
 
 
@@ -83,7 +84,17 @@ def cmd_merge(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "merge": cmd_merge}
+def cmd_plot(args: list[str]) -> int:
+    if len(args) != 1 or args[0].startswith("--"):
+        raise PrefoptError("usage: prefopt plot OUTPUT_DIR")
+    from .plots import plot_run
+
+    written = plot_run(args[0])
+    print(f"prefopt: wrote {', '.join(written)} in {args[0]}/plots")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "merge": cmd_merge, "plot": cmd_plot}
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:

@@ -21,6 +21,7 @@ from .collate import choose_layout, collator_for
 from .config import Config, explain, save_resolved
 from .errors import PrefoptError
 from .models import check_adapter_start, check_saved, check_weights_format, load_model, load_tokenizer
+from .plots import plot_run
 from .runs import prepare_output_dir
 from .trainer import MetricsFile, PreferenceTrainer
 
@@ -178,6 +179,8 @@ def train(cfg: Config, log=print) -> RunResult:
         model.generation_config.save_pretrained(t.output_dir)
         n = check_saved(t.output_dir, cfg.model.trust_remote_code, adapter=hasattr(model, "peft_config"))
         log(f"prefopt: saved model checked: {n:,} parameters, every tensor present with its full shape")
+        plots = plot_run(out)
+        log(f"prefopt: plots of {', '.join(p.removesuffix('.png') for p in plots)} in {out / 'plots'}")
     trainer.accelerator.wait_for_everyone()
     log(f"prefopt: trained {result.global_step} steps in {time.time() - start:.0f}s; "
         f"model, tokenizer and metrics.jsonl in {out}")

@@ -244,6 +244,8 @@ class PreferenceTrainer(Trainer):
         # TRL averages logits over every position of the padded batch; prefopt over the scored
         # completion tokens (the same thing without the layout's padding and prompt).
         tokens = f["completion_tokens"]
+        add("lengths/chosen", tokens[:B].sum(), B)  # completion tokens per response (after truncation)
+        add("lengths/rejected", tokens[B:].sum(), B)
         add("logits/chosen", f["logit_sum"][:B].sum(), tokens[:B].sum())
         add("logits/rejected", f["logit_sum"][B:].sum(), tokens[B:].sum())
         # TRL's nll_loss is the NLL term's value: 0 when the method has no NLL term.
