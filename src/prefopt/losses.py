@@ -138,6 +138,9 @@ class Method:
     defaults: dict[str, float] = field(default_factory=dict)
     margin: bool = False  # accepts a target margin γ/β
     reward_shape: bool = True  # accepts AlphaPO's α
+    # the published recipes' ranges, for the warnings before training (None: no advice)
+    full_lr: tuple[float, float] | None = None  # learning rate for full fine-tuning
+    beta_range: tuple[float, float] | None = None
 
 
 _SIMPO_LOSSES = {"sigmoid": "mean", "hinge": "mean"}
@@ -150,6 +153,8 @@ METHODS: dict[str, Method] = {
         nll_span="completion",
         defaults={"beta": 2.0, "gamma_beta_ratio": 0.5, "nll_weight": 0.0, "alpha": 0.0},
         margin=True,
+        full_lr=(3e-7, 1e-6),
+        beta_range=(2.0, 10.0),
     ),
     "cpo_simpo": Method(
         title="CPO-SimPO (SimPO + NLL on the chosen completion)",
@@ -158,6 +163,8 @@ METHODS: dict[str, Method] = {
         nll_span="completion",
         defaults={"beta": 10.0, "gamma_beta_ratio": 0.54, "nll_weight": 0.05, "alpha": 0.0},
         margin=True,
+        full_lr=(3e-7, 1e-6),
+        beta_range=(2.0, 10.0),
     ),
     "alphapo": Method(
         title="AlphaPO (SimPO with a shaped reward)",
@@ -167,6 +174,8 @@ METHODS: dict[str, Method] = {
         # α = 0.25 is the paper's recommended positive shape; β and γ/β follow SimPO.
         defaults={"beta": 2.0, "gamma_beta_ratio": 0.5, "nll_weight": 0.0, "alpha": 0.25},
         margin=True,
+        full_lr=(3e-7, 1e-6),
+        beta_range=(2.0, 10.0),
     ),
     "cpo": Method(
         title="CPO",
@@ -174,6 +183,7 @@ METHODS: dict[str, Method] = {
         losses={"sigmoid": "sum", "hinge": "sum", "ipo": "mean"},
         nll_span="completion",
         defaults={"beta": 0.1, "gamma_beta_ratio": 0.0, "nll_weight": 1.0, "alpha": 0.0},
+        full_lr=(5e-7, 1e-6),
     ),
     "orpo": Method(
         title="ORPO",

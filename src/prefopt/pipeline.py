@@ -20,6 +20,7 @@ from . import data as data_mod
 from .collate import choose_layout, collator_for
 from .config import Config, explain, save_resolved
 from .errors import PrefoptError
+from .guidance import GuidanceCallback, before_training
 from .models import check_adapter_start, check_saved, check_weights_format, load_model, load_tokenizer
 from .plots import plot_run
 from .runs import prepare_output_dir
@@ -121,7 +122,8 @@ def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> Prefere
         eval_dataset=prepared.eval,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[MetricsFile(Path(cfg.training.output_dir) / "metrics.jsonl")],
+        callbacks=[MetricsFile(Path(cfg.training.output_dir) / "metrics.jsonl"),
+                   GuidanceCallback(lambda message: log(f"prefopt: warning: {message}"))],
         objective=cfg.objective,
     )
 
@@ -147,6 +149,8 @@ def train(cfg: Config, log=print) -> RunResult:
             os.environ.setdefault(name, value)  # a single process started without a launcher
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     log("prefopt: resolved objective\n" + explain(cfg))
+    for warning in before_training(cfg, t.world_size):
+        log(f"prefopt: warning: {warning}")
     with t.main_process_first(desc="output_dir"):
         resume = prepare_output_dir(cfg, main_process, log)
 
