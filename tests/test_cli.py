@@ -59,6 +59,9 @@ def test_train_end_to_end(workspace, tmp_path, arch, data, method, capsys):
     printed = capsys.readouterr().out
     assert f"method" in printed and method in printed  # the resolved summary
     assert "24 of 24 pairs kept" in printed
+    assert "prefopt: done: 4 steps in" in printed and "pairs/s" in printed  # the summary
+    assert "final eval (step 4): loss" in printed and "best eval accuracy" in printed
+    assert f"model and tokenizer: {out}" in printed
 
     lines = read_metrics(out)
     train = [l for l in lines if "loss" in l]

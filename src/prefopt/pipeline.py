@@ -186,6 +186,30 @@ def train(cfg: Config, log=print) -> RunResult:
         plots = plot_run(out)
         log(f"prefopt: plots of {', '.join(p.removesuffix('.png') for p in plots)} in {out / 'plots'}")
     trainer.accelerator.wait_for_everyone()
-    log(f"prefopt: trained {result.global_step} steps in {time.time() - start:.0f}s; "
-        f"model, tokenizer and metrics.jsonl in {out}")
+    log(summary(trainer, result, time.time() - start, out, adapter=hasattr(model, "peft_config")))
     return RunResult(out, result.metrics, eval_metrics, trainer)
+
+
+SUMMARY_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen")
+
+
+def summary(trainer, result, seconds: float, out: Path, adapter: bool) -> str:
+    """The end of a run in a few lines: how long, how fast, how it ended, where things are."""
+    t, state = trainer.args, trainer.state
+    pairs = result.metrics.get("train_samples_per_second")
+    lines = [f"prefopt: done: {state.global_step} steps in {seconds:.0f}s"
+             + (f", {pairs:.3g} pairs/s" if pairs else "")
+             + (f", train loss {result.metrics['train_loss']:.4g}" if "train_loss" in result.metrics else "")]
+    evals = [line for line in state.log_history if "eval_loss" in line]
+    if evals:
+        last = evals[-1]
+        shown = ", ".join(f"{k.removeprefix('eval_')} {last[k]:.4g}" for k in SUMMARY_METRICS if k in last)
+        lines.append(f"  final eval (step {last['step']}): {shown}")
+        best = max(evals, key=lambda line: line.get("eval_rewards/accuracies", float("-inf")))
+        if "eval_rewards/accuracies" in best and len(evals) > 1:
+            lines.append(f"  best eval accuracy: {best['eval_rewards/accuracies']:.4g} at step {best['step']}")
+    lines.append(f"  {'adapter' if adapter else 'model'} and tokenizer: {out}; metrics: {out / 'metrics.jsonl'}; "
+                 f"plots: {out / 'plots'}")
+    if state.best_model_checkpoint:
+        lines.append(f"  best checkpoint ({t.metric_for_best_model}): {state.best_model_checkpoint}")
+    return "\n".join(lines)
