@@ -6,8 +6,10 @@
     python -m prefopt ...                             (the same)
 """
 
+import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import PrefoptError
 
@@ -18,6 +20,10 @@ USAGE = """usage:
   prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype DTYPE]
                                                   fold a LoRA adapter into its base; save a full model
   prefopt plot OUTPUT_DIR                         PNGs of a run's metrics (OUTPUT_DIR/plots)
+  prefopt eval --model DIR [--model DIR2] [--data PAIRS] [--prompts FILE] [--reward_model DIR]
+                                                  preference and generation metrics, side by side
+  prefopt generate --model DIR [--prompt TEXT | --prompts FILE]
+                                                  answer prompts (none given: an interactive chat)
 Any config key can be given or overridden as --key value."""
 
 
@@ -53,9 +59,10 @@ def cmd_config(args: list[str]) -> int:
     return 0
 
 
-def _options(args: list[str], names: set[str], usage: str) -> tuple[list[str], dict[str, str]]:
-    """Positional arguments and `--name value` / `--name=value` options."""
-    positional, options, i = [], {}, 0
+def _options(args: list[str], names: set[str], usage: str, repeated: set[str] = frozenset()
+             ) -> tuple[list[str], dict]:
+    """Positional arguments and `--name value` / `--name=value` options (`repeated` ones: lists)."""
+    positional, options, i = [], {n: [] for n in repeated}, 0
     while i < len(args):
         arg = args[i]
         if arg.startswith("--"):
@@ -66,7 +73,10 @@ def _options(args: list[str], names: set[str], usage: str) -> tuple[list[str], d
                 if i + 1 >= len(args):
                     raise PrefoptError(f"--{key} needs a value. {usage}")
                 i, value = i + 1, args[i + 1]
-            options[key] = value
+            if key in repeated:
+                options[key].append(value)
+            else:
+                options[key] = value
         else:
             positional.append(arg)
         i += 1
@@ -84,6 +94,81 @@ def cmd_merge(args: list[str]) -> int:
     return 0
 
 
+GENERATION_OPTIONS = {"max_new_tokens": int, "temperature": float, "top_p": float, "do_sample": lambda v: v == "true"}
+
+
+def _generation(options: dict) -> dict:
+    out = {}
+    for key, cast in GENERATION_OPTIONS.items():
+        if key in options:
+            try:
+                out[key] = cast(options.pop(key))
+            except ValueError:
+                raise PrefoptError(f"--{key}: not a valid value.") from None
+    if "temperature" in out or "top_p" in out:
+        out.setdefault("do_sample", True)
+    return out
+
+
+def cmd_eval(args: list[str]) -> int:
+    usage = ("usage: prefopt eval --model DIR [--model DIR2 ...] [--data FILE_OR_FOLDER [--split test]] "
+             "[--prompts FILE] [--reward_model DIR] [--alpaca_eval DIR] [--output report.json] "
+             "[--max_new_tokens N] [--temperature T] [--top_p P]")
+    positional, options = _options(args, {"model", "data", "split", "prompts", "reward_model", "alpaca_eval",
+                                          "output", *GENERATION_OPTIONS}, usage, repeated={"model"})
+    if positional or not options["model"]:
+        raise PrefoptError(usage)
+    from .evaluate import evaluate, format_report
+
+    generation = _generation(options)
+    report = evaluate(options["model"], data=options.get("data"), split=options.get("split", "test"),
+                      prompts=options.get("prompts"), reward_model=options.get("reward_model"),
+                      alpaca_dir=options.get("alpaca_eval"), **generation)
+    print(format_report(report))
+    if "output" in options:
+        Path(options["output"]).write_text(json.dumps(report, indent=1))
+        print(f"prefopt: report in {options['output']}")
+    return 0
+
+
+def cmd_generate(args: list[str]) -> int:
+    usage = ("usage: prefopt generate --model DIR [--prompt TEXT ...] [--prompts FILE] [--output FILE] "
+             "[--max_new_tokens N] [--temperature T] [--top_p P]   (no prompt: an interactive chat)")
+    positional, options = _options(args, {"model", "prompt", "prompts", "output", *GENERATION_OPTIONS}, usage,
+                                   repeated={"prompt"})
+    if positional or "model" not in options:
+        raise PrefoptError(usage)
+    from .evaluate import Generator, alpaca_eval_rows, read_prompts
+
+    generator = Generator(options["model"], **_generation(options))
+    conversations = [[{"role": "user", "content": p}] for p in options["prompt"]]
+    if "prompts" in options:
+        conversations += read_prompts(options["prompts"])
+    if not conversations:
+        return _chat(generator)
+    answers = generator.answer(conversations, progress=len(conversations) > 1)
+    for conversation, answer in zip(conversations, answers):
+        print(f"> {conversation[-1]['content']}\n{answer}\n")
+    if "output" in options:
+        rows = alpaca_eval_rows(conversations, answers, generator.name)
+        Path(options["output"]).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _chat(generator) -> int:
+    """Read a turn, answer it, keep the conversation; an empty line or end of input stops."""
+    history: list[dict] = []
+    print("prefopt chat: type a message; an empty line ends.", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line.strip()})
+        (answer,) = generator.answer([history], progress=False)
+        history.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+    return 0
+
+
 def cmd_plot(args: list[str]) -> int:
     if len(args) != 1 or args[0].startswith("--"):
         raise PrefoptError("usage: prefopt plot OUTPUT_DIR")
@@ -94,7 +179,8 @@ def cmd_plot(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "merge": cmd_merge, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "config": cmd_config, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
+            "generate": cmd_generate}
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:

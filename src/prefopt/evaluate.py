@@ -1,0 +1,264 @@
+"""Judge a trained model: preference metrics on held-out pairs, and what it generates.
+
+    prefopt eval --model DIR --data FILE_OR_FOLDER [--split test] [--model DIR2 ...]
+                 [--prompts FILE] [--reward_model DIR] [--output report.json] [--alpaca_eval DIR]
+    prefopt generate --model DIR [--prompt TEXT ... | --prompts FILE] [--output FILE]   (none: chat)
+
+Preference metrics use the objective the model was trained with (its `prefopt_config.yaml`;
+the first model's for all of them, so the columns compare): accuracy (the chosen answer's
+implicit reward above the rejected one's), the margin distribution, mean log-probs and lengths
+of chosen and rejected, and the length-only baseline (how often "pick the longer answer" is
+right). With prompts it generates, stopping at every EOS id the generation config lists, and
+reports mean length, repetition (repeated 3-grams within an answer), distinct-1/2 across answers
+and the share of empty answers; with a reward model (`AutoModelForSequenceClassification`) and
+two models, the win rate of each over the first.
+"""
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import PrefoptError
+
+GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
+
+
+# -- preference metrics -----------------------------------------------------------------------
+
+def _objective_keys(models: list[str]) -> dict:
+    """The objective the first trained model recorded (else SimPO's defaults), for every model."""
+    import yaml
+
+    from .config import OBJECTIVE_KEYS
+
+    for model in models:
+        path = Path(model) / "prefopt_config.yaml"
+        if path.is_file():
+            saved = yaml.safe_load(path.read_text()) or {}
+            return {k: v for k, v in saved.items() if k in OBJECTIVE_KEYS and v is not None}
+    return {"method": "simpo"}
+
+
+def preference_metrics(model_dir: str, data: str, split: str, objective: dict, batch_size: int = 8) -> dict:
+    from datasets import Dataset
+
+    from . import data as data_mod
+    from .collate import collator_for
+    from .config import build_config
+    from .models import load_model, load_tokenizer
+    from .trainer import PreferenceTrainer
+
+    cfg = build_config({**objective, "model_name_or_path": model_dir, "datasets": [{"path": data, "split": split}],
+                        "output_dir": str(Path(model_dir) / ".prefopt_eval"), "report_to": "none",
+                        "per_device_train_batch_size": 1, "per_device_eval_batch_size": batch_size,
+                        "layout": "padded"}, "prefopt eval")
+    # whatever split was named (a "test" split is routed to evaluation) is what gets scored
+    cfg.data.train_datasets, cfg.data.eval_datasets = cfg.data.train_datasets + cfg.data.eval_datasets, []
+    tokenizer = load_tokenizer(cfg.model)
+    data_mod.setup_chat_template(tokenizer, cfg.data.chat_template)
+    pairs = data_mod.prepare(cfg, tokenizer).train
+    model = load_model(cfg.model, tokenizer, cfg.training, log=lambda *a: None).eval()
+    collator = collator_for(cfg, tokenizer.pad_token_id, "padded", model.config._attn_implementation)
+    trainer = PreferenceTrainer(model=model, args=cfg.training, eval_dataset=pairs, data_collator=collator,
+                                processing_class=tokenizer, objective=cfg.objective)
+    rows = {"margin": [], "chosen_reward": [], "logps_chosen": [], "logps_rejected": [], "len_chosen": [],
+            "len_rejected": []}
+    with torch.no_grad():
+        for batch in tqdm(trainer.get_eval_dataloader(Dataset.from_list(list(pairs))), desc="scoring pairs"):
+            batch = trainer._prepare_inputs(batch)
+            f = trainer._forward(model, batch)
+            _, chosen, rejected, _ = trainer.loss_fn(f["chosen_logps"], f["rejected_logps"], trainer.hyper)
+            B = chosen.shape[0]
+            rows["margin"] += (chosen - rejected).tolist()
+            rows["logps_chosen"] += f["chosen_logps"].tolist()
+            rows["logps_rejected"] += f["rejected_logps"].tolist()
+            rows["len_chosen"] += f["completion_tokens"][:B].tolist()
+            rows["len_rejected"] += f["completion_tokens"][B:].tolist()
+    n = len(rows["margin"])
+    longer = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(rows["len_chosen"], rows["len_rejected"])]
+    margins = sorted(rows["margin"])
+    quantile = lambda q: margins[min(n - 1, int(q * n))]  # noqa: E731
+    return {
+        "pairs": n,
+        "accuracy": sum(m > 0 for m in margins) / n,
+        "margin": {"mean": statistics.fmean(margins), "p10": quantile(0.1), "p50": quantile(0.5),
+                   "p90": quantile(0.9)},
+        "logps_chosen": statistics.fmean(rows["logps_chosen"]),
+        "logps_rejected": statistics.fmean(rows["logps_rejected"]),
+        "length_chosen": statistics.fmean(rows["len_chosen"]),
+        "length_rejected": statistics.fmean(rows["len_rejected"]),
+        "length_baseline_accuracy": statistics.fmean(longer),
+    }
+
+
+# -- generation ---------------------------------------------------------------------------------
+
+def read_prompts(path: str) -> list[list[dict]]:
+    """Prompts as conversations: a .txt (one per line), or .json/.jsonl rows with `prompt` (text
+    or messages) or AlpacaEval's `instruction`."""
+    file = Path(path)
+    if not file.is_file():
+        raise PrefoptError(f"--prompts {path}: no such file.")
+    if file.suffix == ".txt":
+        return [[{"role": "user", "content": line}] for line in file.read_text().splitlines() if line.strip()]
+    text = file.read_text()
+    try:
+        rows = json.loads(text) if file.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError as e:
+        raise PrefoptError(f"--prompts {path}: not valid JSON ({e}).") from None
+    prompts = []
+    for i, row in enumerate(rows):
+        value = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
+        if isinstance(value, str):
+            prompts.append([{"role": "user", "content": value}])
+        elif isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            prompts.append(value)
+        else:
+            raise PrefoptError(f"--prompts {path} row {i}: needs a `prompt` (text or messages) or `instruction`.")
+    return prompts
+
+
+class Generator:
+    """A saved model and its tokenizer, answering conversations with the saved chat template."""
+
+    def __init__(self, model_dir: str, **generation):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .config import ModelArgs
+        from .models import check_weights_format
+
+        check_weights_format(ModelArgs(model_name_or_path=model_dir), "prefopt")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
+        except OSError as e:
+            raise PrefoptError(f"could not load a model from {model_dir!r}: {e}") from None
+        if not self.tokenizer.chat_template:
+            raise PrefoptError(f"{model_dir}: the tokenizer has no chat template to format prompts with.")
+        self.name = Path(model_dir).name
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        eos = self.model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self.eos = sorted({i for i in eos + [self.tokenizer.eos_token_id] if i is not None})  # stop at every one
+        self.generation = {**GENERATION_DEFAULTS, **generation}
+
+    def answer(self, conversations: list[list[dict]], batch_size: int = 8, progress: bool = True) -> list[str]:
+        out = []
+        batches = range(0, len(conversations), batch_size)
+        for start in tqdm(batches, desc=f"generating ({self.name})", disable=not progress):
+            texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                     for c in conversations[start : start + batch_size]]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                ids = self.model.generate(**enc, eos_token_id=self.eos, pad_token_id=self.tokenizer.pad_token_id,
+                                          **self.generation)
+            for row in ids[:, enc["input_ids"].shape[1]:]:
+                out.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return out
+
+
+def generation_metrics(outputs: list[str], tokenizer) -> dict:
+    tokens = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
+
+    def ngrams(seq, n):
+        return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+
+    repeated = [1 - len(set(ngrams(t, 3))) / len(ngrams(t, 3)) for t in tokens if len(t) >= 3]
+    every = {n: [g for t in tokens for g in ngrams(t, n)] for n in (1, 2)}
+    return {
+        "answers": len(outputs),
+        "mean_length": statistics.fmean(len(t) for t in tokens) if tokens else 0.0,
+        "repetition_rate": statistics.fmean(repeated) if repeated else 0.0,
+        "distinct_1": len(set(every[1])) / len(every[1]) if every[1] else 0.0,
+        "distinct_2": len(set(every[2])) / len(every[2]) if every[2] else 0.0,
+        "empty_rate": sum(not o.strip() for o in outputs) / len(outputs) if outputs else 0.0,
+    }
+
+
+def win_rates(reward_model: str, prompts: list[list[dict]], answers: dict[str, list[str]]) -> dict:
+    """Each model's win rate over the first, judged by a local sequence-classification reward model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(reward_model)
+    judge = AutoModelForSequenceClassification.from_pretrained(reward_model, use_safetensors=True).eval()
+
+    def score(conversation, answer):
+        messages = conversation + [{"role": "assistant", "content": answer}]
+        text = (tok.apply_chat_template(messages, tokenize=False) if tok.chat_template
+                else "\n".join(m["content"] for m in messages))
+        with torch.no_grad():
+            return judge(**tok(text, return_tensors="pt", truncation=True)).logits[0, 0].item()
+
+    names = list(answers)
+    scores = {n: [score(p, a) for p, a in zip(prompts, answers[n])] for n in tqdm(names, desc="judging")}
+    first = scores[names[0]]
+    return {n: statistics.fmean(1.0 if s > f else 0.5 if s == f else 0.0 for s, f in zip(scores[n], first))
+            for n in names[1:]}
+
+
+def alpaca_eval_rows(prompts: list[list[dict]], outputs: list[str], generator: str) -> list[dict]:
+    return [{"instruction": p[-1]["content"], "output": o, "generator": generator} for p, o in zip(prompts, outputs)]
+
+
+def evaluate(models: list[str], data: str | None = None, split: str = "test", prompts: str | None = None,
+             reward_model: str | None = None, alpaca_dir: str | None = None, **generation) -> dict:
+    if not models:
+        raise PrefoptError("prefopt eval: name at least one --model.")
+    if data is None and prompts is None:
+        raise PrefoptError("prefopt eval: give --data (preference pairs) and/or --prompts (to generate).")
+    names = []
+    for m in models:  # folder names, made unique ("base", "base #2") so a model can face itself
+        name = Path(m).name
+        names.append(name if name not in names else f"{name} #{sum(n.split(' #')[0] == name for n in names) + 1}")
+    report: dict = {"models": dict(zip(names, models))}
+    if data is not None:
+        objective = _objective_keys(models)
+        report["objective"] = objective
+        report["preference"] = {n: preference_metrics(m, data, split, objective) for n, m in zip(names, models)}
+    if prompts is not None:
+        conversations = read_prompts(prompts)
+        answers, report["generation"] = {}, {}
+        for name, model in zip(names, models):
+            generator = Generator(model, **generation)
+            answers[name] = generator.answer(conversations)
+            report["generation"][name] = generation_metrics(answers[name], generator.tokenizer)
+            if alpaca_dir:
+                Path(alpaca_dir).mkdir(parents=True, exist_ok=True)
+                path = Path(alpaca_dir) / f"{Path(model).name}.json"
+                path.write_text(json.dumps(alpaca_eval_rows(conversations, answers[name], name), indent=1))
+        if reward_model and len(models) > 1:
+            report["win_rate_over_" + names[0]] = win_rates(reward_model, conversations, answers)
+    return report
+
+
+def format_report(report: dict) -> str:
+    names = list(report["models"])
+    rows: list[tuple[str, list]] = []
+    if "preference" in report:
+        p = report["preference"]
+        rows += [("pairs", [p[n]["pairs"] for n in names]),
+                 ("preference accuracy", [p[n]["accuracy"] for n in names]),
+                 ("length-only baseline accuracy", [p[n]["length_baseline_accuracy"] for n in names]),
+                 ("margin mean", [p[n]["margin"]["mean"] for n in names]),
+                 ("margin p10 / p50 / p90", ["{p10:.3g} / {p50:.3g} / {p90:.3g}".format(**p[n]["margin"]) for n in names]),
+                 ("log p chosen / rejected", [f"{p[n]['logps_chosen']:.4g} / {p[n]['logps_rejected']:.4g}" for n in names]),
+                 ("length chosen / rejected", [f"{p[n]['length_chosen']:.1f} / {p[n]['length_rejected']:.1f}" for n in names])]
+    if "generation" in report:
+        g = report["generation"]
+        rows += [(label, [g[n][key] for n in names]) for label, key in (
+            ("answers", "answers"), ("mean answer length (tokens)", "mean_length"),
+            ("repetition rate (3-grams)", "repetition_rate"), ("distinct-1", "distinct_1"),
+            ("distinct-2", "distinct_2"), ("empty answers", "empty_rate"))]
+    for key, value in report.items():
+        if key.startswith("win_rate_over_"):
+            rows.append((key.replace("_", " "), ["—"] + [value[n] for n in names[1:]]))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    width = max(len(r[0]) for r in rows) if rows else 10
+    lines = [" " * width + "  " + "  ".join(f"{n:>22}" for n in names)]
+    lines += [f"{label:<{width}}  " + "  ".join(f"{fmt(v):>22}" for v in values) for label, values in rows]
+    return "\n".join(lines)
