@@ -158,6 +158,10 @@ def token_logps(
     """
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H).index_select(0, score_index)  # [N, H]
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dtype.is_floating_point and h.dtype != weight.dtype:
+        # e.g. bf16 weights under CPU autocast hand back fp32 hidden states; the head runs in its dtype
+        h = h.to(weight.dtype)
     if fused is None:
         fused = fusable(head, transform)
     if fused:
