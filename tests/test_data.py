@@ -93,17 +93,24 @@ def first_label(labels: list[int]) -> int:
     return next((i for i, label in enumerate(labels) if label != -100), len(labels))
 
 
+def trl_completion(ref: dict, side: str) -> list[int]:
+    return ref[f"{side}_input_ids"][first_label(ref[f"{side}_labels"]):]
+
+
 def assert_matches_trl(rows: list[dict], tokenizer, max_length: int = 1024) -> dict:
     """prompt+chosen / prompt+rejected equal TRL's input ids and the prompt ends where TRL's labels
-    begin; the pairs TRL would train with an empty completion are the ones prefopt drops."""
+    begin; the pairs TRL would train with an empty completion, or with chosen equal to rejected
+    after the cut, are the ones prefopt drops."""
     ours, report = tokenize(rows, tokenizer, max_length=max_length)
     ours = {r["row"]: r for r in ours}
     refs = [trl_tokenize(row, tokenizer, max_length) for row in rows]
     empty_in_trl = {i for i, ref in enumerate(refs)
-                    if any(first_label(ref[f"{side}_labels"]) == len(ref[f"{side}_labels"])
-                           for side in ("chosen", "rejected"))}
-    assert set(ours) == set(range(len(rows))) - empty_in_trl
+                    if any(not trl_completion(ref, side) for side in ("chosen", "rejected"))}
+    same_in_trl = {i for i, ref in enumerate(refs)
+                   if i not in empty_in_trl and trl_completion(ref, "chosen") == trl_completion(ref, "rejected")}
+    assert set(ours) == set(range(len(rows))) - empty_in_trl - same_in_trl
     assert report["dropped"]["truncated_to_nothing"] == len(empty_in_trl)
+    assert report["dropped"]["chosen_equals_rejected"] == len(same_in_trl)
     for i, mine in ours.items():
         for side in ("chosen", "rejected"):
             assert mine["prompt_ids"] + mine[f"{side}_ids"] == refs[i][f"{side}_input_ids"], (i, side)
@@ -171,6 +178,7 @@ def test_truncation_matches_trl(bpe_tokenizers, rows_name, max_length):
 
 
 PAIR = {"prompt": "how are you", "chosen": " fine thanks", "rejected": " go away"}
+NO_DROPS = {"empty_completion": 0, "truncated_to_nothing": 0, "chosen_equals_rejected": 0, "duplicate_pair": 0}
 
 
 def test_plain_pair_gets_bos_and_eos():
@@ -230,14 +238,16 @@ def test_completion_truncated_to_nothing_is_dropped():
             {"prompt": "hi", "chosen": " fine thanks", "rejected": " go away"}]
     kept, report = tokenize(rows, words(), max_length=4)
     assert kept == [{"row": 1, "prompt_ids": [1, 7], "chosen_ids": [11, 13], "rejected_ids": [14, 15]}]
-    assert report["dropped"] == {"empty_completion": 0, "truncated_to_nothing": 1}
+    assert report["dropped"] == {**NO_DROPS, "truncated_to_nothing": 1}
+    assert report["dropped_rows"] == {"truncated_to_nothing": ["mem[train] row 0"]}
 
 
 def test_blank_completions_are_dropped():
     rows = [{**PAIR, "chosen": "  \n"}, {**PAIR, "rejected": ""}, PAIR]
     kept, report = tokenize(rows, words())
     assert [r["row"] for r in kept] == [2]
-    assert report["dropped"] == {"empty_completion": 2, "truncated_to_nothing": 0}
+    assert report["dropped"] == {**NO_DROPS, "empty_completion": 2}
+    assert report["dropped_rows"] == {"empty_completion": ["mem[train] row 0", "mem[train] row 1"]}
 
     tokenizer = words()
     setup_chat_template(tokenizer, "chatml")
@@ -492,7 +502,7 @@ def test_error_missing_local_file(tmp_path):
 
 def test_error_null_answer(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [PAIR, {**PAIR, "rejected": None}])
-    with pytest.raises(PrefoptError, match=r"d.jsonl\[train\] row 1: column 'rejected' is empty \(null\)"):
+    with pytest.raises(PrefoptError, match=r"d.jsonl\[train\] row 1: column 'rejected' has no value \(missing or null\)"):
         load_raw(DataArgs(train_datasets=[DatasetSource(path=path)]), seed=0)
 
 
@@ -508,42 +518,50 @@ REPORT_ROWS = [
     {"prompt": "how are you hi hi", "chosen": " fine", "rejected": " bad"},  # 6 | 2→1 | 2→1 (max_length 7)
     {"prompt": "how are you how are you", "chosen": " fine", "rejected": " bad"},  # 7: dropped, nothing left
 ]
-EXPECTED_REPORT = {
-    "rows_in": 6,
-    "kept": 4,
-    "truncated": {"prompt": 0, "chosen": 2, "rejected": 1},
-    "dropped": {"empty_completion": 1, "truncated_to_nothing": 1},
-    # kept lengths: prompt 4 2 2 6, chosen 3 2 4 1, rejected 3 4 2 1
-    "lengths": {"prompt": {"p50": 2, "p90": 6, "p99": 6, "max": 6},
-                "chosen": {"p50": 2, "p90": 4, "p99": 4, "max": 4},
-                "rejected": {"p50": 2, "p90": 4, "p99": 4, "max": 4}},
-    "chosen_longer_share": 0.25,  # only row 2
-}
+
+
+def expected_report(source: str) -> dict:
+    return {
+        "rows_in": 6,
+        "kept": 4,
+        "truncated": {"prompt": 0, "chosen": 2, "rejected": 1},
+        "truncation": {"max_length": 7, "max_prompt_length": None, "max_completion_length": 4,
+                       "truncation_mode": "keep_end"},
+        "dropped": {**NO_DROPS, "empty_completion": 1, "truncated_to_nothing": 1},
+        "dropped_rows": {"empty_completion": [f"{source} row 3"], "truncated_to_nothing": [f"{source} row 5"]},
+        # kept lengths: prompt 4 2 2 6, chosen 3 2 4 1, rejected 3 4 2 1
+        "lengths": {"prompt": {"p50": 2, "p90": 6, "p99": 6, "max": 6},
+                    "chosen": {"p50": 2, "p90": 4, "p99": 4, "max": 4},
+                    "rejected": {"p50": 2, "p90": 4, "p99": 4, "max": 4}},
+        "chosen_longer_share": 0.25,  # only row 2
+    }
 
 
 def test_report_numbers():
     kept, report = tokenize(REPORT_ROWS, words(), max_length=7, max_completion_length=4)
     assert [r["row"] for r in kept] == [0, 1, 2, 4]
     assert kept[2]["chosen_ids"] == [11, 13, 10, 9]
-    assert report == EXPECTED_REPORT
+    assert report == expected_report("mem[train]")
 
 
 def test_prepare_writes_and_formats_the_report(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", REPORT_ROWS)
     cfg = build_config({"datasets": [{"path": path}], "method": "simpo", "output_dir": str(tmp_path / "out"),
-                        "max_length": 7, "max_completion_length": 4})
+                        "max_length": 7, "max_completion_length": 4, "max_dropped_share": 0.5,
+                        "per_device_train_batch_size": 2})
     prepared = prepare(cfg, words())
     assert prepared.eval is None
     assert prepared.train.column_names == ["source", "row", "prompt_ids", "chosen_ids", "rejected_ids", "length"]
     assert prepared.train["length"] == [len(p) + len(c) + len(r) for p, c, r in
                                         zip(prepared.train["prompt_ids"], prepared.train["chosen_ids"], prepared.train["rejected_ids"])]
     assert prepared.train["row"] == [0, 1, 2, 4]
-    assert prepared.report == {"train": EXPECTED_REPORT, "eval": None}
+    assert prepared.report == {"train": expected_report(f"{path}[train]"), "eval": None}
     written = write_report(prepared.report, cfg.training.output_dir)
     assert json.loads(written.read_text()) == prepared.report
     assert format_report(prepared.report) == (
         "train: 4 of 6 pairs kept (dropped: 1 empty completion, 1 truncated to nothing)\n"
-        "  truncated: prompt 0, chosen 2, rejected 1\n"
+        "  truncated: prompt 0 (never cut: no max_prompt_length), chosen 2, rejected 1 (to max_length 7, "
+        "max_completion_length 4)\n"
         "  tokens p50/p90/p99/max: prompt 2/6/6/6; chosen 2/4/4/4; rejected 2/4/4/4\n"
         "  chosen longer than rejected in 25.0% of pairs"
     )

@@ -5,6 +5,7 @@ different run is refused, and a non-finite loss or gradient stops training at it
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def ws(tmp_path_factory):
         "max_steps": 8,  # 2 epochs of 24 pairs at 6 per step: resuming crosses an epoch boundary
         "per_device_train_batch_size": 3,
         "gradient_accumulation_steps": 2,
-        "logging_steps": 1,
+        "logging_steps": 3,  # logs straddle checkpoints: what was measured but not logged must survive too
         "eval_strategy": "steps",
         "eval_steps": 4,
         "save_steps": 2,
@@ -56,12 +57,24 @@ def ws(tmp_path_factory):
     return root
 
 
-def _train(ws, out, kill: str | None = None):
+def _train(ws, out, kill: str | None = None, processes: int = 1, *extra: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "prefopt", "train", str(ws / "config.yaml"), "--output_dir", str(out)]
+    args = ["train", str(ws / "config.yaml"), "--output_dir", str(out), *extra]
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_port", str(port)]
+        # the same 6 pairs per step as one process × 3 × accumulation 2
+        args += ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "1"]
+    else:
+        launcher = [sys.executable]
     if kill:
         env["PREFOPT_KILL"] = kill
-        cmd = [sys.executable, str(ROOT / "tests" / "kill_worker.py")] + cmd[3:]
+        cmd = launcher + [str(ROOT / "tests" / "kill_worker.py")] + args
+    else:
+        cmd = launcher + ["-m", "prefopt"] + args
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ws)
 
 
@@ -117,7 +130,8 @@ def test_an_output_dir_holding_another_run_is_refused(ws, tmp_path, capsys):
     from prefopt.cli import main
 
     out = tmp_path / "run"
-    args = ["train", str(ws / "config.yaml"), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1"]
+    args = ["train", str(ws / "config.yaml"), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1",
+            "--logging_steps", "1"]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args + ["--beta", "3.0", "--learning_rate", "1e-3"]) == 2
@@ -166,3 +180,50 @@ def test_a_non_finite_step_stops_training_and_writes_no_final_model(ws, tmp_path
     assert not (out / "model.safetensors").exists()
     saved = load_file(out / "checkpoint-2" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_two_processes_killed_and_resumed_equal_one_uninterrupted(ws, uninterrupted, tmp_path):
+    """DDP: each process holds part of the unlogged metric sums; the checkpoint keeps their total."""
+    out = tmp_path / "ddp"
+    killed = _train(ws, out, "step:5", 2)
+    assert killed.returncode != 0
+    again = _train(ws, out, None, 2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoint-4'}" in again.stdout
+    trajectory, weights = uninterrupted
+    resumed = _trajectory(out)
+    assert len(resumed) == len(trajectory)
+    for a, b in zip(trajectory, resumed):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=2e-4, abs=1e-6), (a["step"], key)
+    final = load_file(out / "model.safetensors")
+    for name in weights:
+        torch.testing.assert_close(final[name], weights[name], rtol=1e-4, atol=2e-5)
+
+
+def test_explicit_and_legacy_checkpoints_are_never_deleted_and_a_finished_run_adds_nothing(ws, uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "legacy"
+    shutil.copytree(ws / "uninterrupted", out)
+    for path in checkpoints(out):
+        (path / COMPLETE).unlink()  # as another tool (or an earlier version) would have left them
+    before = _trajectory(out)
+    again = _train(ws, out, None, 1, "--resume_from_checkpoint", str(out / "checkpoint-8"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "removing" not in again.stdout and (out / "checkpoint-8").is_dir()
+    after = _trajectory(out)
+    assert after[:-1] == before[:-1]  # the finished run's lines, once each
+    assert "train_loss" in after[-1] and "train_loss" not in after[-2]  # one summary, at the end
+
+
+def test_overwrite_removes_what_the_previous_run_wrote(ws, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "data_report.json", "metrics.jsonl"):
+        (out / name).write_text("{}")
+    (out / "mine.txt").write_text("not prefopt's")
+    done = _train(ws, out, None, 1, "--overwrite_output_dir", "true", "--max_steps", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
+    assert (out / "mine.txt").read_text() == "not prefopt's"

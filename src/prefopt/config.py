@@ -109,6 +109,11 @@ class DataArgs:
     truncation_mode: str = field(
         default="keep_end", metadata={"help": "Which end of an over-long prompt to keep: keep_end or keep_start."}
     )
+    max_dropped_share: float = field(
+        default=0.1,
+        metadata={"help": "Stop before training when more than this share of a split's pairs is dropped (blank "
+                          "answers, cut to nothing, chosen equal to rejected, repeated pairs); 1: never."},
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     layout: str = field(
         default="packed",
@@ -397,8 +402,9 @@ def _coerce(where: str, key: str, value, annotation):
         return "yes" if value else "no"
     if bool in allowed and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
+    number = "a number" if float in allowed else "a whole number"
     if isinstance(value, bool) and allowed & {int, float} and bool not in allowed:
-        _fail(where, f"{key}: expected a number, got {value}.")
+        _fail(where, f"{key}: expected {number}, got {value}.")
     for t in (int, float):
         if t in allowed and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             try:
@@ -408,13 +414,22 @@ def _coerce(where: str, key: str, value, annotation):
             if t is int and isinstance(value, float) and converted != value:
                 continue
             return converted
-    if allowed & {int, float} and not allowed & {str, list, dict, typing.Any} and isinstance(value, str):
-        _fail(where, f"{key}: expected a number, got {value!r}.")
+    if allowed & {int, float} and not allowed & {str, list, dict, typing.Any}:
+        # nothing above converted it: a word, a list, or a fraction where a count is meant
+        _fail(where, f"{key}: expected {number}, got {value!r}.")
+    if allowed <= {bool, type(None)} and not isinstance(value, bool):
+        _fail(where, f"{key}: expected true or false, got {value!r}.")
+    if allowed <= {str, type(None)} and isinstance(value, (int, float)):
+        return str(value)  # `model_revision: 2024`, `chat_template: 3`: the text as written
     return value
 
 
 def _build(where: str, cls, values: dict):
     hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        # (TrainingArguments takes lists for some str fields, e.g. fsdp; none of ours does)
+        if _base_types(hints[key]) <= {str, type(None)} and isinstance(value, (list, dict)):
+            _fail(where, f"{key}: expected a single value, got {value!r}.")
     return cls(**{k: _coerce(where, k, v, hints[k]) for k, v in values.items()})
 
 
@@ -550,6 +565,9 @@ def build_config(raw: dict, where: str = "config") -> Config:
     training_values = {**TRAINING_DEFAULTS, **sections["training"]}
     hints = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
     training_values = {k: _coerce(where, k, v, hints[k]) for k, v in training_values.items()}
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if training_values.get(key, 1) < 1:
+            _fail(where, f"{key} must be at least 1, got {training_values[key]}.")
     if training_values.get("remove_unused_columns"):
         _fail(where, "remove_unused_columns must stay false: the collator needs the tokenized columns.")
     training_values["remove_unused_columns"] = False
@@ -631,6 +649,11 @@ def _has_accelerator() -> bool:
 def _validate(where: str, model: ModelArgs, data: DataArgs, obj: ObjectiveArgs):
     if data.max_length is not None and data.max_length < 2:
         _fail(where, f"max_length must be at least 2, got {data.max_length}.")
+    for key in ("max_prompt_length", "max_completion_length", "preprocessing_num_workers", "pack_length"):
+        if getattr(data, key) is not None and getattr(data, key) < 1:
+            _fail(where, f"{key} must be at least 1 (or unset), got {getattr(data, key)}.")
+    if not 0 <= data.max_dropped_share <= 1:
+        _fail(where, f"max_dropped_share must be a share in [0, 1], got {data.max_dropped_share:g}.")
     if data.max_prompt_length is not None and data.max_length is not None and data.max_prompt_length >= data.max_length:
         _fail(where, f"max_prompt_length ({data.max_prompt_length}) must be below max_length ({data.max_length}) "
                      "to leave room for the completion.")
@@ -639,10 +662,16 @@ def _validate(where: str, model: ModelArgs, data: DataArgs, obj: ObjectiveArgs):
     if data.truncation_mode not in ("keep_end", "keep_start"):
         _fail(where, f"truncation_mode must be keep_end or keep_start, got {data.truncation_mode!r}.")
     if data.column_mapping is not None:
-        bad = set(data.column_mapping) - {"prompt", "chosen", "rejected"}
+        mapping = data.column_mapping
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            _fail(where, f"column_mapping must map prompt/chosen/rejected to your column names, e.g. "
+                         f"{{prompt: question, chosen: good, rejected: bad}}; got {mapping!r}.")
+        bad = set(mapping) - {"prompt", "chosen", "rejected"}
         if bad:
-            _fail(where, f"column_mapping keys must be prompt, chosen or rejected (got {sorted(bad)}); "
+            _fail(where, f"column_mapping keys must be prompt, chosen or rejected (got {sorted(map(str, bad))}); "
                          "the values are your column names.")
+        if len(set(mapping.values())) < len(mapping):
+            _fail(where, f"column_mapping {mapping} takes two roles from one column; map each to its own column.")
     if model.load_in_4bit and model.load_in_8bit:
         _fail(where, "load_in_4bit and load_in_8bit both set; keep one.")
     if model.dtype not in (None, "auto", "float32", "bfloat16", "float16"):

@@ -9,10 +9,15 @@ Rows keep TRL 1.16's conventions (`CPOTrainer.tokenize_row`, DESIGN decision 5),
 inputs give the same token ids: conversations are rendered with the generation prompt, so the
 assistant header is part of the prompt; prompt and prompt+completion are tokenized together;
 BOS once at the start, EOS after each completion unless already there; an over-long pair loses
-completion tokens. Beyond TRL: optional prompt/completion caps, and a pair left with an empty
-completion is dropped and counted rather than trained on.
+completion tokens. Beyond TRL: optional prompt/completion caps; a completion never ends in a
+second EOS (ChatML's `<|im_end|>\n` with `<|im_end|>` as EOS ends at the first); and pairs that
+would teach nothing are dropped and counted rather than trained on: a blank completion, one cut
+to nothing, chosen equal to rejected, a pair seen before in the split. More than
+`max_dropped_share` of a split dropped stops the run.
 """
 
+import codecs
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +25,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import (
     Dataset,
@@ -46,7 +52,15 @@ SCHEMAS = (
 )
 KIND_NAMES = {"text": "a plain string", "chat": "a chat message list"}
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-DROP_REASONS = ("empty_completion", "truncated_to_nothing")
+# Why a pair is dropped, in order of precedence, and what to change.
+DROP_FIXES = {
+    "empty_completion": "fill in or remove the blank answers",
+    "truncated_to_nothing": "raise max_length, or set max_prompt_length so that long prompts are cut instead",
+    "chosen_equals_rejected": "remove pairs whose answers are the same (raise max_completion_length or max_length "
+                              "if they differ only after the cut)",
+    "duplicate_pair": "remove the repeated pairs",
+}
+DROP_REASONS = tuple(DROP_FIXES)
 TRUNCATION_FLAGS = tuple(f"{name}_truncated" for name in PAIR)
 
 
@@ -179,13 +193,75 @@ def _read_folder(path: Path, src: DatasetSource) -> Dataset:
 
 
 def _load_local(src: DatasetSource, builder: str, **kwargs):
+    json_file = Path(kwargs["data_files"]) if builder == "json" else None
+    if json_file is not None:
+        _check_json(json_file, parse=False)
     try:
         return load_dataset(builder, **kwargs)
-    except (DatasetGenerationError, FileNotFoundError, ValueError) as e:
+    except (DatasetGenerationError, OSError, ValueError) as e:
+        if json_file is not None:
+            _check_json(json_file, parse=True)  # names the line, when one is at fault
         cause = e.__cause__ or e
-        raise PrefoptError(f"{src.path}: could not be read ({type(cause).__name__}: {cause}). Every row must have "
-                           "the same columns with the same types (a column is all strings or all message "
-                           "lists).") from e
+        if "corresponds to no data" in str(cause):  # datasets' words for a split without rows
+            raise _no_rows(kwargs["data_files"]) from None
+        kind = builder if builder in LOADERS.values() else ", ".join(LOADERS)
+        raise PrefoptError(f"{json_file or src.path}: could not be read ({type(cause).__name__}: {cause}); check "
+                           f"that it is a complete, valid {kind} file (export it again if it was cut short).") from e
+
+
+def _check_json(path: Path, parse: bool):
+    """Refuse, naming the line, a JSON file that datasets' reader would crash on or report vaguely.
+
+    A JSON document over several lines (an array; in a .json file, also an object) is left to the
+    reader. In JSON Lines, every non-blank line must be UTF-8 and an object: a top-level `null`
+    line crashes pyarrow's reader (a segfault, not an exception), so this cheap check runs before
+    loading; `parse` also parses each line, to name the one a failed load tripped on.
+    """
+    rows = 0
+    try:
+        with path.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                text = (line.removeprefix(codecs.BOM_UTF8) if number == 1 else line).strip()
+                if not text:
+                    continue
+                if not rows and (text.startswith(b"[") or path.suffix.lower() == ".json"
+                                 and text.startswith(b"{") and _json_line_problem(text, parse=True)):
+                    return
+                rows += 1
+                problem = _json_line_problem(text, parse)
+                if problem:
+                    raise PrefoptError(f"{path} line {number}: {problem}. JSON Lines hold one object per line, "
+                                       '{"prompt": ..., "chosen": ..., "rejected": ...}; fix or remove that line.')
+    except OSError as e:
+        raise PrefoptError(f"{path}: cannot be read ({e.strerror}); check that it is a readable file.") from None
+    if not rows:
+        raise _no_rows(path)
+
+
+def _json_line_problem(line: bytes, parse: bool) -> str | None:
+    """Why a line of JSON Lines is not an object; without `parse`, UTF-8 text that starts like one
+    passes (pyarrow reads invalid UTF-8 into string columns unchecked)."""
+    try:
+        text = line.decode("utf-8")
+        value = json.loads(text, parse_int=_int64) if parse or not text.startswith("{") else {}
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg} at column {e.colno})"
+    except ValueError as e:  # from _int64
+        return str(e)
+    return None if isinstance(value, dict) else f"not a JSON object but {_short(value)}"
+
+
+def _int64(digits: str) -> int:
+    """A JSON integer, if the reader can hold it (it stops at 64 bits without saying where)."""
+    if not -2**63 <= int(digits) < 2**63:
+        raise ValueError(f"the integer {digits} does not fit in 64 bits")
+    return int(digits)
+
+
+def _no_rows(path) -> PrefoptError:
+    return PrefoptError(f"{path}: the file holds no rows; give a file with preference pairs in it.")
 
 
 def _read_hub(src: DatasetSource) -> Dataset:
@@ -257,14 +333,77 @@ def _hold_out(train: Dataset, size: float, seed: int) -> tuple[Dataset, Dataset]
 # Schema
 
 
+def _is_string(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
 def _kind(feature) -> str | None:
-    """'text' for a string column, 'chat' for a list of {role, content} messages, else None."""
-    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+    """'text' for a string column, 'chat' for a list of {role, content} string messages (or only
+    empty lists, which are blank answers), else None.
+
+    datasets reads a JSON column whose rows disagree in type (a string here, a list there) as a
+    `Json` feature, which is neither.
+    """
+    if _is_string(feature):
         return "text"
-    if isinstance(feature, (List, LargeList)) and isinstance(feature.feature, dict) \
-            and {"role", "content"} <= set(feature.feature):
+    if not isinstance(feature, (List, LargeList)):
+        return None
+    message = feature.feature
+    if isinstance(message, dict) and _is_string(message.get("role")) and _is_string(message.get("content")) \
+            or message == Value("null"):
         return "chat"
     return None
+
+
+def _value_kind(value) -> str | None:
+    """`_kind` for one row's value."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and not any(_message_problem(m) for m in value):
+        return "chat"
+    return None
+
+
+def _short(value) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)[:60]
+
+
+def _describe(value) -> str:
+    """What a value is, in the words of the accepted schemas."""
+    if value is None:
+        return "null (no value)"
+    kind = _value_kind(value)
+    if kind is not None:
+        return KIND_NAMES[kind]
+    if isinstance(value, list):
+        k, problem = next((k, p) for k, m in enumerate(value) if (p := _message_problem(m)))
+        return f"a list whose item {k} {problem}"
+    return f"the {type(value).__name__} {_short(value)}"
+
+
+def _message_problem(message) -> str | None:
+    """Why `message` is not a chat message {role, content} with string values; None if it is one."""
+    if not isinstance(message, dict):
+        return f"is not a message {{role, content}} but {_short(message)}"
+    for key in ("role", "content"):
+        if message.get(key) is None:
+            return f"has no {key}"
+        if not isinstance(message[key], str):
+            return f"has {key} {_short(message[key])} ({type(message[key]).__name__}), not a string"
+    return None
+
+
+def _bad_column(ds: Dataset, column: str) -> PrefoptError:
+    """The error for a column that is neither all strings nor all message lists, at the first row
+    that shows it: one that differs from the rows before it, or row 0 when all are alike."""
+    values = ds[column]
+    kinds = [_value_kind(v) for v in values]
+    first = next((i for i, kind in enumerate(kinds) if kind is not None), None)
+    odd = 0 if first is None else next((i for i, kind in enumerate(kinds) if kind != kinds[first]), 0)
+    earlier = f", but {_at(ds, first)} holds {KIND_NAMES[kinds[first]]}" if first is not None and first < odd else ""
+    return PrefoptError(f"{_at(ds, odd)}: column '{column}' holds {_describe(values[odd])}{earlier}. A column must "
+                        "hold plain strings in every row, or chat message lists [{role, content}, ...] in every "
+                        f"row; fix that row or remove it. Accepted schemas: {SCHEMAS}.")
 
 
 def normalise(ds: Dataset, num_proc: int | None = None) -> Dataset:
@@ -273,29 +412,32 @@ def normalise(ds: Dataset, num_proc: int | None = None) -> Dataset:
     Accepted: explicit string or chat columns as they are; implicit prompt (chosen/rejected only),
     the shared beginning becomes the prompt; and TRL's special case, a string `prompt` beside chat
     answers, where the prompt is likewise taken from the conversations. Types are read from the
-    column features (Arrow columns hold one type), so the checks cost nothing per row.
+    column features (Arrow columns hold one type), so those checks cost nothing per row; rows are
+    read only to name the one at fault, and to check conversations (`_check_chat_batch`).
     """
     kinds = {c: _kind(ds.features[c]) for c in PAIR if c in ds.column_names}
     for column, kind in kinds.items():
         if kind is None:
-            raise PrefoptError(f"{_at(ds, 0)}: column '{column}' holds {ds.features[column]}; expected plain strings "
-                               "or chat message lists [{role, content}, ...]. Accepted schemas: " + SCHEMAS + ".")
+            raise _bad_column(ds, column)
     _check_no_nulls(ds)
     if kinds["chosen"] != kinds["rejected"]:
         raise PrefoptError(f"{_at(ds, 0)}: columns chosen and rejected differ in type (chosen is "
                            f"{KIND_NAMES[kinds['chosen']]}, rejected is {KIND_NAMES[kinds['rejected']]}); make both "
                            "plain strings or both chat message lists.")
     prompt_kind = kinds.get("prompt")
-    if prompt_kind == kinds["chosen"]:
-        return ds.select_columns([*PAIR, *PROVENANCE])
-    if prompt_kind == "chat":
+    if prompt_kind == "chat" and kinds["chosen"] == "text":
         raise PrefoptError(f"{_at(ds, 0)}: column prompt is a chat message list but chosen and rejected are plain "
                            "strings; give the answers as messages too ([{role: assistant, content: ...}]), or the "
                            "prompt as a string.")
-    if prompt_kind is not None:
+    if prompt_kind == "text" and kinds["chosen"] == "chat":
         # TRL's rule: a string prompt beside conversations is a summary of them, not what the model sees
         ds = ds.remove_columns("prompt")
-    ds = ds.map(_extract_prompt_batch, batched=True, num_proc=num_proc, desc="Extracting implicit prompts")
+        prompt_kind = None
+    if kinds["chosen"] == "chat":
+        ds.map(_check_chat_batch, batched=True, num_proc=num_proc, fn_kwargs={"implicit": prompt_kind is None},
+               desc="Checking conversations")
+    if prompt_kind is None:
+        ds = ds.map(_extract_prompt_batch, batched=True, num_proc=num_proc, desc="Extracting implicit prompts")
     return ds.select_columns([*PAIR, *PROVENANCE])
 
 
@@ -304,7 +446,44 @@ def _check_no_nulls(ds: Dataset):
         if column in ds.column_names:
             first = pc.index(pc.is_null(ds.with_format("arrow")[column]), True).as_py()
             if first >= 0:
-                raise PrefoptError(f"{_at(ds, first)}: column '{column}' is empty (null); fill it in or remove the row.")
+                raise PrefoptError(f"{_at(ds, first)}: column '{column}' has no value (missing or null); fill it "
+                                   "in or remove the row.")
+
+
+def _check_chat_batch(batch: dict, implicit: bool):
+    """Every message a {role, content} of strings; each non-empty answer ends with the assistant's
+    reply; an explicit prompt is not repeated in the answers; and with an implicit prompt, chosen
+    and rejected share every message before that reply (it becomes the prompt)."""
+    for i, (source, row) in enumerate(zip(batch["source"], batch["row"])):
+        where = f"{source} row {row}"
+        for column in PAIR:
+            for k, message in enumerate(batch[column][i] if column in batch else []):
+                problem = _message_problem(message)
+                if problem:
+                    raise PrefoptError(f"{where}: column '{column}', message {k} {problem}; every message needs a "
+                                       "role and a content, both strings.")
+        chosen, rejected = batch["chosen"][i], batch["rejected"][i]
+        if not chosen or not rejected:
+            continue  # an empty answer: dropped and counted when tokenizing
+        for column, answer in (("chosen", chosen), ("rejected", rejected)):
+            if answer[-1]["role"] != "assistant":
+                raise PrefoptError(f"{where}: the last message of '{column}' is from the {answer[-1]['role']}, not "
+                                   "the assistant; each answer must end with the assistant's reply.")
+        prompt = batch["prompt"][i] if not implicit else None
+        if prompt and any(answer[:len(prompt)] == prompt for answer in (chosen, rejected)):
+            raise PrefoptError(f"{where}: chosen or rejected repeats the prompt's messages, so the model would see "
+                               "the prompt twice; keep only the replies in chosen and rejected, or drop the prompt "
+                               "column to take it from the conversations.")
+        if implicit and chosen[:-1] != rejected[:-1]:
+            k = _common_prefix_len(chosen[:-1], rejected[:-1])
+            turn = lambda answer: (f"{answer[k]['role']}: {_short(answer[k]['content'])}"  # noqa: E731
+                                   if k < len(answer) else "no message")
+            raise PrefoptError(
+                f"{where}: chosen and rejected must share every message before their final assistant reply (that "
+                f"history is the prompt), but they differ at message {k} (chosen: {turn(chosen)}; rejected: "
+                f"{turn(rejected)}). Make the histories identical, or give the prompt in a 'prompt' column and only "
+                "the replies in chosen and rejected."
+            )
 
 
 def _extract_prompt_batch(batch: dict) -> dict:
@@ -427,9 +606,21 @@ def tokenize_pairs(ds: Dataset, tokenizer, data: DataArgs) -> tuple[Dataset, dic
         desc="Tokenizing pairs",
     )
     table = out.with_format("arrow")[:]
-    report = _split_report(table)
+    drops = _mark_duplicates(table["drop"].to_pylist(), table["key"].to_pylist())
+    table = table.set_column(table.column_names.index("drop"), "drop", pa.array(drops, pa.string()))
+    report = _split_report(table, data)
     kept = np.flatnonzero(pc.equal(table["drop"], "").to_numpy(zero_copy_only=False))
-    return out.select(kept).remove_columns(["drop", *TRUNCATION_FLAGS]), report
+    return out.select(kept).remove_columns(["drop", "key", *TRUNCATION_FLAGS]), report
+
+
+def _mark_duplicates(drops: list[str], keys: list[str]) -> list[str]:
+    """`drops` with every kept pair that repeats an earlier kept pair of the split marked."""
+    seen = set()
+    for i, key in enumerate(keys):
+        if not drops[i]:
+            drops[i] = "duplicate_pair" if key in seen else ""
+            seen.add(key)
+    return drops
 
 
 def _tokenize_batch(batch: dict, tokenizer, conversational: bool, max_length: int | None,
@@ -437,13 +628,19 @@ def _tokenize_batch(batch: dict, tokenizer, conversational: bool, max_length: in
     triples = list(zip(batch["prompt"], batch["chosen"], batch["rejected"]))
     blank = [_blank(c, conversational) or _blank(r, conversational) for _, c, r in triples]
     if conversational:
-        triples = [_render(tokenizer, *t, f"{s} row {i}") for t, s, i in zip(triples, batch["source"], batch["row"])]
+        # a blank pair is dropped below; an empty conversation could not be rendered
+        triples = [("", "", "") if b else _render(tokenizer, *t, f"{s} row {i}")
+                   for t, b, s, i in zip(triples, blank, batch["source"], batch["row"])]
+    eos = tokenizer.eos_token
+    triples = [(p, _end_at_eos(c, eos), _end_at_eos(r, eos)) for p, c, r in triples]
     prompts, chosens, rejecteds = (list(x) for x in zip(*triples))
     prompt_ids = _encode(tokenizer, prompts)
     chosen_full = _encode(tokenizer, [p + c for p, c in zip(prompts, chosens)])
     rejected_full = _encode(tokenizer, [p + r for p, r in zip(prompts, rejecteds)])
 
     out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "drop", *TRUNCATION_FLAGS)}
+    # what makes two pairs the same, whatever the truncation: their text
+    out["key"] = [hashlib.blake2b(json.dumps(t).encode(), digest_size=16).hexdigest() for t in triples]
     for i in range(len(triples)):
         prompt, chosen, rejected = _split_ids(prompt_ids[i], chosen_full[i], rejected_full[i],
                                               tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -457,10 +654,27 @@ def _tokenize_batch(batch: dict, tokenizer, conversational: bool, max_length: in
         out["chosen_truncated"].append(len(cut_chosen) < len(chosen))
         out["rejected_truncated"].append(len(cut_rejected) < len(rejected))
         out["drop"].append("empty_completion" if blank[i]
-                           else "truncated_to_nothing" if not (cut_chosen and cut_rejected) else "")
+                           else "truncated_to_nothing" if not (cut_chosen and cut_rejected)
+                           else "chosen_equals_rejected" if cut_chosen == cut_rejected else "")
     # unique tokens of the pair (prompt once): the cost the "length"-based samplers balance
     out["length"] = [len(p) + len(c) + len(r) for p, c, r in zip(out["prompt_ids"], out["chosen_ids"], out["rejected_ids"])]
     return {**out, "source": batch["source"], "row": batch["row"]}
+
+
+def _end_at_eos(completion: str, eos: str) -> str:
+    """`completion` ending at its first EOS when only whitespace and EOS follow it.
+
+    ChatML closes every turn with `<|im_end|>\n`: where `<|im_end|>` is the EOS (a chat tokenizer,
+    or `chat_template: chatml`), appending EOS would train `<|im_end|> \n <|im_end|>`, and a
+    completion written as `... </s></s>` would train two EOS. Nothing after the first EOS is ever
+    generated, so it is cut rather than trained on.
+    """
+    end = completion.rstrip()
+    if not end.endswith(eos):
+        return completion
+    while end[:-len(eos)].rstrip().endswith(eos):
+        end = end[:-len(eos)].rstrip()
+    return end
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -521,20 +735,49 @@ class Prepared:
 
 
 def prepare(cfg: Config, tokenizer) -> Prepared:
-    """Load, normalise and tokenize both splits. Call `setup_chat_template` on `tokenizer` first."""
+    """Load, normalise and tokenize both splits. Call `setup_chat_template` on `tokenizer` first.
+
+    Refuses a split with more than `max_dropped_share` of its pairs dropped (or none left), and
+    training data smaller than one optimizer step.
+    """
     train_raw, eval_raw = load_raw(cfg.data, cfg.training.seed)
     train, train_report = tokenize_pairs(train_raw, tokenizer, cfg.data)
     evals, eval_report = tokenize_pairs(eval_raw, tokenizer, cfg.data) if eval_raw is not None else (None, None)
-    for split, ds, report in (("train", train, train_report), ("eval", evals, eval_report)):
-        if ds is not None and len(ds) == 0:
-            raise PrefoptError(f"every {split} pair was dropped ({report['dropped']}); raise max_length or "
-                               "max_completion_length, lower max_prompt_length, or fix the data.")
+    for split, report in (("train", train_report), ("eval", eval_report)):
+        if report is not None:
+            _check_dropped(split, report, cfg.data.max_dropped_share)
+    t = cfg.training
+    step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.world_size
+    if len(train) < step:
+        raise PrefoptError(
+            f"train: {len(train)} pairs, fewer than one optimizer step takes (per_device_train_batch_size "
+            f"{t.per_device_train_batch_size} × gradient_accumulation_steps {t.gradient_accumulation_steps} × "
+            f"{t.world_size} processes = {step}); add data, or lower per_device_train_batch_size or "
+            "gradient_accumulation_steps."
+        )
     return Prepared(train=train, eval=evals, report={"train": train_report, "eval": eval_report})
 
 
-def _split_report(table) -> dict:
-    """rows_in, kept, truncated (kept pairs whose part was cut), dropped by reason, token lengths
-    (p50/p90/p99/max) of kept pairs, and the share of kept pairs whose chosen is the longer answer."""
+def _check_dropped(split: str, report: dict, max_share: float):
+    """Refuse a split with nothing left, or with more than `max_share` of its rows dropped."""
+    dropped = sum(report["dropped"].values())
+    share = dropped / max(report["rows_in"], 1)
+    if report["kept"] and share <= max_share:
+        return
+    reasons = "; ".join(f"{n} {reason.replace('_', ' ')} (e.g. {', '.join(report['dropped_rows'][reason])}): "
+                        f"{DROP_FIXES[reason]}" for reason, n in report["dropped"].items() if n)
+    if not report["kept"]:
+        head = f"every {split} pair was dropped"
+    else:
+        head = (f"{split}: {dropped} of {report['rows_in']} pairs were dropped ({share:.1%}, more than "
+                f"max_dropped_share {max_share:g})")
+    raise PrefoptError(f"{head}. {reasons}. Or set max_dropped_share (now {max_share:g}) to train on what is left.")
+
+
+def _split_report(table, data: DataArgs) -> dict:
+    """rows_in, kept, truncated (kept pairs whose part was cut) and the truncation settings, dropped
+    by reason with the first rows of each, token lengths (p50/p90/p99/max) of kept pairs, and the
+    share of kept pairs whose chosen is the longer answer."""
     kept = table.filter(pc.equal(table["drop"], ""))
     lengths = {name: pc.list_value_length(kept[f"{name}_ids"]).to_numpy(zero_copy_only=False) for name in PAIR}
     reasons = Counter(table["drop"].to_pylist())
@@ -542,10 +785,19 @@ def _split_report(table) -> dict:
         "rows_in": table.num_rows,
         "kept": kept.num_rows,
         "truncated": {name: int(kept[f"{name}_truncated"].to_numpy(zero_copy_only=False).sum()) for name in PAIR},
+        "truncation": {key: getattr(data, key) for key in
+                       ("max_length", "max_prompt_length", "max_completion_length", "truncation_mode")},
         "dropped": {reason: reasons[reason] for reason in DROP_REASONS},
+        "dropped_rows": {reason: _first_rows(table, reason) for reason in DROP_REASONS if reasons[reason]},
         "lengths": {name: _percentiles(lengths[name]) for name in PAIR},
         "chosen_longer_share": float(np.mean(lengths["chosen"] > lengths["rejected"])) if kept.num_rows else None,
     }
+
+
+def _first_rows(table, reason: str, n: int = 3) -> list[str]:
+    """Where the first `n` pairs dropped for `reason` came from: 'data.jsonl[train] row 7'."""
+    rows = table.filter(pc.equal(table["drop"], reason)).slice(0, n).select(["source", "row"]).to_pylist()
+    return [f"{r['source']} row {r['row']}" for r in rows]
 
 
 def _percentiles(lengths: np.ndarray) -> dict | None:
@@ -570,9 +822,13 @@ def format_report(report: dict) -> str:
         if r is None:
             continue
         dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in r["dropped"].items() if n) or "none"
-        t = r["truncated"]
+        t, policy = r["truncated"], r["truncation"]
+        prompt_rule = (f"to max_prompt_length {policy['max_prompt_length']}, {policy['truncation_mode']}"
+                       if policy["max_prompt_length"] else "never cut: no max_prompt_length")
         lines += [f"{split}: {r['kept']} of {r['rows_in']} pairs kept (dropped: {dropped})",
-                  f"  truncated: prompt {t['prompt']}, chosen {t['chosen']}, rejected {t['rejected']}"]
+                  f"  truncated: prompt {t['prompt']} ({prompt_rule}), chosen {t['chosen']}, rejected "
+                  f"{t['rejected']} (to max_length {policy['max_length']}, max_completion_length "
+                  f"{policy['max_completion_length']})"]
         if r["kept"]:
             lengths = "; ".join(f"{name} " + "/".join(str(v) for v in r["lengths"][name].values()) for name in PAIR)
             lines += [f"  tokens p50/p90/p99/max: {lengths}",

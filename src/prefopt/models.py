@@ -166,7 +166,11 @@ def _from_pretrained(name: str, m: ModelArgs, quantize: bool) -> PreTrainedModel
         )
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        if "safetensors" in str(e) and not m.allow_pickle_weights:
+            raise PrefoptError(f"{name}: no safetensors weights found; only pickle files (.bin), which can run code "
+                               "when loaded. Use a safetensors copy, or set allow_pickle_weights: true if you trust "
+                               "the source.") from None
         raise PrefoptError(f"could not load the model from {name!r}: {e}") from None
 
 

@@ -170,7 +170,7 @@ def train(cfg: Config, log=print) -> RunResult:
     log(f"prefopt: {describe_processes(trainer, cfg)}")
     start = time.time()
     if resume:
-        trainer.restore_metric_sums(resume)
+        trainer.restore(resume)
     result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = None
     if prepared.eval is not None:

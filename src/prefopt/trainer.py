@@ -29,9 +29,9 @@ from .config import ObjectiveArgs
 from .logprobs import chunk_size_for, head_transform, logps_from_logits, per_sequence, token_logps
 from .errors import PrefoptError
 from .losses import LOSSES, METHODS, Hyper
-from .runs import mark_complete
+from .runs import COMPLETE, mark_complete
 
-METRIC_SUMS = "prefopt_metric_sums.json"
+RESUME_STATE = "prefopt_resume_state.json"
 
 
 class PreferenceTrainer(Trainer):
@@ -57,6 +57,9 @@ class PreferenceTrainer(Trainer):
         self.fused_head = False if self.accelerator.distributed_type == DistributedType.FSDP else None
         self.head_in_forward = False
         self._step_finite, self._step_rows = torch.tensor(True, device=self.args.device), []
+        self._last_grad_norm = None
+        self._pending_resume = None
+        self.add_callback(_ApplyResume(self))
         self._loss_sum_before, self._steps_before = 0.0, 0  # what a resumed run did before its checkpoint
         self.add_callback(FiniteGuard(self))
         if self.is_fsdp_enabled:
@@ -155,10 +158,26 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self._loss(model, inputs, "train", num_items_in_batch)
-        # checked once per optimizer step (FiniteGuard), not here: no device sync per micro-batch
-        self._step_finite = self._step_finite & torch.isfinite(loss.detach())
         self._step_rows.extend(zip(inputs["source"], inputs["row"]))
+        if self.is_deepspeed_enabled:  # DeepSpeed steps inside backward: judge the loss before it
+            if not torch.isfinite(loss.detach()):
+                raise self._non_finite(self.state.global_step + 1, "loss", self._step_rows)
+        else:  # checked once per optimizer step (FiniteGuard): no device sync per micro-batch
+            self._step_finite = self._step_finite & torch.isfinite(loss.detach())
         return (loss, {}) if return_outputs else loss
+
+    def _clip_grad_norm(self, model):
+        self._last_grad_norm = norm = super()._clip_grad_norm(model)
+        return norm
+
+    @staticmethod
+    def _non_finite(step: int, what: str, rows: list) -> PrefoptError:
+        shown = ", ".join(f"{src} row {row}" for src, row in rows[:20]) + (" …" if len(rows) > 20 else "")
+        return PrefoptError(
+            f"step {step}: the {what} is not finite (NaN or inf); training stopped before applying it. Rows in "
+            f"this step (this process): {shown}. Usual causes: a learning rate too high, fp16 overflow (use bf16), "
+            "or a degenerate row. The last checkpoint in output_dir is intact; no final model was written."
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -169,35 +188,72 @@ class PreferenceTrainer(Trainer):
     # -- checkpoints -----------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint, then (once every process has written its part) the metric sums
-        not yet logged and the mark that makes it complete; old checkpoints are rotated out only
+        """The Trainer's checkpoint, then (once every process has written its part) what a resume
+        needs beyond it and the mark that makes it complete; old checkpoints are rotated out only
         after that, so a kill at any moment leaves a complete checkpoint to resume from."""
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint = Path(run_dir) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            (checkpoint / COMPLETE).unlink(missing_ok=True)  # rewriting a folder resumed from earlier
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation comes after the mark
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+        resume_state = self._resume_state()  # collective: every process takes part
         self.accelerator.wait_for_everyone()
-        run_dir = self._get_output_dir(trial=trial)
-        checkpoint = Path(run_dir) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
-            sums = {split: {k: [float(v[0]), float(v[1])] for k, v in d.items()} for split, d in self._metric_sums.items()}
-            # the sum of step losses so far, for a resumed run's train_loss (the Trainer's counts from the resume)
-            loss_sum = self._loss_sum_before + self._total_loss_scalar + float(self._tr_loss)
-            (checkpoint / METRIC_SUMS).write_text(json.dumps({**sums, "loss_sum": loss_sum}))
+            (checkpoint / RESUME_STATE).write_text(json.dumps(resume_state))
             mark_complete(checkpoint)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
-    def restore_metric_sums(self, checkpoint: str | Path):
-        """Metrics accumulated since the last log before `checkpoint` was written (resume)."""
-        path = Path(checkpoint) / METRIC_SUMS
+    def _resume_state(self) -> dict:
+        """What has been measured but not yet logged, summed over processes: the metric sums, the
+        Trainer's running loss and the last logged step; and the loss sum logged so far (for the
+        whole run's train_loss)."""
+        names = {split: sorted(d) for split, d in self._metric_sums.items()}
+        values = [torch.as_tensor(v, dtype=torch.float64, device=self.args.device).reshape(())
+                  for split in names for n in names[split] for v in self._metric_sums[split][n]]
+        values.append(self._tr_loss.detach().double().reshape(()) / self.accelerator.num_processes)
+        total = self.accelerator.reduce(torch.stack(values), reduction="sum").tolist()
+        sums, i = {}, 0
+        for split in names:
+            sums[split] = {}
+            for n in names[split]:
+                sums[split][n] = total[i : i + 2]
+                i += 2
+        return {"metric_sums": sums, "tr_loss": total[-1], "last_logged": self._globalstep_last_logged,
+                "loss_sum": self._loss_sum_before + self._total_loss_scalar, "step": self.state.global_step}
+
+    def restore(self, checkpoint: str | Path):
+        """Resuming from `checkpoint`: put back what `_resume_state` saved (applied when training
+        begins, after the Trainer has reset its own counters)."""
+        path = Path(checkpoint) / RESUME_STATE
         if path.is_file():
-            saved = json.loads(path.read_text())
-            self._loss_sum_before = saved.pop("loss_sum", 0.0)
-            self._steps_before = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
-            for split, entries in saved.items():
+            self._pending_resume = json.loads(path.read_text())
+            return
+        # written by another tool: rebuild the logged loss sum from its log history (steps after
+        # its last log are not known; a resumed train_loss leaves them out)
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        logged = sorted((e["step"], e["loss"]) for e in state.get("log_history", []) if "loss" in e)
+        loss_sum = sum(loss * (step - prev) for (step, loss), (prev, _) in zip(logged, [(0, 0.0)] + logged))
+        self._pending_resume = {"metric_sums": {}, "tr_loss": 0.0, "loss_sum": loss_sum, "step": state["global_step"],
+                                "last_logged": logged[-1][0] if logged else 0}
+
+    def _apply_resume(self):
+        saved, self._pending_resume = self._pending_resume, None
+        if saved is None:
+            return
+        self.args.eval_on_start = False  # it ran when the run first started
+        if not saved:
+            return
+        self._loss_sum_before, self._steps_before = saved["loss_sum"], saved["step"]
+        self._tr_loss += saved["tr_loss"]
+        self._globalstep_last_logged = saved["last_logged"]
+        if self.is_world_process_zero():  # sums are global; log() adds up the processes' shares
+            for split, entries in saved["metric_sums"].items():
                 self._metric_sums[split].update({k: list(v) for k, v in entries.items()})
 
     # -- saving ----------------------------------------------------------------------------------
@@ -254,10 +310,14 @@ class PreferenceTrainer(Trainer):
             add("aux_loss", f["aux_loss"], 1)
 
     def log(self, logs: dict, start_time=None):
-        if "train_loss" in logs and self._steps_before:
-            # the Trainer averages over the steps of this process only; a resumed run reports the whole run
-            steps = self.state.global_step
-            logs["train_loss"] = (logs["train_loss"] * (steps - self._steps_before) + self._loss_sum_before) / steps
+        if "train_loss" in logs:
+            # The Trainer adds the loss not yet logged as this process's own share, and averages over
+            # the steps since it (re)started; report the mean step loss of the whole run instead.
+            local = float(self._tr_loss)
+            shared = float(self.accelerator.reduce(self._tr_loss.detach().reshape(1), reduction="mean"))
+            steps, before = self.state.global_step, self._steps_before
+            total = logs["train_loss"] * (steps - before) - local + shared + self._loss_sum_before
+            logs["train_loss"] = total / max(steps, 1)
         split = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
         if split is not None and self._metric_sums[split]:
             names = sorted(self._metric_sums[split])
@@ -278,29 +338,49 @@ class PreferenceTrainer(Trainer):
 class FiniteGuard(TrainerCallback):
     """Stops training at the step whose loss or gradients are not finite, before the optimizer
     applies them, naming the step and the dataset rows in it. Nothing is saved after that: the
-    last checkpoint stays the last good one, and no NaN weights become the final model."""
+    last checkpoint stays the last good one, and no NaN weights become the final model.
+
+    Gradients are judged by the norm gradient clipping already computed (non-finite exactly when
+    some gradient is), else checked tensor by tensor. Not under fp16, where the loss scaler
+    expects overflowing gradients and skips those steps itself; nor under DeepSpeed, which applies
+    the update inside backward (there `compute_loss` checks each loss before its backward).
+    """
 
     def __init__(self, trainer: "PreferenceTrainer"):
         self.trainer = trainer
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def _gradients_finite(self) -> torch.Tensor:
         tr = self.trainer
+        device = tr._step_finite.device
+        if tr.accelerator.scaler is not None or tr.is_deepspeed_enabled:
+            return torch.ones((), dtype=torch.bool, device=device)
+        if tr._last_grad_norm is not None:
+            norm = tr._last_grad_norm
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else torch.as_tensor(norm)  # FSDP2: a DTensor
+            return torch.isfinite(norm).to(device)
         # local shards under FSDP (DTensor); the flags are then combined over processes
         grads = [getattr(p.grad, "_local_tensor", p.grad) for p in tr.model.parameters() if p.grad is not None]
-        # (DeepSpeed keeps its own gradients; there the loss check stands alone)
-        grads_ok = torch.stack([g.isfinite().all() for g in grads]).all() if grads else tr._step_finite.new_ones(())
-        flags = tr.accelerator.reduce(torch.stack([tr._step_finite, grads_ok]).float(), reduction="sum")
+        if not grads:
+            return torch.ones((), dtype=torch.bool, device=device)
+        return torch.stack([g.isfinite().all().to(device) for g in grads]).all()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        tr = self.trainer
+        flags = torch.stack([tr._step_finite, self._gradients_finite()]).float()
+        flags = tr.accelerator.reduce(flags, reduction="sum")
         loss_ok, grads_ok = (bool(f) for f in flags == tr.accelerator.num_processes)
-        rows, tr._step_rows = tr._step_rows, []
-        tr._step_finite = torch.tensor(True, device=tr.args.device)
+        rows, tr._step_rows, tr._last_grad_norm = tr._step_rows, [], None
+        tr._step_finite = torch.ones((), dtype=torch.bool, device=tr.args.device)
         if not (loss_ok and grads_ok):
-            shown = ", ".join(f"{src} row {row}" for src, row in rows[:20]) + (" …" if len(rows) > 20 else "")
-            raise PrefoptError(
-                f"step {state.global_step + 1}: the {'loss' if not loss_ok else 'gradient'} is not finite (NaN or "
-                f"inf); training stopped before applying it. Rows in this step (this process): {shown}. Usual "
-                "causes: a learning rate too high, fp16 overflow (use bf16), or a degenerate row. The last "
-                "checkpoint in output_dir is intact; no final model was written."
-            )
+            raise tr._non_finite(state.global_step + 1, "loss" if not loss_ok else "gradient", rows)
+
+
+class _ApplyResume(TrainerCallback):
+    def __init__(self, trainer: "PreferenceTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._apply_resume()
 
 
 class OutputHead(torch.nn.Linear):
