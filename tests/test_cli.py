@@ -146,11 +146,3 @@ def test_quantization_refused_on_cpu_before_loading(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "load_in_4bit needs bitsandbytes on a CUDA GPU" in err and "Set load_in_4bit: false" in err
-
-
-def test_a_term_not_implemented_is_refused_not_ignored(tmp_path, capsys):
-    seeds = Path(__file__).parent / "fixtures" / "seed_configs"
-    code = main(["train", str(seeds / "elyza-llama3-diversity-simpo.yaml"), "--report_to", "none",
-                 "--model_name_or_path", str(tmp_path / "nowhere")])
-    assert code == 2
-    assert "diversity_weight 0.05: the diversity term is not implemented" in capsys.readouterr().err

@@ -3,6 +3,7 @@ trainer's own evaluation, the length baseline and generation metrics are hand-ch
 stop at every EOS id, AlpacaEval files and a reward-model win rate come out."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -104,6 +105,7 @@ def test_eval_cli_side_by_side_with_alpaca_files_and_win_rate(ws, tmp_path, caps
     assert set(report["preference"]) == {"base", "trained"} and set(report["generation"]) == {"base", "trained"}
     assert report["objective"]["method"] == "simpo"  # from the trained model's prefopt_config.yaml
     assert 0.0 <= report["win_rate_over_base"]["trained"] <= 1.0
+    assert 0 < report["generation"]["base"]["entropy"] <= math.log(300)  # nats, at most ln V
     rows = json.loads((tmp_path / "alpaca" / "trained.json").read_text())
     assert len(rows) == 4 and set(rows[0]) == {"instruction", "output", "generator"}
     assert rows[0]["instruction"] == read_prompts(str(root / "prompts.jsonl"))[0][-1]["content"]

@@ -59,3 +59,19 @@ def test_seed_config_that_needs_more_stops_before_loading(name, tmp_path, monkey
     assert main(["train", str(SEEDS / name), "--model_name_or_path", str(missing_model)]) == 2
     assert REFUSES[name] in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_diversity_seed_trains_with_its_term(model_dir, tmp_path, monkeypatch):
+    """(Its report_to wandb is refused above when wandb is not installed; without a tracker it trains.)"""
+    monkeypatch.chdir(tmp_path)
+    name = "elyza-llama3-diversity-simpo.yaml"
+    cfg = load_config(SEEDS / name)
+    data = local_data(tmp_path, [s.split for s in cfg.data.train_datasets + cfg.data.eval_datasets])
+    argv = ["train", str(SEEDS / name), "--model_name_or_path", str(model_dir), "--dataset_mixer", f"{{{data}: 1.0}}",
+            "--report_to", "none", "--max_steps", "2", "--logging_steps", "1"]
+    assert main(argv) == 0
+    lines = [json.loads(l) for l in (tmp_path / cfg.training.output_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [l for l in lines if "diversity/entropy" in l]
+    assert logged and all(l["diversity/entropy"] > 0 and l["diversity/kl"] >= 0 for l in logged)
+    first = logged[0]
+    assert first["diversity/loss"] == pytest.approx(-0.1 * first["diversity/entropy"] + 0.9 * first["diversity/kl"])

@@ -26,6 +26,7 @@ def one_step(tmp_path, keys, batch, accumulation, pairs):
     {"method": "cpo_simpo"},  # mean log-probs + an NLL term whose token count differs per micro-batch
     {"method": "orpo"},  # NLL over prompt + completion
     {"method": "cpo", "loss_type": "sigmoid"},  # summed log-probs
+    {"method": "simpo", "diversity_weight": 0.5, "diversity_alpha": 0.3},  # entropy and KL means over the step
 ])
 def test_gradient_accumulation_invariance(tmp_path, keys):
     pairs = random_pairs(8, seed=11, max_completion=12)

@@ -9,8 +9,8 @@ the first model's for all of them, so the columns compare): accuracy (the chosen
 implicit reward above the rejected one's), the margin distribution, mean log-probs and lengths
 of chosen and rejected, and the length-only baseline (how often "pick the longer answer" is
 right). With prompts it generates, stopping at every EOS id the generation config lists, and
-reports mean length, repetition (repeated 3-grams within an answer), distinct-1/2 across answers
-and the share of empty answers; with a reward model (`AutoModelForSequenceClassification`) and
+reports mean length, the model's next-token entropy along its answers, repetition (repeated
+3-grams within an answer), distinct-1/2 across answers and the share of empty answers; with a reward model (`AutoModelForSequenceClassification`) and
 two models, the win rate of each over the first.
 """
 
@@ -146,6 +146,7 @@ class Generator:
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         self.eos = sorted({i for i in eos + [self.tokenizer.eos_token_id] if i is not None})  # stop at every one
         self.generation = {**GENERATION_DEFAULTS, **generation}
+        self.entropy_sum, self.entropy_count = 0.0, 0
 
     def answer(self, conversations: list[list[dict]], batch_size: int = 8, progress: bool = True) -> list[str]:
         out = []
@@ -155,9 +156,18 @@ class Generator:
                      for c in conversations[start : start + batch_size]]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
-                ids = self.model.generate(**enc, eos_token_id=self.eos, pad_token_id=self.tokenizer.pad_token_id,
-                                          **self.generation)
-            for row in ids[:, enc["input_ids"].shape[1]:]:
+                result = self.model.generate(**enc, eos_token_id=self.eos, pad_token_id=self.tokenizer.pad_token_id,
+                                             output_logits=True, return_dict_in_generate=True, **self.generation)
+            new = result.sequences[:, enc["input_ids"].shape[1]:]
+            # the model's own next-token entropy (before temperature or top-p) at each generated token
+            logp = torch.log_softmax(torch.stack(result.logits, 1).float(), -1)  # [rows, steps, V]
+            entropy = -(logp.exp() * logp).sum(-1)
+            live = torch.ones_like(new, dtype=torch.bool)
+            ended = torch.isin(new, torch.tensor(self.eos))
+            live[:, 1:] = ~(ended.cumsum(1)[:, :-1] > 0)  # up to and including the first EOS
+            self.entropy_sum += float((entropy * live).sum())
+            self.entropy_count += int(live.sum())
+            for row in new:
                 out.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return out
 
@@ -227,6 +237,7 @@ def evaluate(models: list[str], data: str | None = None, split: str = "test", pr
             generator = Generator(model, **generation)
             answers[name] = generator.answer(conversations)
             report["generation"][name] = generation_metrics(answers[name], generator.tokenizer)
+            report["generation"][name]["entropy"] = generator.entropy_sum / max(generator.entropy_count, 1)
             if alpaca_dir:
                 Path(alpaca_dir).mkdir(parents=True, exist_ok=True)
                 path = Path(alpaca_dir) / f"{Path(model).name}.json"
@@ -252,6 +263,7 @@ def format_report(report: dict) -> str:
         g = report["generation"]
         rows += [(label, [g[n][key] for n in names]) for label, key in (
             ("answers", "answers"), ("mean answer length (tokens)", "mean_length"),
+            ("next-token entropy (nats)", "entropy"),
             ("repetition rate (3-grams)", "repetition_rate"), ("distinct-1", "distinct_1"),
             ("distinct-2", "distinct_2"), ("empty answers", "empty_rate"))]
     for key, value in report.items():

@@ -142,6 +142,16 @@ def chunk_size_for(vocab_size: int, requested: int | None = None) -> int:
     return requested or max(16, CHUNK_ELEMENTS // vocab_size)
 
 
+def scored_hidden(hidden: Tensor, score_index: Tensor, head: torch.nn.Module) -> Tensor:
+    """The [N, H] hidden states of the scored positions, in the head's dtype."""
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dtype.is_floating_point and h.dtype != weight.dtype:
+        # e.g. bf16 weights under CPU autocast hand back fp32 hidden states; the head runs in its dtype
+        h = h.to(weight.dtype)
+    return h
+
+
 def token_logps(
     hidden: Tensor,
     score_index: Tensor,
@@ -156,12 +166,7 @@ def token_logps(
     Position i predicts token i+1, so the collator passes the index of the *predicting*
     position with the token that follows it as target. `chunk` is in tokens (see chunk_size_for).
     """
-    H = hidden.shape[-1]
-    h = hidden.reshape(-1, H).index_select(0, score_index)  # [N, H]
-    weight = getattr(head, "weight", None)
-    if weight is not None and weight.dtype.is_floating_point and h.dtype != weight.dtype:
-        # e.g. bf16 weights under CPU autocast hand back fp32 hidden states; the head runs in its dtype
-        h = h.to(weight.dtype)
+    h = scored_hidden(hidden, score_index, head)
     if fused is None:
         fused = fusable(head, transform)
     if fused:

@@ -72,10 +72,6 @@ def check_runnable(cfg: Config):
     if missing:
         raise PrefoptError(f"{where}: report_to {', '.join(missing)}: not installed. Install it "
                            f"(pip install {' '.join(missing)}) or set report_to: none.")
-    if cfg.objective.diversity_weight:
-        # never train with a term silently left out of the loss
-        raise PrefoptError(f"{where}: diversity_weight {cfg.objective.diversity_weight:g}: the diversity term is "
-                           "not implemented in this version of prefopt. Set diversity_weight: 0 to train without it.")
 
 
 def describe_processes(trainer, cfg: Config) -> str:

@@ -26,7 +26,10 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from .collate import model_inputs
 from .config import ObjectiveArgs
-from .logprobs import chunk_size_for, head_transform, logps_from_logits, per_sequence, token_logps
+from .diversity import aligned_pairs, score_with_diversity
+from .diversity import counts as diversity_counts
+from .diversity import terms_from_logits as diversity_terms_from_logits
+from .logprobs import TokenScores, chunk_size_for, head_transform, logps_from_logits, per_sequence, scored_hidden, token_logps
 from .errors import PrefoptError
 from .losses import LOSSES, METHODS, Hyper
 from .runs import COMPLETE, mark_complete
@@ -56,6 +59,7 @@ class PreferenceTrainer(Trainer):
         # FSDP shards the head's weight outside its own forward: call the module there
         self.fused_head = False if self.accelerator.distributed_type == DistributedType.FSDP else None
         self.head_in_forward = False
+        self.diversity_weight = o.diversity_weight
         self._step_finite, self._step_rows = torch.tensor(True, device=self.args.device), []
         self._last_grad_norm = None
         self._pending_resume = None
@@ -98,10 +102,12 @@ class PreferenceTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         counts = torch.tensor(
-            [[len(b["row"]), int(self._nll_positions(b).sum())] for b in batches] or [[0, 0]], dtype=torch.float64
+            [[len(b["row"]), int(self._nll_positions(b).sum()), *diversity_counts(b)] for b in batches]
+            or [[0, 0, 0, 0]], dtype=torch.float64
         ).sum(0).to(device)
         counts = self.accelerator.reduce(counts, reduction="sum")
-        return batches, {"pairs": counts[0], "nll_tokens": counts[1]}
+        return batches, {"pairs": counts[0], "nll_tokens": counts[1], "div_tokens": counts[2],
+                         "div_positions": counts[3]}
 
     # -- the step --------------------------------------------------------------------------
 
@@ -112,18 +118,31 @@ class PreferenceTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         inputs = {"input_ids": batch["input_ids"], **model_inputs(batch, unwrapped.config, unwrapped.dtype),
                   "use_cache": False, **extra}
+        seq, completion = batch["score_seq"], batch["score_is_completion"]
+        if self.diversity_weight:
+            pairs_c, pairs_r, chosen_rows = aligned_pairs(seq, batch["score_index"], completion, B)
+        entropy = kl = None
         if self.head_in_forward:
             # the model's own head, on the scored columns only (see _head_as_own_fsdp_unit)
             T = batch["input_ids"].shape[1]
             columns, where = torch.unique(batch["score_index"] % T, return_inverse=True)
             out = model(**inputs, logits_to_keep=columns)
             tok = logps_from_logits(out.logits, batch["score_index"] // T, where, batch["score_target"])
+            if self.diversity_weight:
+                z = out.logits[batch["score_index"] // T, where]
+                entropy, kl = diversity_terms_from_logits(z, pairs_c, pairs_r, chosen_rows)
         else:
             # the model's own head sees one position; ours sees the scored ones, in chunks
             out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-            tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"],
-                              unwrapped.get_output_embeddings(), self.head_fn, self.chunk, self.fused_head)
-        seq, completion = batch["score_seq"], batch["score_is_completion"]
+            head = unwrapped.get_output_embeddings()
+            if self.diversity_weight:
+                h = scored_hidden(out.hidden_states[-1], batch["score_index"], head)
+                logps_all, means, entropy, kl = score_with_diversity(
+                    h, batch["score_target"], pairs_c, pairs_r, chosen_rows, head, self.head_fn, self.chunk)
+                tok = TokenScores(logps_all, means)
+            else:
+                tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"], head,
+                                  self.head_fn, self.chunk, self.fused_head)
         logp_sum, n_tokens = per_sequence(tok.logps, seq, completion, 2 * B)
         logps = logp_sum / n_tokens.clamp(min=1) if self.mean_logps else logp_sum
         nll_mask = self._nll_positions(batch)
@@ -136,6 +155,10 @@ class PreferenceTrainer(Trainer):
             "completion_tokens": n_tokens.detach(),
             "logit_sum": logit_sum,
             "aux_loss": out.aux_loss if self.aux_coef else None,
+            "entropy_sum": entropy,
+            "kl_sum": kl,
+            "entropy_tokens": len(chosen_rows) if entropy is not None else 0,
+            "kl_positions": len(pairs_c) if entropy is not None else 0,
         }
 
     def _loss(self, model, batch, split: str, counts: dict | None):
@@ -153,6 +176,14 @@ class PreferenceTrainer(Trainer):
         loss = losses.sum() / pairs + (w * nll if w else 0.0)
         if f["aux_loss"] is not None:
             loss = loss + self.aux_coef * f["aux_loss"] * (B / pairs)
+        if f["entropy_sum"] is not None:
+            # means over the step's chosen completion tokens and aligned positions, like the NLL term
+            tokens, positions = ((f["entropy_tokens"], f["kl_positions"]) if counts is None
+                                 else (counts["div_tokens"], counts["div_positions"]))
+            a = self.objective.diversity_alpha
+            mean = lambda total, n: total / torch.clamp(torch.as_tensor(n, dtype=torch.float32), min=1)  # noqa: E731
+            loss = loss + self.diversity_weight * (-a * mean(f["entropy_sum"], tokens)
+                                                   + (1 - a) * mean(f["kl_sum"], positions))
         self._record(split, f, chosen_rewards, rejected_rewards, extras, nll)
         return world * loss
 
@@ -308,6 +339,9 @@ class PreferenceTrainer(Trainer):
         add("nll_loss", f["nll_sum"] if nll is not None else torch.zeros(()), f["nll_tokens"] if nll is not None else 1)
         if f["aux_loss"] is not None:
             add("aux_loss", f["aux_loss"], 1)
+        if f["entropy_sum"] is not None:
+            add("diversity/entropy", f["entropy_sum"], f["entropy_tokens"])
+            add("diversity/kl", f["kl_sum"], f["kl_positions"])
 
     def log(self, logs: dict, start_time=None):
         if "train_loss" in logs:
@@ -331,6 +365,10 @@ class PreferenceTrainer(Trainer):
             prefix = "eval_" if split == "eval" else ""
             for name, (total, count) in zip(names, table.tolist()):
                 logs[prefix + name] = total / count if count else math.nan
+            if prefix + "diversity/entropy" in logs:
+                a = self.objective.diversity_alpha
+                logs[prefix + "diversity/loss"] = (-a * logs[prefix + "diversity/entropy"]
+                                                   + (1 - a) * logs[prefix + "diversity/kl"])
             self._metric_sums[split].clear()
         super().log(logs, start_time)
 
