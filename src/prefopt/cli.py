@@ -94,7 +94,8 @@ def cmd_merge(args: list[str]) -> int:
     return 0
 
 
-GENERATION_OPTIONS = {"max_new_tokens": int, "temperature": float, "top_p": float, "do_sample": lambda v: v == "true"}
+GENERATION_OPTIONS = {"max_new_tokens": int, "temperature": float, "top_p": float, "do_sample": lambda v: v == "true",
+                      "seed": int}
 
 
 def _generation(options: dict) -> dict:
@@ -110,10 +111,14 @@ def _generation(options: dict) -> dict:
     return out
 
 
+def _seed(generation: dict) -> int:
+    return generation.pop("seed", 0)
+
+
 def cmd_eval(args: list[str]) -> int:
     usage = ("usage: prefopt eval --model DIR [--model DIR2 ...] [--data FILE_OR_FOLDER [--split test]] "
              "[--prompts FILE] [--reward_model DIR] [--alpaca_eval DIR] [--output report.json] "
-             "[--max_new_tokens N] [--temperature T] [--top_p P]")
+             "[--max_new_tokens N] [--temperature T] [--top_p P] [--seed S]")
     positional, options = _options(args, {"model", "data", "split", "prompts", "reward_model", "alpaca_eval",
                                           "output", *GENERATION_OPTIONS}, usage, repeated={"model"})
     if positional or not options["model"]:
@@ -123,7 +128,7 @@ def cmd_eval(args: list[str]) -> int:
     generation = _generation(options)
     report = evaluate(options["model"], data=options.get("data"), split=options.get("split", "test"),
                       prompts=options.get("prompts"), reward_model=options.get("reward_model"),
-                      alpaca_dir=options.get("alpaca_eval"), **generation)
+                      alpaca_dir=options.get("alpaca_eval"), seed=_seed(generation), **generation)
     print(format_report(report))
     if "output" in options:
         Path(options["output"]).write_text(json.dumps(report, indent=1))
@@ -140,7 +145,11 @@ def cmd_generate(args: list[str]) -> int:
         raise PrefoptError(usage)
     from .evaluate import Generator, alpaca_eval_rows, read_prompts
 
-    generator = Generator(options["model"], **_generation(options))
+    generation = _generation(options)
+    from transformers import set_seed
+
+    set_seed(_seed(generation))
+    generator = Generator(options["model"], **generation)
     conversations = [[{"role": "user", "content": p}] for p in options["prompt"]]
     if "prompts" in options:
         conversations += read_prompts(options["prompts"])

@@ -216,7 +216,7 @@ def alpaca_eval_rows(prompts: list[list[dict]], outputs: list[str], generator: s
 
 
 def evaluate(models: list[str], data: str | None = None, split: str = "test", prompts: str | None = None,
-             reward_model: str | None = None, alpaca_dir: str | None = None, **generation) -> dict:
+             reward_model: str | None = None, alpaca_dir: str | None = None, seed: int = 0, **generation) -> dict:
     if not models:
         raise PrefoptError("prefopt eval: name at least one --model.")
     if data is None and prompts is None:
@@ -231,9 +231,12 @@ def evaluate(models: list[str], data: str | None = None, split: str = "test", pr
         report["objective"] = objective
         report["preference"] = {n: preference_metrics(m, data, split, objective) for n, m in zip(names, models)}
     if prompts is not None:
+        from transformers import set_seed
+
         conversations = read_prompts(prompts)
         answers, report["generation"] = {}, {}
         for name, model in zip(names, models):
+            set_seed(seed)  # sampled answers: each model draws from the same random stream
             generator = Generator(model, **generation)
             answers[name] = generator.answer(conversations)
             report["generation"][name] = generation_metrics(answers[name], generator.tokenizer)
