@@ -147,11 +147,15 @@ def test_accelerate_deepspeed_configs_run(ws, single, tmp_path, config, stage):
     assert_same_run(single, run)
 
 
-def test_lora_with_checkpointing_under_zero3_equals_one_process(ws, tmp_path):
+@pytest.mark.parametrize("diversity", [False, True])
+def test_lora_with_checkpointing_under_zero3_equals_one_process(ws, tmp_path, diversity):
     """A frozen head partitioned by ZeRO-3 is gathered by the fused head path itself (called as a
-    module inside a checkpoint, ZeRO-3 did not gather it again for the recompute)."""
+    module inside a checkpoint, ZeRO-3 did not gather it again for the recompute); the diversity
+    path recomputes its chunks from a gathered copy."""
     (ws / "ds_zero3.json").write_text(json.dumps(ZERO3))
     lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--gradient_checkpointing", "true"]
+    if diversity:
+        lora += ["--diversity_weight", "0.5", "--diversity_alpha", "0.5"]
     one = _run(ws, tmp_path / "one", [sys.executable, "-m", "prefopt"], 4, *lora)
     run = _run(ws, tmp_path / "z3", torchrun(), 2, "--deepspeed", "ds_zero3.json", *lora)
     assert "prefopt: 2 processes on cpu, DeepSpeed ZeRO-3" in run[0].stdout

@@ -38,6 +38,7 @@ from datasets import (
     load_from_disk,
 )
 from datasets.exceptions import DatasetGenerationError
+from datasets.fingerprint import Hasher
 
 from .config import Config, DataArgs, DatasetSource
 from .errors import PrefoptError
@@ -435,9 +436,10 @@ def normalise(ds: Dataset, num_proc: int | None = None) -> Dataset:
         prompt_kind = None
     if kinds["chosen"] == "chat":
         ds.map(_check_chat_batch, batched=True, num_proc=num_proc, fn_kwargs={"implicit": prompt_kind is None},
-               desc="Checking conversations")
+               desc="Checking conversations", new_fingerprint=_fingerprint(ds, "check", prompt_kind is None))
     if prompt_kind is None:
-        ds = ds.map(_extract_prompt_batch, batched=True, num_proc=num_proc, desc="Extracting implicit prompts")
+        ds = ds.map(_extract_prompt_batch, batched=True, num_proc=num_proc, desc="Extracting implicit prompts",
+                    new_fingerprint=_fingerprint(ds, "extract"))
     return ds.select_columns([*PAIR, *PROVENANCE])
 
 
@@ -577,6 +579,15 @@ def _blank(answer, conversational: bool) -> bool:
 # Tokenization and truncation
 
 
+# This module's own source is part of every cache key: the datasets cache keys a map by the mapped
+# function, not by the helpers it calls, so a changed helper would otherwise reuse stale columns.
+_SOURCE = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()
+
+
+def _fingerprint(ds: Dataset, *parts) -> str:
+    return Hasher.hash((ds._fingerprint, _SOURCE, parts))
+
+
 def tokenize_pairs(ds: Dataset, tokenizer, data: DataArgs) -> tuple[Dataset, dict]:
     """Normalised rows → `prompt_ids`, `chosen_ids`, `rejected_ids` (list[int]), `length` + `source`, `row`.
 
@@ -590,20 +601,16 @@ def tokenize_pairs(ds: Dataset, tokenizer, data: DataArgs) -> tuple[Dataset, dic
     if tokenizer.eos_token_id is None:
         raise PrefoptError("the tokenizer has no eos token, so completions could not be ended; use a tokenizer "
                            "with one, or `chat_template: chatml` (which makes <|im_end|> the eos token).")
+    options = dict(conversational=conversational, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
+                   max_completion_length=data.max_completion_length, keep_end=data.truncation_mode == "keep_end")
     out = ds.map(
         _tokenize_batch,
         batched=True,
         num_proc=data.preprocessing_num_workers,
         remove_columns=ds.column_names,
-        fn_kwargs=dict(
-            tokenizer=tokenizer,
-            conversational=conversational,
-            max_length=data.max_length,
-            max_prompt_length=data.max_prompt_length,
-            max_completion_length=data.max_completion_length,
-            keep_end=data.truncation_mode == "keep_end",
-        ),
+        fn_kwargs=dict(tokenizer=tokenizer, **options),
         desc="Tokenizing pairs",
+        new_fingerprint=_fingerprint(ds, "tokenize", Hasher.hash(tokenizer), options),
     )
     table = out.with_format("arrow")[:]
     drops = _mark_duplicates(table["drop"].to_pylist(), table["key"].to_pylist())

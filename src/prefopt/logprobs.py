@@ -119,6 +119,18 @@ def fusable(head: torch.nn.Module, transform) -> bool:
             and not (hasattr(head.weight, "ds_id") and head.weight.requires_grad))
 
 
+def frozen_zero3_copy(head: torch.nn.Module):
+    """For a frozen head that ZeRO-3 partitions: a plain function over a gathered copy of its
+    weights (one full head for the micro-batch), so checkpointed chunks can recompute with it;
+    None for any other head."""
+    if not hasattr(head.weight, "ds_id") or head.weight.requires_grad or type(head) is not torch.nn.Linear:
+        return None
+    with _gather(head)():
+        weight = head.weight.detach().clone()
+        bias = head.bias.detach().clone() if head.bias is not None else None
+    return lambda h: F.linear(h, weight, bias)
+
+
 def _gather(head: torch.nn.Module):
     """A context that makes a ZeRO-3-partitioned head's parameters whole (read-only) inside it."""
     if not hasattr(head.weight, "ds_id"):

@@ -29,7 +29,7 @@ from .config import ObjectiveArgs
 from .diversity import aligned_pairs, score_with_diversity
 from .diversity import counts as diversity_counts
 from .diversity import terms_from_logits as diversity_terms_from_logits
-from .logprobs import TokenScores, chunk_size_for, head_transform, logps_from_logits, per_sequence, scored_hidden, token_logps
+from .logprobs import TokenScores, chunk_size_for, frozen_zero3_copy, head_transform, logps_from_logits, per_sequence, scored_hidden, token_logps
 from .errors import PrefoptError
 from .losses import LOSSES, METHODS, Hyper
 from .runs import COMPLETE, mark_complete
@@ -138,7 +138,8 @@ class PreferenceTrainer(Trainer):
             if self.diversity_weight:
                 h = scored_hidden(out.hidden_states[-1], batch["score_index"], head)
                 logps_all, means, entropy, kl = score_with_diversity(
-                    h, batch["score_target"], pairs_c, pairs_r, chosen_rows, head, self.head_fn, self.chunk)
+                    h, batch["score_target"], pairs_c, pairs_r, chosen_rows, frozen_zero3_copy(head) or head,
+                    self.head_fn, self.chunk)
                 tok = TokenScores(logps_all, means)
             else:
                 tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"], head,
