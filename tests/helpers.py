@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny random models and token-id pairs, built offline."""
 
 import random
+import socket
 
 import torch
 from datasets import Dataset
@@ -54,3 +55,10 @@ def make_trainer(model, config_keys: dict, tmp_path, pairs=None, eval_pairs=None
                                    attn_implementation=model.config._attn_implementation),
         objective=cfg.objective,
     )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

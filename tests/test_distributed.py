@@ -5,7 +5,6 @@ and metrics are sums and counts reduced over ranks, not rank 0's view."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import free_port
 from prefopt.demo import make_rows, task_corpus
 from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
 
@@ -48,12 +48,6 @@ def ws(tmp_path_factory):
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("loss", "grad_norm", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
         "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen")
@@ -73,7 +67,7 @@ def _run(ws, out, launcher: list[str], per_device: int, *extra: str):
 
 def torchrun(n: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-            "--master_port", str(_free_port()), "-m", "prefopt"]
+            "--master_port", str(free_port()), "-m", "prefopt"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +120,7 @@ def test_zero3_from_a_deepspeed_json_equals_one_process(ws, single, tmp_path, la
     # the deepspeed launcher gets the seeds' own JSON (its bf16 "auto" resolves to off here)
     (ws / "ds_seed.json").write_text((ROOT / "tests/fixtures/seed_configs/ds_config.json").read_text())
     launcher = torchrun() if launch == "torchrun" else [
-        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
         "--module", "prefopt"]
     run = _run(ws, tmp_path / "z3", launcher, 2, "--deepspeed", "ds_zero3.json" if launch == "torchrun" else "ds_seed.json")
     assert "prefopt: 2 processes on cpu, DeepSpeed ZeRO-3" in run[0].stdout
@@ -141,7 +135,7 @@ def test_accelerate_deepspeed_configs_run(ws, single, tmp_path, config, stage):
     command line's: bf16 needs a GPU)."""
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                 str(ROOT / config), "--num_processes", "2",
-                "--mixed_precision", "no", "--main_process_port", str(_free_port()), "-m", "prefopt"]
+                "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "prefopt"]
     run = _run(ws, tmp_path / "out", launcher, 2)
     assert f"prefopt: 2 processes on cpu, DeepSpeed ZeRO-{stage}" in run[0].stdout
     assert_same_run(single, run)
@@ -174,7 +168,7 @@ def test_fsdp2_forced_on_cpu_processes_equals_one_process(ws, single, tmp_path, 
     unit, a tied one scored through the model's own head call, and a final model gathered from
     sharded state (the Trainer alone would write no weights with SHARDED_STATE_DICT)."""
     worker = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(_free_port()), str(ROOT / "tests" / "fsdp_cpu_worker.py")]
+              str(free_port()), str(ROOT / "tests" / "fsdp_cpu_worker.py")]
     extra = ["--model_name_or_path", str(ws / "tied")] if tied else []
     reference = _run(ws, tmp_path / "one", [sys.executable, "-m", "prefopt"], 4, *extra) if tied else single
     run = _run(ws, tmp_path / "fsdp", worker, 2, *FSDP2, *extra)

@@ -5,7 +5,6 @@ different run is refused, and a non-finite loss or gradient stops training at it
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import free_port
 from prefopt.config import build_config
 from prefopt.demo import make_rows, task_corpus
 from prefopt.errors import PrefoptError
@@ -61,11 +61,8 @@ def _train(ws, out, kill: str | None = None, processes: int = 1, *extra: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["train", str(ws / "config.yaml"), "--output_dir", str(out), *extra]
     if processes > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                    "--master_port", str(port)]
+                    "--master_port", str(free_port())]
         # the same 6 pairs per step as one process × 3 × accumulation 2
         args += ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "1"]
     else:
@@ -81,6 +78,20 @@ def _train(ws, out, kill: str | None = None, processes: int = 1, *extra: str):
 def _trajectory(out: Path) -> list[dict]:
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+
+
+def assert_same_result(reference, out: Path, rel, abs, weights_rtol, weights_atol):
+    """The run in `out` logged the reference's lines (every value) and ended with its weights."""
+    trajectory, weights = reference
+    resumed = _trajectory(out)
+    assert len(resumed) == len(trajectory)
+    for a, b in zip(trajectory, resumed):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=abs), (a["step"], key)
+    final = load_file(out / "model.safetensors")
+    for name in weights:
+        torch.testing.assert_close(final[name], weights[name], rtol=weights_rtol, atol=weights_atol)
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +126,7 @@ def test_killed_run_resumes_to_the_same_result(ws, uninterrupted, tmp_path, kill
     else:
         assert "resuming" not in again.stdout
 
-    trajectory, weights = uninterrupted
-    assert len(_trajectory(out)) == len(trajectory)
-    for a, b in zip(trajectory, _trajectory(out)):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
-    final = load_file(out / "model.safetensors")
-    for name in weights:
-        torch.testing.assert_close(final[name], weights[name], rtol=1e-6, atol=1e-7)
+    assert_same_result(uninterrupted, out, rel=1e-6, abs=1e-7, weights_rtol=1e-6, weights_atol=1e-7)
 
 
 def test_an_output_dir_holding_another_run_is_refused(ws, tmp_path, capsys):
@@ -190,15 +193,7 @@ def test_two_processes_killed_and_resumed_equal_one_uninterrupted(ws, uninterrup
     again = _train(ws, out, None, 2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {out / 'checkpoint-4'}" in again.stdout
-    trajectory, weights = uninterrupted
-    resumed = _trajectory(out)
-    assert len(resumed) == len(trajectory)
-    for a, b in zip(trajectory, resumed):
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=2e-4, abs=1e-6), (a["step"], key)
-    final = load_file(out / "model.safetensors")
-    for name in weights:
-        torch.testing.assert_close(final[name], weights[name], rtol=1e-4, atol=2e-5)
+    assert_same_result(uninterrupted, out, rel=2e-4, abs=1e-6, weights_rtol=1e-4, weights_atol=2e-5)
 
 
 def test_explicit_and_legacy_checkpoints_are_never_deleted_and_a_finished_run_adds_nothing(ws, uninterrupted, tmp_path):

@@ -205,11 +205,10 @@ def token_logps(
     return TokenScores(torch.cat(logps), torch.cat(means))
 
 
-def logps_from_logits(logits: Tensor, rows: Tensor, columns: Tensor, target: Tensor) -> TokenScores:
-    """Scores from logits the model computed itself for some columns: `logits` is [R, K, V] and
-    scored position i sits at row `rows[i]`, kept column `columns[i]`. (Any softcap or scaling is
-    already applied by the model's forward.)"""
-    z = logits[rows, columns].float()  # [N, V]
+def logps_from_logits(z: Tensor, target: Tensor) -> TokenScores:
+    """Scores from logits the model computed itself, one [V] row per scored position (any
+    softcap or scaling is already applied by the model's forward)."""
+    z = z.float()
     logps = z.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return TokenScores(logps, z.detach().mean(-1))
 

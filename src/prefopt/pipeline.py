@@ -56,14 +56,15 @@ def check_runnable(cfg: Config):
     if m.attn_implementation == "flex_attention" and not cuda:
         raise PrefoptError(f"{where}: attn_implementation flex_attention has no backward pass on the CPU in this "
                            "torch; use sdpa (or eager) here, flex_attention on a CUDA GPU.")
-    if (t.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true") and not cuda:
+    if sharding_asked_for(t) == DistributedType.FSDP and not cuda:
         raise PrefoptError(f"{where}: FSDP runs on CUDA GPUs only, and this machine has none. On CPU processes "
                            "use DDP (torchrun --nproc_per_node N -m prefopt train ...) or DeepSpeed.")
     plugin = getattr(t, "deepspeed_plugin", None)
     zero = (plugin.deepspeed_config.get("zero_optimization") or {}) if plugin is not None else {}
     if zero.get("stage") == 3 and str(zero.get("stage3_gather_16bit_weights_on_model_save")).lower() != "true":
-        raise PrefoptError(f"{where}: DeepSpeed ZeRO-3 without zero3_save_16bit_model: true (accelerate config) "
-                           "would save the final model as empty shards; set it to true.")
+        raise PrefoptError(f"{where}: DeepSpeed ZeRO-3 would save the final model as empty shards: set "
+                           "zero3_save_16bit_model: true (accelerate config) or "
+                           "stage3_gather_16bit_weights_on_model_save: true (zero_optimization in the DeepSpeed JSON).")
     if zero.get("stage") == 3 and m.existing_adapter == "merge":
         raise PrefoptError(f"{where}: existing_adapter: merge under DeepSpeed ZeRO-3: the base is partitioned as it "
                            f"loads and cannot take the merge. Merge once first (`prefopt merge {m.model_name_or_path} "
@@ -74,15 +75,23 @@ def check_runnable(cfg: Config):
                            f"(pip install {' '.join(missing)}) or set report_to: none.")
 
 
+def sharding_asked_for(t) -> DistributedType | None:
+    """DeepSpeed or FSDP, if the config (`deepspeed:`, `fsdp:`) or an accelerate launch asked for it."""
+    env = lambda name: os.environ.get(name, "").lower() == "true"  # noqa: E731
+    if t.deepspeed or env("ACCELERATE_USE_DEEPSPEED"):
+        return DistributedType.DEEPSPEED
+    if t.fsdp or env("ACCELERATE_USE_FSDP"):
+        return DistributedType.FSDP
+    return None
+
+
 def describe_processes(trainer, cfg: Config) -> str:
     """How the run is spread over processes, after refusing a silent fallback: accelerate runs
     DeepSpeed only on GPU or CPU process groups it set up, and FSDP only on GPUs; elsewhere it
     quietly trains without them."""
     t, acc = cfg.training, trainer.accelerator
     kind = acc.distributed_type
-    env = lambda name: os.environ.get(name, "").lower() == "true"  # noqa: E731
-    wanted = (DistributedType.DEEPSPEED if t.deepspeed or env("ACCELERATE_USE_DEEPSPEED")
-              else DistributedType.FSDP if t.fsdp or env("ACCELERATE_USE_FSDP") else None)
+    wanted = sharding_asked_for(t)
     if wanted is not None and kind != wanted:
         raise PrefoptError(
             f"{cfg.source or 'config'}: {wanted.value} was asked for, but this run would train with "

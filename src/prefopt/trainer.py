@@ -102,7 +102,8 @@ class PreferenceTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         counts = torch.tensor(
-            [[len(b["row"]), int(self._nll_positions(b).sum()), *diversity_counts(b)] for b in batches]
+            [[len(b["row"]), int(self._nll_positions(b).sum()), *(diversity_counts(b) if self.diversity_weight
+                                                                  else (0, 0))] for b in batches]
             or [[0, 0, 0, 0]], dtype=torch.float64
         ).sum(0).to(device)
         counts = self.accelerator.reduce(counts, reduction="sum")
@@ -127,9 +128,9 @@ class PreferenceTrainer(Trainer):
             T = batch["input_ids"].shape[1]
             columns, where = torch.unique(batch["score_index"] % T, return_inverse=True)
             out = model(**inputs, logits_to_keep=columns)
-            tok = logps_from_logits(out.logits, batch["score_index"] // T, where, batch["score_target"])
+            z = out.logits[batch["score_index"] // T, where]  # [N, V]: scored position i at its row, kept column
+            tok = logps_from_logits(z, batch["score_target"])
             if self.diversity_weight:
-                z = out.logits[batch["score_index"] // T, where]
                 entropy, kl = diversity_terms_from_logits(z, pairs_c, pairs_r, chosen_rows)
         else:
             # the model's own head sees one position; ours sees the scored ones, in chunks
