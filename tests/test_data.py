@@ -139,10 +139,16 @@ CHAT_ROWS = [
     # the prompt ends with the assistant's message: it is continued, not closed
     {"prompt": [user("Finish: the dog"), assistant("The dog")], "chosen": [assistant(" finds a box.")],
      "rejected": [assistant(" opens the door.")]},
+    # an answer of two assistant messages: both scored, as in TRL
+    {"prompt": [user("Who reads?")], "chosen": [assistant("The teacher."), assistant("Every day.")],
+     "rejected": [assistant("No one.")]},
 ]
 IMPLICIT_CHAT_ROWS = [
     {"chosen": [user("Hi"), assistant("Hello."), user("Who helps?"), assistant("Our team helps.")],
      "rejected": [user("Hi"), assistant("Hello."), user("Who helps?"), assistant("No one.")]},
+    # the shared history is the prompt (TRL's extract_prompt), whatever follows it from the assistant
+    {"chosen": [user("Who paints?"), assistant("Her sister."), assistant("She paints well.")],
+     "rejected": [user("Who paints?"), assistant("The robot.")]},
 ]
 # TRL's special case: a string prompt beside conversations is ignored, the prompt is extracted
 STRING_PROMPT_CHAT_ROWS = [
@@ -278,10 +284,13 @@ def test_implicit_text_prompt_keeps_the_space_with_the_answers():
 
 
 def test_implicit_chat_prompt_is_the_shared_history():
-    row = normalise(in_memory(IMPLICIT_CHAT_ROWS))[0]
+    row, several = normalise(in_memory(IMPLICIT_CHAT_ROWS))
     assert row["prompt"] == [user("Hi"), assistant("Hello."), user("Who helps?")]
     assert row["chosen"] == [assistant("Our team helps.")]
     assert row["rejected"] == [assistant("No one.")]
+    assert several["prompt"] == [user("Who paints?")]
+    assert several["chosen"] == [assistant("Her sister."), assistant("She paints well.")]
+    assert several["rejected"] == [assistant("The robot.")]
 
 
 def test_string_prompt_beside_conversations_is_replaced():

@@ -13,12 +13,15 @@ completion tokens. Beyond TRL: optional prompt/completion caps; a completion nev
 second EOS (ChatML's `<|im_end|>\n` with `<|im_end|>` as EOS ends at the first); and pairs that
 would teach nothing are dropped and counted rather than trained on: a blank completion, one cut
 to nothing, chosen equal to rejected, a pair seen before in the split. More than
-`max_dropped_share` of a split dropped stops the run.
+`max_dropped_share` of a split dropped stops the run. Refused where TRL would train on them: a
+system, user or tool turn inside an answer (every message of an answer is scored), a role the
+chat template does not know, and a held-out share of less than one pair.
 """
 
 import codecs
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from importlib.resources import files
@@ -39,6 +42,7 @@ from datasets import (
 )
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from .config import Config, DataArgs, DatasetSource
 from .errors import PrefoptError
@@ -48,11 +52,17 @@ PROVENANCE = ("source", "row")
 LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SCHEMAS = (
     "(a) prompt/chosen/rejected as plain strings; (b) prompt/chosen/rejected as chat message lists "
-    "[{role, content}, ...]; (c) chosen/rejected alone, whose shared beginning (text, or leading messages) "
-    "is the prompt"
+    "[{role, content}, ...], chosen and rejected holding only the assistant's messages; (c) chosen/rejected alone, "
+    "whose shared beginning (text, or leading messages) is the prompt"
 )
 KIND_NAMES = {"text": "a plain string", "chat": "a chat message list"}
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# The roles of transformers' chat message format; `tool` (a tool's result) is rendered by tool-use
+# templates. A template may accept more (Llama 3.1's `ipython`): see `_template_roles`.
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+SHAREGPT_FIX = ("rename the keys from → role and value → content, and the roles human → user and gpt → assistant "
+                "(system stays system); prompt, chosen and rejected are each a list of {role, content} messages")
 # Why a pair is dropped, in order of precedence, and what to change.
 DROP_FIXES = {
     "empty_completion": "fill in or remove the blank answers",
@@ -321,7 +331,23 @@ def _concatenate(parts: list[Dataset]) -> Dataset:
 
 
 def _hold_out(train: Dataset, size: float, seed: int) -> tuple[Dataset, Dataset]:
-    test_size = int(size) if size >= 1 else size  # a value of 1 or more is a row count
+    """`size` of train's rows held out: a share below 1, or a whole row count of 1 or more.
+
+    A share that asks for less than one row is refused: no pair would be held out at that share,
+    and datasets would round it up to one (more than the share of train, and an evaluation of one
+    pair), neither of which is what was asked; a row count says exactly what is wanted.
+    """
+    n = len(train)
+    if size >= 1 and size != int(size):
+        raise PrefoptError(f"test_split_size {size:g}: a value of 1 or more is a number of pairs to hold out, so it "
+                           "must be whole; give a whole number, or a share below 1.")
+    if 0 < size < 1 and size * n < 1:
+        raise PrefoptError(
+            f"test_split_size {size:g} of {n} training pairs asks for {size * n:.2g} of a pair, less than one, so no "
+            f"pair is held out for evaluation at that share. Give a share of at least 1/{n}, a number of pairs "
+            "(test_split_size: 1 or more), or remove test_split_size to train without a held-out split."
+        )
+    test_size = int(size) if size >= 1 else size
     try:
         split = train.train_test_split(test_size=test_size, seed=seed)
     except ValueError as e:
@@ -379,13 +405,23 @@ def _describe(value) -> str:
     if isinstance(value, list):
         k, problem = next((k, p) for k, m in enumerate(value) if (p := _message_problem(m)))
         return f"a list whose item {k} {problem}"
+    if _is_sharegpt(value):
+        return f"one message {_short(value)} written {{from, value}} (ShareGPT style), not a list of {{role, content}}"
     return f"the {type(value).__name__} {_short(value)}"
+
+
+def _is_sharegpt(message) -> bool:
+    """A message written ShareGPT's way, {from, value}, instead of {role, content}."""
+    return (isinstance(message, dict) and message.get("role") is None and message.get("from") is not None
+            and "value" in message)
 
 
 def _message_problem(message) -> str | None:
     """Why `message` is not a chat message {role, content} with string values; None if it is one."""
     if not isinstance(message, dict):
         return f"is not a message {{role, content}} but {_short(message)}"
+    if _is_sharegpt(message):
+        return "is written {from, value} (ShareGPT style), not {role, content}"
     for key in ("role", "content"):
         if message.get(key) is None:
             return f"has no {key}"
@@ -402,9 +438,14 @@ def _bad_column(ds: Dataset, column: str) -> PrefoptError:
     first = next((i for i, kind in enumerate(kinds) if kind is not None), None)
     odd = 0 if first is None else next((i for i, kind in enumerate(kinds) if kind != kinds[first]), 0)
     earlier = f", but {_at(ds, first)} holds {KIND_NAMES[kinds[first]]}" if first is not None and first < odd else ""
-    return PrefoptError(f"{_at(ds, odd)}: column '{column}' holds {_describe(values[odd])}{earlier}. A column must "
-                        "hold plain strings in every row, or chat message lists [{role, content}, ...] in every "
-                        f"row; fix that row or remove it. Accepted schemas: {SCHEMAS}.")
+    value = values[odd]
+    if _is_sharegpt(value) or isinstance(value, list) and any(_is_sharegpt(m) for m in value):
+        fix = f"prefopt reads chat messages as {{role, content}}: {SHAREGPT_FIX}."
+    else:
+        fix = ("A column must hold plain strings in every row, or chat message lists [{role, content}, ...] in every "
+               "row; fix that row or remove it.")
+    return PrefoptError(f"{_at(ds, odd)}: column '{column}' holds {_describe(value)}{earlier}. {fix} "
+                        f"Accepted schemas: {SCHEMAS}.")
 
 
 def normalise(ds: Dataset, num_proc: int | None = None) -> Dataset:
@@ -454,38 +495,73 @@ def _check_no_nulls(ds: Dataset):
 
 def _check_chat_batch(batch: dict, implicit: bool):
     """Every message a {role, content} of strings; each non-empty answer ends with the assistant's
-    reply; an explicit prompt is not repeated in the answers; and with an implicit prompt, chosen
-    and rejected share every message before that reply (it becomes the prompt)."""
+    reply and, once the prompt is taken out, holds nothing but the assistant's messages; an explicit
+    prompt is not repeated in the answers.
+
+    Every message of an answer is scored: a system or user turn there would be trained on as the
+    model's own words. With an implicit prompt, the prompt is the messages chosen and rejected share
+    (TRL's `extract_prompt`, `_prompt_end`), so multi-turn conversations that differ only in their
+    final assistant messages keep working.
+    """
     for i, (source, row) in enumerate(zip(batch["source"], batch["row"])):
         where = f"{source} row {row}"
         for column in PAIR:
             for k, message in enumerate(batch[column][i] if column in batch else []):
                 problem = _message_problem(message)
                 if problem:
-                    raise PrefoptError(f"{where}: column '{column}', message {k} {problem}; every message needs a "
-                                       "role and a content, both strings.")
+                    fix = (SHAREGPT_FIX if _is_sharegpt(message)
+                           else "every message needs a role and a content, both strings")
+                    raise PrefoptError(f"{where}: column '{column}', message {k} {problem}; {fix}.")
         chosen, rejected = batch["chosen"][i], batch["rejected"][i]
         if not chosen or not rejected:
             continue  # an empty answer: dropped and counted when tokenizing
         for column, answer in (("chosen", chosen), ("rejected", rejected)):
-            if answer[-1]["role"] != "assistant":
-                raise PrefoptError(f"{where}: the last message of '{column}' is from the {answer[-1]['role']}, not "
-                                   "the assistant; each answer must end with the assistant's reply.")
+            role = answer[-1]["role"]
+            if role != "assistant":
+                raise PrefoptError(f"{where}: the last message of '{column}' is from the {role}{_role_hint(role)}, "
+                                   "not the assistant; each answer must end with the assistant's reply.")
         prompt = batch["prompt"][i] if not implicit else None
         if prompt and any(answer[:len(prompt)] == prompt for answer in (chosen, rejected)):
             raise PrefoptError(f"{where}: chosen or rejected repeats the prompt's messages, so the model would see "
                                "the prompt twice; keep only the replies in chosen and rejected, or drop the prompt "
                                "column to take it from the conversations.")
-        if implicit and chosen[:-1] != rejected[:-1]:
-            k = _common_prefix_len(chosen[:-1], rejected[:-1])
-            turn = lambda answer: (f"{answer[k]['role']}: {_short(answer[k]['content'])}"  # noqa: E731
-                                   if k < len(answer) else "no message")
-            raise PrefoptError(
-                f"{where}: chosen and rejected must share every message before their final assistant reply (that "
-                f"history is the prompt), but they differ at message {k} (chosen: {turn(chosen)}; rejected: "
-                f"{turn(rejected)}). Make the histories identical, or give the prompt in a 'prompt' column and only "
-                "the replies in chosen and rejected."
-            )
+        start = _prompt_end(chosen, rejected) if implicit else 0
+        for column, answer in (("chosen", chosen), ("rejected", rejected)):
+            k = next((k for k in range(start, len(answer)) if answer[k]["role"] != "assistant"), None)
+            if k is not None:
+                raise _turn_in_answer(where, column, k, start, chosen, rejected, implicit)
+
+
+def _turn_in_answer(where: str, column: str, k: int, start: int, chosen: list, rejected: list,
+                    implicit: bool) -> PrefoptError:
+    """The error for message `k` of `column`, not the assistant's, inside the answer (from `start`)."""
+    role = (chosen if column == "chosen" else rejected)[k]["role"]
+    head = (f"{where}: column '{column}', message {k} is from the {role}{_role_hint(role)}, inside the answer: every "
+            "message of an answer is scored as the model's reply, so this turn would be trained on as the model's "
+            "own words.")
+    if not implicit:
+        return PrefoptError(f"{head} Move it, and the messages before it, into the prompt column (the conversation "
+                            "up to the answer), keeping only the assistant's messages in chosen and rejected.")
+    d = _common_prefix_len(chosen, rejected)
+    shared = {0: "none", 1: "the first message"}.get(start, f"the first {start} messages")
+    return PrefoptError(
+        f"{head} With no prompt column, the prompt is the messages chosen and rejected share (here {shared}) and "
+        f"the answer is the rest; they first differ at message {d} (chosen: {_turn(chosen, d)}; "
+        f"rejected: {_turn(rejected, d)}). Make the conversations identical up to the assistant's final reply, or "
+        "give the prompt in a 'prompt' column and only the assistant's messages in chosen and rejected."
+    )
+
+
+def _turn(messages: list, k: int) -> str:
+    """Message `k` for an error: 'user: "Sort 2 1"', or 'no message' past the end."""
+    return f"{messages[k]['role']}: {_short(messages[k]['content'])}" if k < len(messages) else "no message"
+
+
+def _role_hint(role: str) -> str:
+    """For ShareGPT's role names, what they are called here."""
+    if role in SHAREGPT_ROLES:
+        return f" ('{role}' is ShareGPT's name for the {SHAREGPT_ROLES[role]}: rename human → user, gpt → assistant)"
+    return ""
 
 
 def _extract_prompt_batch(batch: dict) -> dict:
@@ -552,16 +628,51 @@ def _read_template(value: str) -> str:
                        "one of those, or leave it unset to keep the tokenizer's own.")
 
 
-def _render(tokenizer, prompt: list, chosen: list, rejected: list, where: str) -> tuple[str, str, str]:
-    """Chat rows → (prompt, chosen, rejected) text, as TRL's `apply_chat_template`."""
+# `message['role'] == 'ipython'`, `message.role != "system"`, `message['role'] in ['tool', 'ipython']`
+_ROLE_COMPARED = re.compile(r"""role['"\]]*\s*[!=]=\s*['"]([^'"]+)['"]""")
+_ROLE_IN = re.compile(r"""role['"\]]*\s+(?:not\s+)?in\s*[\[(]([^\])]*)[\])]""")
+
+
+def _template_roles(template: str | dict) -> list[str]:
+    """The roles a conversation may use with `template`: `ROLES`, and every role the template's
+    source compares a message's role with (a template that names a role renders it on purpose;
+    one that renders any role generically, as ChatML does, gives an unknown role no meaning)."""
+    source = "\n".join(template.values()) if isinstance(template, dict) else template
+    named = set(_ROLE_COMPARED.findall(source))
+    for group in _ROLE_IN.findall(source):
+        named.update(re.findall(r"""['"]([^'"]+)['"]""", group))
+    return [*ROLES, *sorted(named - set(ROLES))]
+
+
+def _render(tokenizer, prompt: list, chosen: list, rejected: list, where: str,
+            roles: list[str]) -> tuple[str, str, str]:
+    """Chat rows → (prompt, chosen, rejected) text, as TRL's `apply_chat_template`. Every prompt
+    message's role is one of `roles` (`_template_roles`); the answers hold only the assistant's
+    messages (`normalise`)."""
+    for k, message in enumerate(prompt):
+        role = message["role"]
+        if role not in roles:
+            raise PrefoptError(
+                f"{where}: column 'prompt', message {k} has the role '{role}'{_role_hint(role)}, which the chat "
+                f"template does not know: it would be rendered as a turn the model was never taught. Roles accepted: "
+                f"{', '.join(roles)}. Give it one of those (words addressed to the model are a system or user "
+                "message), or remove the message."
+            )
     last = prompt[-1]["role"] if prompt else None
     if last not in ("user", "tool", "assistant"):
         raise PrefoptError(f"{where}: the prompt must end with a user, tool or assistant message (it ends with "
                            f"{last or 'nothing'}); chosen and rejected should share the conversation up to the answer.")
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=last != "assistant",
-                                         continue_final_message=last == "assistant")
-    with_chosen = tokenizer.apply_chat_template(prompt + chosen, tokenize=False)
-    with_rejected = tokenizer.apply_chat_template(prompt + rejected, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=last != "assistant",
+                                             continue_final_message=last == "assistant")
+        with_chosen = tokenizer.apply_chat_template(prompt + chosen, tokenize=False)
+        with_rejected = tokenizer.apply_chat_template(prompt + rejected, tokenize=False)
+    except TemplateSyntaxError as e:
+        raise PrefoptError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message}); fix chat_template, "
+                           "or the template saved with the tokenizer.") from None
+    except TemplateError as e:  # the template's own raise_exception, e.g. "System role not supported"
+        raise PrefoptError(f"{where}: the chat template cannot render this conversation ({e}); change the row's "
+                           "messages to what the template accepts, or use another chat_template.") from None
     # Some templates render the prompt differently once an answer follows (DeepSeek-R1 adds a token
     # with the generation prompt); the prompt is what all three renderings share.
     end = min(_common_prefix_len(text, with_chosen), _common_prefix_len(text, with_rejected))
@@ -635,8 +746,9 @@ def _tokenize_batch(batch: dict, tokenizer, conversational: bool, max_length: in
     triples = list(zip(batch["prompt"], batch["chosen"], batch["rejected"]))
     blank = [_blank(c, conversational) or _blank(r, conversational) for _, c, r in triples]
     if conversational:
+        roles = _template_roles(tokenizer.chat_template)
         # a blank pair is dropped below; an empty conversation could not be rendered
-        triples = [("", "", "") if b else _render(tokenizer, *t, f"{s} row {i}")
+        triples = [("", "", "") if b else _render(tokenizer, *t, f"{s} row {i}", roles)
                    for t, b, s, i in zip(triples, blank, batch["source"], batch["row"])]
     eos = tokenizer.eos_token
     triples = [(p, _end_at_eos(c, eos), _end_at_eos(r, eos)) for p, c, r in triples]
