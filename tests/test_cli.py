@@ -146,3 +146,20 @@ def test_quantization_refused_on_cpu_before_loading(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "load_in_4bit needs bitsandbytes on a CUDA GPU" in err and "Set load_in_4bit: false" in err
+
+
+def test_config_errors_from_a_real_process_are_one_line(tmp_path):
+    """`python -m prefopt`, as a user runs it: a key given twice and a UTF-16 file exit 2 with one
+    line on stderr and no traceback (the in-process cases: tests/test_config.py)."""
+    def explain(content: bytes) -> subprocess.CompletedProcess:
+        (tmp_path / "c.yaml").write_bytes(content)
+        return subprocess.run([sys.executable, "-m", "prefopt", "config", "explain", str(tmp_path / "c.yaml")],
+                              capture_output=True, text=True)
+
+    twice = explain(b"method: simpo\nbeta: 2.0\nbeta: 20.0\n")
+    assert twice.returncode == 2 and twice.stdout == ""
+    assert twice.stderr == (f"prefopt: error: {tmp_path / 'c.yaml'}: 'beta' is given twice (line 2 and line 3); YAML "
+                            "would silently keep the second. Keep one.\n")
+    utf16 = explain("method: simpo\n".encode("utf-16"))  # with its byte-order mark, as Python writes it
+    assert utf16.returncode == 2 and utf16.stderr.count("\n") == 1 and "Traceback" not in utf16.stderr
+    assert "the file is UTF-16 (" in utf16.stderr and "save it as UTF-8" in utf16.stderr

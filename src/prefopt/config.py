@@ -9,11 +9,17 @@ normalised into one canonical form: `method` + `loss_type` name the objective an
 hyperparameter has its paper's name (`beta`, `gamma_beta_ratio`, `nll_weight`, `alpha`,
 `label_smoothing`). Two keys that say the same thing are an error, and so is an unknown key
 (with the nearest valid one suggested). Training keys are `transformers.TrainingArguments`.
+
+The file is read as UTF-8 by PyYAML's safe loader with three refusals of its own (a key given
+twice, aliases expanding past a bound, deep nesting), and every numeric value is checked against
+`VALUE_RULES` when the config is built, so a bad value stops the run before anything loads.
 """
 
+import codecs
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,6 +208,12 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "activation_checkpointing": ("activation_checkpointing", "gradient_checkpointing"),
     "activation_checkpointing_kwargs": ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"),
 }
+# Older spellings read under today's names (simpo_gamma and use_flash_attention_2 are converted instead)
+RENAMES = {"evaluation_strategy": "eval_strategy", "torch_dtype": "dtype", "dataset_num_proc": "preprocessing_num_workers",
+           "max_target_length": "max_completion_length", "use_bnb_nested_quant": "bnb_4bit_use_double_quant",
+           "cpo_alpha": "nll_weight", "sft_weight": "nll_weight", "warmup_ratio": "warmup_steps",
+           "gradient_checkpointing": "activation_checkpointing",
+           "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 # The ways of naming the data: only one may be used.
 DATASET_FORMS = ("dataset_mixer", "dataset_mixture", "datasets", "dataset_name")
 DATASET_COMPANIONS = (
@@ -229,19 +241,124 @@ OBJECTIVE_KEYS = _names(ObjectiveArgs)
 RUN_KEYS = _names(RunArgs)
 TRAINING_KEYS = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 VALID_KEYS = MODEL_KEYS | DATA_KEYS | OBJECTIVE_KEYS | RUN_KEYS | TRAINING_KEYS | DIALECT_KEYS
+# Each field's annotation, for reading its value as the right type; and the two dialect keys
+# that have no field of their own (TRL's absolute simpo_gamma, a `datasets:` entry's fraction)
+FIELD_TYPES = {**{f.name: f.type for f in dataclasses.fields(TrainingArguments)},
+               **{k: v for cls in (ModelArgs, DataArgs, ObjectiveArgs, RunArgs, DatasetSource)
+                  for k, v in typing.get_type_hints(cls).items()},
+               "simpo_gamma": float, "fraction": float | None}
 
 
 def _fail(where: str, message: str):
     raise PrefoptError(f"{where}: {message}")
 
 
+# How far a config's YAML may reach. A real config has a few hundred values and nests a few
+# levels; aliases may repeat a block (`dataset_splits: *splits`), but nine nested lists of nine
+# aliases each (a "billion laughs" in 300 bytes) would expand to 9⁹ values in whatever walks it.
+MAX_YAML_VALUES = 100_000  # counting every alias as the values it stands for
+MAX_YAML_DEPTH = 64  # PyYAML's composer recurses per level: this stops well before Python's limit
+
+# Encodings recognised by their byte-order mark (UTF-32 first: its LE mark begins with UTF-16's):
+# the name, and iconv's name for it
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "UTF-32 (little-endian)", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32 (big-endian)", "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16 (little-endian)", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16 (big-endian)", "UTF-16"),
+)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing at compose time what it would accept silently: a key given
+    twice in one mapping (YAML keeps the last), aliases expanding past MAX_YAML_VALUES, and
+    nesting past MAX_YAML_DEPTH. Merge keys (`<<: *defaults`) still work: the keys written next
+    to a merge override the merged ones, by YAML's rule, and are not duplicates."""
+
+    def __init__(self, text: str, where: str):
+        super().__init__(text)
+        self.where = where
+        self.path: list[str] = []  # where the node being composed sits: dataset_mixer, 'a.jsonl'
+        self.sizes: dict[int, int] = {}  # id(node) -> values it expands to, aliases counted in full
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if parent is not None:  # index: the key node of a mapping value, the position in a list
+            self.path.append(f"[{index}]" if isinstance(index, int) else f".{getattr(index, 'value', '?')}")
+        if len(self.path) > MAX_YAML_DEPTH:
+            _fail(self.where, f"line {event.start_mark.line + 1}: the YAML nests more than {MAX_YAML_DEPTH} levels "
+                              "deep; a config is a mapping of keys to values.")
+        node = super().compose_node(parent, index)
+        if isinstance(event, yaml.AliasEvent):
+            if id(node) not in self.sizes:  # the alias sits inside the value it names
+                _fail(self.where, f"line {event.start_mark.line + 1}: the alias *{event.anchor} refers to a value "
+                                  "that contains it; a config cannot hold a recursive value.")
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+            if isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+                self._refuse_duplicate_keys(node)
+            self.sizes[id(node)] = 1 + sum(self.sizes[id(child)] for child in children)
+            if self.sizes[id(node)] > MAX_YAML_VALUES:
+                _fail(self.where, f"line {event.start_mark.line + 1}: this value expands to more than "
+                                  f"{MAX_YAML_VALUES:,} values through YAML aliases (*name); write the values out "
+                                  "instead.")
+        if parent is not None:
+            self.path.pop()
+        return node
+
+    def _refuse_duplicate_keys(self, node: yaml.MappingNode):
+        first: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)  # `1` and `1.0`, `on` and `true`: one key to Python
+            if key in first:
+                under = f" under {''.join(self.path).removeprefix('.')}" if self.path else ""
+                lines = first[key].start_mark.line + 1, key_node.start_mark.line + 1
+                at = f"on line {lines[0]}" if lines[0] == lines[1] else f"(line {lines[0]} and line {lines[1]})"
+                _fail(self.where, f"{key_node.value!r}{under} is given twice {at}; YAML would silently keep the "
+                                  "second. Keep one.")
+            first[key] = key_node
+
+
+def parse_yaml(text: str, where: str):
+    """One YAML document through `_ConfigLoader` (PyYAML errors propagate as yaml.YAMLError)."""
+    loader = _ConfigLoader(text, where)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _decode(where: str, data: bytes) -> str:
+    """UTF-8 text (a UTF-8 byte-order mark is dropped); any other encoding is named, with the fix."""
+    fix = "save it as UTF-8 (your editor's \"save with encoding\")"
+    for mark, name, codec in BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            _fail(where, f"the file is {name} text; configs are read as UTF-8: {fix}, or convert it with "
+                         f"`iconv -f {codec} -t UTF-8 {where} > fixed.yaml`.")
+    if b"\x00" in data:  # ASCII text in UTF-16 without a byte-order mark has every other byte 0
+        _fail(where, f"the file holds NUL bytes: it looks like UTF-16 or UTF-32 text without a byte-order mark, and "
+                     f"configs are read as UTF-8: {fix}.")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        _fail(where, f"line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}: {e.reason}); {fix}.")
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a config file with the safe loader; it must hold one mapping."""
+    """Read a config file (UTF-8, with `_ConfigLoader`); it must hold one mapping."""
     p = Path(path)
     if not p.is_file():
         raise PrefoptError(f"{path}: no such config file.")
     try:
-        raw = yaml.safe_load(p.read_text())
+        data = p.read_bytes()
+    except OSError as e:
+        raise PrefoptError(f"{path}: cannot be read ({e.strerror}); check the file's permissions.") from None
+    try:
+        raw = parse_yaml(_decode(str(path), data), str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -269,7 +386,7 @@ def parse_overrides(argv: list[str]) -> dict:
             else:
                 value = "true"
         try:
-            out[key] = yaml.safe_load(value)
+            out[key] = parse_yaml(value, f"command line (--{key})")
         except yaml.YAMLError:
             out[key] = value
         i += 1
@@ -327,9 +444,9 @@ def _dataset_sources(where: str, raw: dict) -> tuple[list[DatasetSource], list[D
         if len(configs) != len(mixer):
             _fail(where, f"dataset_configs has {len(configs)} entries for {len(mixer)} datasets in dataset_mixer.")
         for (path, frac), name in zip(mixer.items(), configs):
-            frac = _coerce(where, f"dataset_mixer[{path!r}]", frac, float)
-            if not 0 < frac <= 1:
-                _fail(where, f"dataset_mixer[{path!r}] = {frac}: a fraction must be in (0, 1].")
+            frac = _checked(where, "keep_fraction", frac, label=f"dataset_mixer[{path!r}]")
+            if frac is None:
+                _fail(where, f"dataset_mixer[{path!r}]: give the share of its rows to use, e.g. 1.0.")
             for split in splits:
                 route(DatasetSource(path=str(path), split=split, name=name, keep_fraction=frac))
         notes.append(f"data: alignment-handbook dataset_mixer with splits {list(splits)}")
@@ -344,11 +461,13 @@ def _dataset_sources(where: str, raw: dict) -> tuple[list[DatasetSource], list[D
             extra = set(d) - {"id", "config", "split", "columns", "weight"}
             if "id" not in d or extra:
                 _fail(where, f"dataset_mixture.datasets[{i}]: needs 'id'; allowed keys id, config, split, columns, weight.")
-            weight = d.get("weight")
+            weight = _checked(where, "keep_fraction", d.get("weight"), label=f"dataset_mixture.datasets[{i}].weight")
             route(DatasetSource(path=str(d["id"]), split=d.get("split", "train"), name=d.get("config"),
-                                columns=d.get("columns"), keep_fraction=None if weight is None else float(weight)))
+                                columns=d.get("columns"), keep_fraction=weight))
         if "test_split_size" in mixture:
-            raw.setdefault("test_split_size", mixture["test_split_size"])
+            size = _checked(where, "test_split_size", mixture["test_split_size"],
+                            label="dataset_mixture.test_split_size")
+            raw.setdefault("test_split_size", size)
         notes.append("data: alignment-handbook dataset_mixture")
     elif "datasets" in raw:
         entries = raw["datasets"]
@@ -361,9 +480,10 @@ def _dataset_sources(where: str, raw: dict) -> tuple[list[DatasetSource], list[D
             if not isinstance(d, dict) or "path" not in d or set(d) - allowed:
                 _fail(where, f"datasets[{i}]: needs 'path'; allowed keys {sorted(allowed)}.")
             route(DatasetSource(path=str(d["path"]), split=d.get("split", "train"), name=d.get("name"),
-                                data_dir=d.get("data_dir"), data_files=d.get("data_files"),
-                                columns=d.get("columns"), mix_share=d.get("fraction"),
-                                keep_fraction=d.get("keep_fraction")))
+                                data_dir=d.get("data_dir"), data_files=d.get("data_files"), columns=d.get("columns"),
+                                mix_share=_checked(where, "fraction", d.get("fraction"), label=f"datasets[{i}].fraction"),
+                                keep_fraction=_checked(where, "keep_fraction", d.get("keep_fraction"),
+                                                       label=f"datasets[{i}].keep_fraction")))
         notes.append("data: TRL datasets list")
     elif "dataset_name" in raw:
         path, name = str(raw["dataset_name"]), raw.get("dataset_config")
@@ -409,7 +529,7 @@ def _coerce(where: str, key: str, value, annotation):
         if t in allowed and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             try:
                 converted = t(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
                 continue
             if t is int and isinstance(value, float) and converted != value:
                 continue
@@ -431,6 +551,153 @@ def _build(where: str, cls, values: dict):
         if _base_types(hints[key]) <= {str, type(None)} and isinstance(value, (list, dict)):
             _fail(where, f"{key}: expected a single value, got {value!r}.")
     return cls(**{k: _coerce(where, k, v, hints[k]) for k, v in values.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Numeric ranges
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The finite numbers a key takes (NaN and ±inf never): from `low` to `high` (None: no limit),
+    each end included unless open. Read as "must be ...": "positive", "at least 1", "in [0, 0.5)"."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    what: str = ""  # what the interval holds: "a share"
+
+    def admits(self, v: float) -> bool:
+        above = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        below = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        return math.isfinite(v) and above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            if self.low is None:
+                return "a finite number"
+            if self.low == 0 and self.low_open:
+                return "positive"
+            return f"{'above' if self.low_open else 'at least'} {_shown(self.low)}"
+        if self.low == self.high:
+            return _shown(self.low)
+        ends = f"{'(' if self.low_open else '['}{_shown(self.low)}, {_shown(self.high)}{')' if self.high_open else ']'}"
+        return f"{self.what} in {ends}".lstrip()
+
+
+@dataclass(frozen=True)
+class ShareOrCount:
+    """transformers' `*_steps` (and our test_split_size): below 1 a share of `of`, else a whole count."""
+
+    of: str
+    zero: bool = False  # 0 allowed (none)
+
+    def admits(self, v: float) -> bool:
+        return math.isfinite(v) and (0 < v < 1 or v >= 1 and float(v).is_integer() or self.zero and v == 0)
+
+    def __str__(self) -> str:
+        return f"{'0, ' if self.zero else ''}a share of {self.of} in (0, 1) or a whole number of at least 1"
+
+
+POSITIVE = Bound(0, low_open=True)
+AT_LEAST_0 = Bound(0)
+COUNT = Bound(1)  # on a whole-number key: _coerce has refused fractions already
+BELOW_1 = Bound(0, 1, high_open=True)
+SHARE = Bound(0, 1, what="a share")
+STEPS = ShareOrCount("the run's steps")
+
+# Every numeric key, with what it takes and a note for the message: checked (and converted) in
+# `build_config`, before anything loads, under the spelling the user wrote.
+VALUE_RULES: dict[str, tuple[Bound | ShareOrCount, str]] = {
+    # objective
+    "beta": (POSITIVE, ""),
+    "gamma_beta_ratio": (AT_LEAST_0, "0: no target margin"),
+    "simpo_gamma": (AT_LEAST_0, "0: no target margin"),
+    "nll_weight": (AT_LEAST_0, "0: no NLL term"),
+    "cpo_alpha": (AT_LEAST_0, "0: no NLL term"),
+    "sft_weight": (AT_LEAST_0, "0: no NLL term"),
+    "label_smoothing": (Bound(0, 0.5, high_open=True), "at 0.5 chosen and rejected would count the same"),
+    "alpha": (Bound(), "AlphaPO's reward shape; 0: the log-prob reward"),
+    "diversity_weight": (AT_LEAST_0, "0: off"),
+    "diversity_alpha": (Bound(0, 1), "the entropy's share of the diversity term"),
+    "logprob_chunk_size": (COUNT, "or unset"),
+    # model
+    "lora_r": (COUNT, ""),
+    "lora_alpha": (POSITIVE, ""),
+    "lora_dropout": (BELOW_1, ""),
+    # data
+    "max_length": (Bound(2), "or unset"),
+    "max_prompt_length": (COUNT, "or unset"),
+    "max_completion_length": (COUNT, "or unset"),
+    "max_target_length": (COUNT, "or unset"),
+    "pack_length": (COUNT, "or unset"),
+    "preprocessing_num_workers": (COUNT, "or unset"),
+    "dataset_num_proc": (COUNT, "or unset"),
+    "max_dropped_share": (SHARE, ""),
+    "test_split_size": (ShareOrCount("the training rows", zero=True), "or unset"),
+    "keep_fraction": (Bound(0, 1, low_open=True, what="a share"), "of that dataset's rows"),
+    "fraction": (POSITIVE, "a weight, normalised over the datasets"),
+    # training
+    "learning_rate": (POSITIVE, ""),
+    "num_train_epochs": (POSITIVE, "to train a set number of steps, set max_steps"),
+    "max_steps": (Bound(-1), "-1: as many as num_train_epochs take"),
+    "per_device_train_batch_size": (COUNT, ""),
+    "per_device_eval_batch_size": (COUNT, ""),
+    "gradient_accumulation_steps": (COUNT, ""),
+    "eval_accumulation_steps": (COUNT, "or unset"),
+    "warmup_steps": (ShareOrCount("the run's steps", zero=True), ""),
+    "warmup_ratio": (BELOW_1, "a share of the run's steps"),
+    "weight_decay": (AT_LEAST_0, ""),
+    "adam_beta1": (BELOW_1, ""),
+    "adam_beta2": (BELOW_1, ""),
+    # 0 would divide 0 by 0 for every weight whose gradient is 0 (an unused token's embedding)
+    "adam_epsilon": (POSITIVE, ""),
+    "max_grad_norm": (AT_LEAST_0, "0: no clipping"),
+    # the Trainer's label smoother is for its own loss, which PreferenceTrainer replaces
+    "label_smoothing_factor": (Bound(0, 0), "the preference loss's label smoothing is label_smoothing"),
+    "neftune_noise_alpha": (POSITIVE, "or unset: off"),
+    "logging_steps": (STEPS, ""),
+    "eval_steps": (STEPS, "or unset: logging_steps"),
+    "save_steps": (STEPS, ""),
+    "eval_delay": (AT_LEAST_0, ""),
+    "save_total_limit": (COUNT, "or unset: keep every checkpoint"),
+    "seed": (Bound(0, 2**32 - 1), "numpy takes 32-bit seeds"),
+    "data_seed": (Bound(0, 2**32 - 1), "or unset: seed"),
+    "dataloader_num_workers": (AT_LEAST_0, "0: load in the main process"),
+    "dataloader_prefetch_factor": (COUNT, "or unset"),
+    "torch_empty_cache_steps": (COUNT, "or unset"),
+    "ddp_timeout": (POSITIVE, "seconds"),
+    "ddp_bucket_cap_mb": (POSITIVE, "or unset"),
+}
+
+
+def _shown(v: float) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _checked(where: str, key: str, value, label: str | None = None):
+    """`value` read as `key`'s type and refused outside its VALUE_RULES range; null passes where
+    the key may be unset. `label` names it in the message when it sits inside another key."""
+    bound, note = VALUE_RULES[key]
+    label = label or key
+    annotation = FIELD_TYPES[RENAMES.get(key, key)]
+    if value is None and type(None) in _base_types(annotation):
+        return None
+    number = None if value is None else _coerce(where, label, value, annotation)
+    if number is not None and bound.admits(number):
+        return number
+    if number is None or math.isfinite(number):
+        shown = "null" if number is None else _shown(number)
+        _fail(where, f"{label} must be {bound}{f' ({note})' if note else ''}, got {shown}.")
+    detail = "; ".join(part for part in ("" if bound == Bound() else str(bound), note) if part)
+    _fail(where, f"{label} must be a finite number{f' ({detail})' if detail else ''}, got {number}.")
+
+
+def _check_values(where: str, raw: dict):
+    """Every numeric key of `raw` read as its type, in place, or refused naming the key and its range."""
+    for key in [k for k in raw if k in VALUE_RULES]:
+        raw[key] = _checked(where, key, raw[key])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,8 +743,6 @@ def _resolve_objective(where: str, raw: dict, obj: ObjectiveArgs, notes: list[st
         _fail(where, f"method {method} takes loss_type {' or '.join(spec.losses)}, not {loss_type!r}.")
 
     beta = spec.defaults["beta"] if obj.beta is None else obj.beta
-    if beta <= 0:
-        _fail(where, f"beta must be positive, got {beta}.")
     gamma = obj.gamma_beta_ratio
     if "simpo_gamma" in raw:
         # TRL's simpo_gamma is the absolute margin γ; the canonical parameter is γ/β.
@@ -489,11 +754,7 @@ def _resolve_objective(where: str, raw: dict, obj: ObjectiveArgs, notes: list[st
         _fail(where, f"{method} has no reward-shape parameter; remove alpha.")
     if obj.label_smoothing and loss_type not in SMOOTHABLE:
         _fail(where, f"label_smoothing applies to the sigmoid loss only; remove it or use loss_type sigmoid.")
-    if not 0 <= obj.label_smoothing < 0.5:
-        _fail(where, f"label_smoothing must be in [0, 0.5), got {obj.label_smoothing}.")
     nll = spec.defaults["nll_weight"] if obj.nll_weight is None else obj.nll_weight
-    if nll < 0:
-        _fail(where, f"nll_weight must be >= 0, got {nll}.")
     return dataclasses.replace(
         obj,
         method=method,
@@ -521,15 +782,10 @@ def build_config(raw: dict, where: str = "config") -> Config:
         if key not in VALID_KEYS:
             _fail(where, f"unknown key '{key}'.{_suggest(key)}")
     _check_aliases(where, raw)
+    _check_values(where, raw)
 
     notes: list[str] = []
-    # Plain renames of older spellings.
-    renames = {"evaluation_strategy": "eval_strategy", "torch_dtype": "dtype", "dataset_num_proc": "preprocessing_num_workers",
-               "max_target_length": "max_completion_length", "use_bnb_nested_quant": "bnb_4bit_use_double_quant",
-               "cpo_alpha": "nll_weight", "sft_weight": "nll_weight", "warmup_ratio": "warmup_steps",
-               "gradient_checkpointing": "activation_checkpointing",
-               "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
-    for old, new in renames.items():
+    for old, new in RENAMES.items():
         if old in raw:
             raw[new] = raw.pop(old)
             notes.append(f"{old} read as {new}")
@@ -565,9 +821,6 @@ def build_config(raw: dict, where: str = "config") -> Config:
     training_values = {**TRAINING_DEFAULTS, **sections["training"]}
     hints = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
     training_values = {k: _coerce(where, k, v, hints[k]) for k, v in training_values.items()}
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if training_values.get(key, 1) < 1:
-            _fail(where, f"{key} must be at least 1, got {training_values[key]}.")
     if training_values.get("remove_unused_columns"):
         _fail(where, "remove_unused_columns must stay false: the collator needs the tokenized columns.")
     training_values["remove_unused_columns"] = False
@@ -594,7 +847,7 @@ def build_config(raw: dict, where: str = "config") -> Config:
         training = TrainingArguments(**training_values)
     except (ValueError, TypeError, ImportError) as e:
         _fail(where, f"training arguments rejected by transformers: {e}")
-    _validate(where, model, data, objective)
+    _validate(where, model, data, objective, training)
     run = _build(where, RunArgs, sections["run"])
     return Config(model=model, data=data, objective=objective, training=training, run=run, source=where, notes=notes,
                   forced=forced)
@@ -642,14 +895,8 @@ def _has_accelerator() -> bool:
             or any(getattr(au, name, lambda: False)() for name in others))
 
 
-def _validate(where: str, model: ModelArgs, data: DataArgs, obj: ObjectiveArgs):
-    if data.max_length is not None and data.max_length < 2:
-        _fail(where, f"max_length must be at least 2, got {data.max_length}.")
-    for key in ("max_prompt_length", "max_completion_length", "preprocessing_num_workers", "pack_length"):
-        if getattr(data, key) is not None and getattr(data, key) < 1:
-            _fail(where, f"{key} must be at least 1 (or unset), got {getattr(data, key)}.")
-    if not 0 <= data.max_dropped_share <= 1:
-        _fail(where, f"max_dropped_share must be a share in [0, 1], got {data.max_dropped_share:g}.")
+def _validate(where: str, model: ModelArgs, data: DataArgs, obj: ObjectiveArgs, training: TrainingArguments):
+    """The rules between keys (each key's own range is VALUE_RULES')."""
     if data.max_prompt_length is not None and data.max_length is not None and data.max_prompt_length >= data.max_length:
         _fail(where, f"max_prompt_length ({data.max_prompt_length}) must be below max_length ({data.max_length}) "
                      "to leave room for the completion.")
@@ -668,12 +915,19 @@ def _validate(where: str, model: ModelArgs, data: DataArgs, obj: ObjectiveArgs):
                          "the values are your column names.")
         if len(set(mapping.values())) < len(mapping):
             _fail(where, f"column_mapping {mapping} takes two roles from one column; map each to its own column.")
+    # Only when the config names its data: a library caller may hand the Trainer an eval set itself.
+    strategy = _plain(training.eval_strategy)
+    asked = [(f"eval_strategy: {strategy}", "eval_strategy: no")] if strategy != "no" else []
+    asked += [("eval_on_start: true", "eval_on_start: false")] if training.eval_on_start else []
+    if asked and data.train_datasets and not data.eval_datasets and not data.test_split_size:
+        _fail(where, f"{' and '.join(k for k, _ in asked)} {'ask' if len(asked) > 1 else 'asks'} for evaluation, but no evaluation data is configured: name a "
+                     "held-out split (a split named like test/valid/eval in dataset_splits or datasets, or "
+                     "dataset_test_split), or hold part of train out with test_split_size (e.g. 0.05); or set "
+                     f"{' and '.join(off for _, off in asked)} to train without evaluating.")
     if model.load_in_4bit and model.load_in_8bit:
         _fail(where, "load_in_4bit and load_in_8bit both set; keep one.")
     if model.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         _fail(where, f"dtype must be auto, float32, bfloat16 or float16, got {model.dtype!r}.")
-    if obj.diversity_weight < 0 or not 0 <= obj.diversity_alpha <= 1:
-        _fail(where, "diversity_weight must be >= 0 and diversity_alpha in [0, 1].")
 
 
 def load_config(path: str | None, argv: list[str] | None = None) -> Config:
@@ -690,6 +944,7 @@ def load_config(path: str | None, argv: list[str] | None = None) -> Config:
     for key in overrides:
         if key not in VALID_KEYS:
             _fail("command line", f"unknown option '--{key}'.{_suggest(key)}")
+    _check_values("command line", overrides)  # here, so that a bad value is blamed on the command line
     return build_config(merge_overrides(raw, overrides), where)
 
 
