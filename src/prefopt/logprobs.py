@@ -77,12 +77,19 @@ class _FusedHeadLogps(torch.autograd.Function):
         ctx.save_for_backward(h, target, lse)
         # kept as attributes, not saved tensors: a ZeRO-3 weight's storage is swapped by `gather`
         ctx.weight, ctx.bias, ctx.chunk, ctx.gather = weight, bias, chunk, gather
+        # Backward recomputes the logits, and must do so in this forward's precision: under bf16
+        # autocast here but not in backward (the usual case: backward() is called outside the region),
+        # exp(z − lse) would mix fp32 logits with these bf16-logit log-sum-exps, a softmax that no
+        # longer sums to one, i.e. a biased gradient (tests/test_bf16.py).
+        device = h.device.type
+        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp: Tensor):
         h, target, lse = ctx.saved_tensors
-        with ctx.gather():
+        device, enabled, dtype = ctx.autocast
+        with ctx.gather(), torch.autocast(device, dtype=dtype, enabled=enabled):
             return _FusedHeadLogps._backward(ctx, h, target, ctx.weight, ctx.bias, lse, grad_logp)
 
     @staticmethod
