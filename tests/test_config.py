@@ -447,7 +447,6 @@ def test_bounds(bound, inside, outside):
     assert all(bound.admits(v) for v in inside) and not any(bound.admits(v) for v in outside)
 
 
-@pytest.mark.xfail(reason="needs data.py change", strict=True)
 def test_csv_text_columns_are_read_as_text(tmp_path):
     """A CSV has no types: answers that are all digits (or "NA", or blank) are text as written."""
     from prefopt.data import load_raw

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import PrefoptError
+from .errors import PrefoptError, Stopped
 
 USAGE = """usage:
   prefopt train [CONFIG.yaml] [--key value ...]   train (no config: the built-in offline demo)
@@ -129,6 +129,8 @@ def cmd_eval(args: list[str]) -> int:
     report = evaluate(options["model"], data=options.get("data"), split=options.get("split", "test"),
                       prompts=options.get("prompts"), reward_model=options.get("reward_model"),
                       alpaca_dir=options.get("alpaca_eval"), seed=_seed(generation), **generation)
+    if os.environ.get("RANK", "0") != "0":  # under a launcher every process holds the whole report
+        return 0
     print(format_report(report))
     if "output" in options:
         Path(options["output"]).write_text(json.dumps(report, indent=1))
@@ -218,12 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         print(f"prefopt: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
+    rank = os.environ.get("RANK", "0")  # under a launcher, say which process it was
     try:
         return command(argv[1:])
     except PrefoptError as e:
-        rank = os.environ.get("RANK", "0")  # under a launcher, say which process it was
-        print(f"prefopt: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+        if e.echo:
+            print(f"prefopt: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        if rank == "0":
+            print(f"prefopt: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        if rank == "0":
+            print("prefopt: interrupted (Ctrl-C).", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -587,6 +587,18 @@ class Bound:
 
 
 @dataclass(frozen=True)
+class StepCount:
+    """max_steps: -1 (as many as num_train_epochs take) or a whole number of at least 1. transformers
+    trains one step for 0; prefopt refuses it rather than guess "none" or "one"."""
+
+    def admits(self, v: float) -> bool:
+        return math.isfinite(v) and float(v).is_integer() and (v == -1 or v >= 1)
+
+    def __str__(self) -> str:
+        return "-1 or a whole number of at least 1 (transformers would train one step for 0)"
+
+
+@dataclass(frozen=True)
 class ShareOrCount:
     """transformers' `*_steps` (and our test_split_size): below 1 a share of `of`, else a whole count."""
 
@@ -641,7 +653,7 @@ VALUE_RULES: dict[str, tuple[Bound | ShareOrCount, str]] = {
     # training
     "learning_rate": (POSITIVE, ""),
     "num_train_epochs": (POSITIVE, "to train a set number of steps, set max_steps"),
-    "max_steps": (Bound(-1), "-1: as many as num_train_epochs take"),
+    "max_steps": (StepCount(), "-1: as many as num_train_epochs take"),
     "per_device_train_batch_size": (COUNT, ""),
     "per_device_eval_batch_size": (COUNT, ""),
     "gradient_accumulation_steps": (COUNT, ""),

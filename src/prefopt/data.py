@@ -19,6 +19,7 @@ chat template does not know, and a held-out share of less than one pair.
 """
 
 import codecs
+import csv
 import hashlib
 import json
 import re
@@ -33,6 +34,7 @@ import pyarrow.compute as pc
 from datasets import (
     Dataset,
     DatasetDict,
+    Features,
     LargeList,
     List,
     Value,
@@ -207,6 +209,8 @@ def _load_local(src: DatasetSource, builder: str, **kwargs):
     json_file = Path(kwargs["data_files"]) if builder == "json" else None
     if json_file is not None:
         _check_json(json_file, parse=False)
+    if builder == "csv":
+        kwargs.update(_csv_as_text(Path(kwargs["data_files"])))
     try:
         return load_dataset(builder, **kwargs)
     except (DatasetGenerationError, OSError, ValueError) as e:
@@ -218,6 +222,20 @@ def _load_local(src: DatasetSource, builder: str, **kwargs):
         kind = builder if builder in LOADERS.values() else ", ".join(LOADERS)
         raise PrefoptError(f"{json_file or src.path}: could not be read ({type(cause).__name__}: {cause}); check "
                            f"that it is a complete, valid {kind} file (export it again if it was cut short).") from e
+
+
+def _csv_as_text(path: Path) -> dict:
+    """load_dataset options that read every column of a CSV as the text written in it. A CSV has
+    no types: pandas would read a column of `007`, `12` as the ints 7, 12, and `NA`, `null` or a
+    blank cell as missing. So a blank answer is "", dropped and counted like a blank JSON answer."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}  # the load itself then fails, and says so
+    if not header or len(set(header)) < len(header):
+        return {}  # no rows, or a repeated column name: left to the load's own message
+    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
 
 
 def _check_json(path: Path, parse: bool):

@@ -1,8 +1,23 @@
-"""The one exception type prefopt raises for bad input: its message names what to change."""
+"""The exceptions prefopt raises for what a user or a machine did: each message names what to do."""
 
 
 class PrefoptError(Exception):
     """A problem with the user's config, data or environment, stated with its fix.
 
-    The CLI prints the message without a traceback and exits with status 2.
+    The CLI prints the message without a traceback and exits with status 2. `echo=False` on the
+    processes other than the first one, which already said it.
     """
+
+    def __init__(self, message: str, echo: bool = True):
+        super().__init__(message)
+        self.echo = echo
+
+
+class Stopped(BaseException):
+    """The run was stopped by a signal (SIGTERM, SIGINT); the CLI exits with 128 + its number.
+
+    A BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

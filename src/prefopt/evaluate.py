@@ -69,7 +69,8 @@ def preference_metrics(model_dir: str, data: str, split: str, objective: dict, b
     with torch.no_grad():
         for batch in tqdm(trainer.get_eval_dataloader(Dataset.from_list(list(pairs))), desc="scoring pairs"):
             batch = trainer._prepare_inputs(batch)
-            f = trainer._forward(model, batch)
+            # under several processes: this process's share, without the sampler's padding duplicates
+            f = trainer._forward(model, batch, trainer.eval_pairs_kept(len(batch["row"])))
             _, chosen, rejected, _ = trainer.loss_fn(f["chosen_logps"], f["rejected_logps"], trainer.hyper)
             B = chosen.shape[0]
             rows["margin"] += (chosen - rejected).tolist()
@@ -77,6 +78,11 @@ def preference_metrics(model_dir: str, data: str, split: str, objective: dict, b
             rows["logps_rejected"] += f["rejected_logps"].tolist()
             rows["len_chosen"] += f["completion_tokens"][:B].tolist()
             rows["len_rejected"] += f["completion_tokens"][B:].tolist()
+    if trainer.accelerator.num_processes > 1:  # every process's pairs, on every process
+        from accelerate.utils import gather_object
+
+        shares = gather_object([rows])
+        rows = {k: [v for share in shares for v in share[k]] for k in rows}
     n = len(rows["margin"])
     longer = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(rows["len_chosen"], rows["len_rejected"])]
     margins = sorted(rows["margin"])

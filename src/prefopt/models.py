@@ -119,10 +119,14 @@ PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def check_weights_format(m: ModelArgs, where: str):
-    """Refuse, before loading, a local model folder whose weights exist only as pickle."""
-    if m.model_name_or_path is None or m.allow_pickle_weights:
+    """Refuse, before loading, a local model folder whose weights exist only as pickle, or whose
+    safetensors files are damaged."""
+    if m.model_name_or_path is None:
         return
     local = Path(m.model_name_or_path).expanduser()
+    check_weights_intact(local, where)
+    if m.allow_pickle_weights:
+        return
     adapter = read_adapter_config(m.model_name_or_path) if local.is_dir() else None
     if adapter is not None:
         base = Path(m.base_model_name_or_path or adapter.get("base_model_name_or_path") or "").expanduser()
@@ -142,10 +146,43 @@ def check_weights_format(m: ModelArgs, where: str):
 
 def load_tokenizer(m: ModelArgs):
     name = _source(m, tokenizer=True)
+    local = Path(name)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise PrefoptError(f"{name} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}). Copy the tokenizer "
+                           "into it (tokenizer.save_pretrained), or set tokenizer_name_or_path to where it is.")
     try:
         return AutoTokenizer.from_pretrained(name, revision=m.model_revision, trust_remote_code=m.trust_remote_code)
-    except OSError as e:
-        raise PrefoptError(f"could not load the tokenizer from {name!r}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise PrefoptError(f"could not load the tokenizer from {name!r}: {str(e).splitlines()[0]} Set "
+                           "tokenizer_name_or_path to a folder or Hub id that holds it.") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "vocab.txt")
+
+
+def check_weights_intact(folder: str | Path, where: str):
+    """Refuse, before loading, a safetensors file that is cut short or has a damaged header (a copy
+    that ran out of disk, an interrupted download): its header says where every tensor ends."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        problem = None
+        try:
+            with path.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
+                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+        except (OSError, ValueError, UnicodeDecodeError):
+            header = None
+        if header is None:
+            problem = "its header is missing or damaged"
+        else:
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                problem = f"it is cut short ({size:,} bytes; its header describes {8 + n + end:,})"
+        if problem:
+            raise PrefoptError(f"{where}: {path}: {problem}. Copy or download it again.")
 
 
 def _from_pretrained(name: str, m: ModelArgs, quantize: bool) -> PreTrainedModel:

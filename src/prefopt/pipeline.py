@@ -7,6 +7,7 @@ not the minutes of loading a 7B model.
 """
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,12 @@ from transformers.integrations import get_available_reporting_integrations
 from . import data as data_mod
 from .collate import choose_layout, collator_for
 from .config import Config, explain, save_resolved
-from .errors import PrefoptError
+from . import runs
+from .errors import PrefoptError, Stopped
 from .guidance import GuidanceCallback, before_training
 from .models import check_adapter_start, check_saved, check_weights_format, load_model, load_tokenizer
 from .plots import plot_run
-from .runs import prepare_output_dir
+from .stopping import StopOnSignal, StopRequest
 from .trainer import MetricsFile, PreferenceTrainer
 
 
@@ -32,7 +34,8 @@ class RunResult:
     output_dir: Path
     train_metrics: dict
     eval_metrics: dict | None
-    trainer: PreferenceTrainer
+    trainer: PreferenceTrainer | None
+    finished: bool = False  # the folder held a finished run: nothing was done
 
 
 def check_runnable(cfg: Config):
@@ -133,9 +136,29 @@ def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> Prefere
     )
 
 
+def _on_main(fn, main_process: bool):
+    """Run `fn` on the first process only and give its result (or its PrefoptError) to every process."""
+    result = None
+    if main_process:
+        try:
+            result = ("ok", fn())
+        except PrefoptError as e:
+            result = ("error", str(e))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [result]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result = box[0]
+    if result[0] == "error":
+        raise PrefoptError(result[1], echo=main_process)
+    return result[1]
+
+
 def train(cfg: Config, log=print) -> RunResult:
     """Train as `cfg` says. Under torchrun/accelerate/deepspeed every process runs this; only the
-    first one prints and writes the run's files, and it tokenizes before the others read its cache."""
+    first one prints and writes the run's files, and it tokenizes before the others read its cache.
+
+    The output_dir is locked, read and judged before anything loads (a finished run ends here,
+    untouched); it is changed only once the data is known to be good."""
     t = cfg.training
     out = Path(t.output_dir)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -153,46 +176,96 @@ def train(cfg: Config, log=print) -> RunResult:
                             ("MASTER_PORT", "29500")):
             os.environ.setdefault(name, value)  # a single process started without a launcher
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    runs.check_place(cfg)
+    lock = runs.Lock(out)
+    _on_main(lock.acquire, main_process)  # held until this process ends
+    plan = _on_main(lambda: runs.plan(cfg), main_process)
+    if plan.finished:
+        log(finished_message(cfg, out))
+        return RunResult(out, {}, None, None, finished=True)
+    stop = StopRequest(log)
+    stop.install()
+    try:
+        return _train(cfg, plan, lock, stop, main_process, log)
+    except Exception as e:
+        if not runs.is_file_system_error(e):
+            raise
+        complete = [c for c in runs.checkpoints(out) if runs.is_complete(c)]
+        raise runs.file_system_error(e, out, "write the run's files", str(complete[-1]) if complete else None
+                                     ) from None
+    finally:
+        stop.uninstall()
+
+
+def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, main_process: bool, log) -> RunResult:
+    t = cfg.training
+    out = Path(t.output_dir)
     log("prefopt: resolved objective\n" + explain(cfg))
     for warning in before_training(cfg, t.world_size):
         log(f"prefopt: warning: {warning}")
-    with t.main_process_first(desc="output_dir"):
-        resume = prepare_output_dir(cfg, main_process, log)
 
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model)
     data_mod.setup_chat_template(tokenizer, cfg.data.chat_template)
     with t.main_process_first(desc="tokenizing"):
         prepared = data_mod.prepare(cfg, tokenizer)
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out / "prefopt_config.yaml")
+
+    def commit():  # the first change to output_dir: the data is good and the plan stands
+        runs.commit(plan, runs.data_fingerprint(cfg, prepared), log)
+        lock.record_holder()
+        save_resolved(cfg, out / runs.CONFIG_FILE)
         data_mod.write_report(prepared.report, out)
+
+    _on_main(commit, main_process)
     log(data_mod.format_report(prepared.report))
 
     model = load_model(cfg.model, tokenizer, t, log)
     trainer = build_trainer(cfg, model, tokenizer, prepared, log)
+    trainer.add_callback(StopOnSignal(stop, trainer.accelerator))
     log(f"prefopt: {describe_processes(trainer, cfg)}")
     start = time.time()
-    if resume:
-        trainer.restore(resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    if plan.resume:
+        trainer.restore(plan.resume)
+    result = trainer.train(resume_from_checkpoint=plan.resume)
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        step = trainer.state.global_step
+        raise Stopped(stop.signum, f"stopped by {name} at step {step}: {out / f'checkpoint-{step}'} is complete. Run "
+                                   "the same command again to continue from it.")
     eval_metrics = None
     if prepared.eval is not None:
         # the schedule may already have evaluated at the final step; don't do it twice
         done = [line for line in trainer.state.log_history
                 if "eval_loss" in line and line["step"] == result.global_step]
         eval_metrics = done[0] if done else trainer.evaluate()
+    if trainer.is_world_process_zero():
+        runs.begin_final_save(out)
     trainer.save_model(t.output_dir)
     if trainer.is_world_process_zero():
         model.generation_config.save_pretrained(t.output_dir)
         n = check_saved(t.output_dir, cfg.model.trust_remote_code, adapter=hasattr(model, "peft_config"))
         log(f"prefopt: saved model checked: {n:,} parameters, every tensor present with its full shape")
-        plots = plot_run(out)
-        log(f"prefopt: plots of {', '.join(p.removesuffix('.png') for p in plots)} in {out / 'plots'}")
+        try:
+            plots = plot_run(out)
+            log(f"prefopt: plots of {', '.join(p.removesuffix('.png') for p in plots)} in {out / 'plots'}")
+        except PrefoptError as e:  # nothing logged yet (max_steps below logging_steps): the run still succeeded
+            log(f"prefopt: no plots: {e}")
+        runs.record_written(out, finished_step=trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
     log(summary(trainer, result, time.time() - start, out, adapter=hasattr(model, "peft_config")))
     return RunResult(out, result.metrics, eval_metrics, trainer)
+
+
+def finished_message(cfg: Config, out: Path) -> str:
+    """What to say when the command of a finished run is run again."""
+    complete = [c for c in runs.checkpoints(out) if runs.is_complete(c)]
+    step = runs.read_manifest(out)["finished"]["step"]
+    further = (f"To train further, run it with a larger max_steps (or num_train_epochs): it continues from "
+               f"{complete[-1].name}." if complete else
+               f"To train further, start a new run from its model (--model_name_or_path {out} with a new output_dir); "
+               "it kept no checkpoint to continue from.")
+    return (f"prefopt: the run in {out} is complete ({step} steps); its model is in {out}. Nothing was changed. "
+            + further)
 
 
 SUMMARY_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen")

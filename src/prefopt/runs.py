@@ -1,30 +1,49 @@
 """What a run finds in its output_dir, and what it does about it.
 
     output_dir/
+      .prefopt.lock              held (flock) by the one run using the folder; a killed run's lock ends with it
+      prefopt_run.json           what this run wrote here, the data it trains on, whether it finished
       prefopt_config.yaml        the resolved config of the run that owns this folder
       metrics.jsonl              one line per log
-      checkpoint-N/              written by the Trainer; complete once COMPLETE is in it
+      checkpoint-N/              written by the Trainer; complete once COMPLETE (with checksums) is in it
 
-Running the same command again resumes from the last *complete* checkpoint, as the SimPO repo's
-scripts do; `resume_from_checkpoint: PATH` picks one. A checkpoint is marked complete only after
-every process has finished writing it, so a run killed while saving leaves a folder without the
-mark, which is never resumed from (it is removed when the run starts again). A folder that holds
-a run with a different config is refused unless `overwrite_output_dir` says to start afresh.
+Running the same command again resumes from the last *complete, intact* checkpoint, as the SimPO
+repo's scripts do; `resume_from_checkpoint: PATH` picks one. A finished run is left untouched:
+its command, run again, says so and exits. A larger `max_steps` / `num_train_epochs` continues it
+from its last checkpoint. A checkpoint is marked complete only after every process has finished
+writing it, with the size and xxh3 hash of every file, so a run killed while saving leaves a folder
+without the mark (removed when the run starts again) and a checkpoint damaged later is detected
+and moved aside. A folder that holds a run with a different config or different data is refused
+unless `overwrite_output_dir` says to start afresh, which deletes only what that run wrote.
+
+`plan` only reads; `commit` makes the changes, after the data has been prepared, so a run refused
+for its data leaves the folder as it was.
 """
 
+import errno
+import fcntl
 import json
+import os
 import re
 import shutil
+import socket
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
 import yaml
 
 from .config import Config, resolved_dict
 from .errors import PrefoptError
 
 COMPLETE = "prefopt_checkpoint_complete"
+WRITING = "prefopt_checkpoint_writing"  # in a checkpoint prefopt is writing; replaced by COMPLETE
+ASIDE = ".set-aside"  # suffix of a checkpoint of ours that a resume skipped or went back past
 CONFIG_FILE = "prefopt_config.yaml"
 METRICS_FILE = "metrics.jsonl"
+MANIFEST = "prefopt_run.json"
+LOCK = ".prefopt.lock"
 # Keys that change how a run is watched or launched, not what it computes
 NOT_IDENTITY = {
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "local_rank", "run_name", "project",
@@ -37,118 +56,393 @@ NOT_IDENTITY = {
     "include_num_input_tokens_seen", "torch_empty_cache_steps", "preprocessing_num_workers",
     "max_dropped_share", "allow_pickle_weights", "logprob_chunk_size",
 }
+# Keys that say how long to train: a larger value continues a run from its last checkpoint
+LENGTH = ("max_steps", "num_train_epochs")
+# What a run may write at the top of output_dir. A file of these names that this run did not write
+# is refused at the start (the run would overwrite it); overwrite_output_dir deletes only the ones
+# the run recorded in its manifest.
+RUN_FILES = ("metrics.jsonl", "prefopt_config.yaml", "data_report.json", "training_args.bin", "config.json",
+             "generation_config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+             "adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
+             "trainer_state.json", "plots", "runs", MANIFEST)
 
+
+# -- checkpoints -----------------------------------------------------------------------------
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
     """`checkpoint-N` folders, by step."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / COMPLETE).is_file()
-
-
-def mark_complete(checkpoint: Path):
-    (checkpoint / COMPLETE).write_text(json.dumps({"step": int(checkpoint.name.split("-")[1])}) + "\n")
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    keys = sorted((set(old) | set(new)) - NOT_IDENTITY)
-    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def prepare_output_dir(cfg: Config, main_process: bool = True, log=print) -> str | None:
-    """Decide what happens to an existing run in output_dir; the checkpoint to resume from, if any.
-
-    Every process calls it before anything is written there, the main process first; only the
-    main process deletes (an overwritten run, a checkpoint left half-written, metrics lines that
-    will be logged again).
-    """
-    out = Path(cfg.training.output_dir)
-    asked = cfg.training.resume_from_checkpoint
-    if cfg.run.overwrite_output_dir:
-        if asked:
-            raise PrefoptError("overwrite_output_dir and resume_from_checkpoint both set: keep one.")
-        if main_process:
-            _clear(out)
-        return None
-    _check_same_run(cfg, out)
-    found = checkpoints(out)
-    marked = [p for p in found if is_complete(p)]
-    if marked:
-        # Only a checkpoint newer than the newest complete one can have been cut short while saving.
-        for path in found:
-            if not is_complete(path) and _step(path) > _step(marked[-1]) and main_process and str(path) != str(asked):
-                log(f"prefopt: removing {path}: it was being written when the run stopped")
-                shutil.rmtree(path)
-        candidates = marked
-    else:  # written by another tool or an earlier version: complete if the Trainer finished its state
-        candidates = [p for p in found if (p / "trainer_state.json").is_file()]
-    if asked and str(asked).lower() != "true":
-        resume = Path(asked)
-        if not (resume / "trainer_state.json").is_file():
-            raise PrefoptError(f"resume_from_checkpoint: {asked} is not a checkpoint folder (no trainer_state.json); "
-                               f"complete ones in {out}: {[p.name for p in candidates] or 'none'}.")
-    else:
-        if asked and not candidates:
-            raise PrefoptError(f"resume_from_checkpoint: true, but {out} holds no complete checkpoint.")
-        resume = candidates[-1] if candidates else None
-    if resume is not None and not (resume / "optimizer.pt").is_file() and not any(resume.glob("global_step*")):
-        raise PrefoptError(
-            f"{resume} holds no optimizer state (save_only_model?), so resuming from it would not continue the same "
-            "run. Use a new output_dir (the weights there can be model_name_or_path), or --overwrite_output_dir true."
-        )
-    if main_process:
-        trim_metrics(out, _state_step(resume) if resume else 0)  # what comes after the checkpoint is logged again
-    if resume:
-        log(f"prefopt: resuming from {resume}")
-    return str(resume) if resume else None
+    return sorted(found, key=_step)
 
 
 def _step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
 
 
-def _state_step(checkpoint: Path) -> int:
-    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE).is_file()
 
 
-def _check_same_run(cfg: Config, out: Path):
-    previous = out / CONFIG_FILE
-    if not previous.is_file():
+def is_ours(checkpoint: Path) -> bool:
+    """Written (or being written) by prefopt: only these are ever removed or rotated out."""
+    return (checkpoint / COMPLETE).is_file() or (checkpoint / WRITING).is_file()
+
+
+def start_writing(checkpoint: Path):
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / COMPLETE).unlink(missing_ok=True)  # rewriting a folder resumed from earlier
+    (checkpoint / WRITING).write_text("")
+
+
+def file_hash(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (COMPLETE, WRITING))
+
+
+def mark_complete(checkpoint: Path):
+    """The size and hash of every file, then the mark (written whole, then renamed into place)."""
+    files = {str(p.relative_to(checkpoint)): [p.stat().st_size, file_hash(p)] for p in _files(checkpoint)}
+    _write_atomic(checkpoint / COMPLETE, json.dumps({"step": _step(checkpoint), "files": files}, indent=0) + "\n")
+    (checkpoint / WRITING).unlink(missing_ok=True)
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint (a file missing, cut short or changed), or None."""
+    try:
+        mark = json.loads((checkpoint / COMPLETE).read_text() or "{}") if is_complete(checkpoint) else {}
+    except (OSError, json.JSONDecodeError):
+        return f"its mark {checkpoint / COMPLETE} is unreadable"
+    for name, (size, digest) in (mark.get("files") or {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size:,} bytes, {size:,} when written"
+        if file_hash(path) != digest:
+            return f"{path} changed since it was written (checksum differs)"
+    try:  # a mark from before checksums: at least the state must read
+        json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return f"{checkpoint / 'trainer_state.json'} is missing or unreadable"
+    return None
+
+
+def has_optimizer_state(checkpoint: Path) -> bool:
+    return (checkpoint / "optimizer.pt").is_file() or any(checkpoint.glob("global_step*"))
+
+
+def rotate(output_dir: str | Path, limit: int | None, keep: str | None = None):
+    """Keep the newest `limit` complete checkpoints prefopt wrote (and `keep`, the best one); delete
+    older ones. Folders prefopt did not write are never touched, whatever their names."""
+    if not limit or limit <= 0:
         return
-    from .config import build_config
+    ours = [p for p in checkpoints(output_dir) if is_complete(p)]
+    kept = set(ours[-limit:]) | {p for p in ours if keep and Path(keep).resolve() == p.resolve()}
+    for path in ours:
+        if path not in kept:
+            shutil.rmtree(path)
 
-    try:  # read back through today's config code, so defaults compare like with like
-        old = _plain(resolved_dict(build_config(yaml.safe_load(previous.read_text()) or {}, str(previous))))
-    except (PrefoptError, yaml.YAMLError):
-        old = yaml.safe_load(previous.read_text()) if previous.is_file() else {}
-    changed = _differences(old or {}, _plain(resolved_dict(cfg)))
+
+# -- the folder's lock ------------------------------------------------------------------------
+
+class Lock:
+    """One run per output_dir at a time: an exclusive flock on output_dir/.prefopt.lock, held while
+    the process lives. The kernel drops it when the process ends, however it ends, so a killed run
+    never leaves it stuck."""
+
+    def __init__(self, out: Path):
+        self.path, self.fh = out / LOCK, None
+
+    def acquire(self):
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise PrefoptError(f"output_dir {self.path.parent} is a file, not a folder: choose another output_dir.")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.path, "a+")  # noqa: SIM115 (held open for the run's lifetime)
+        except OSError as e:
+            raise file_system_error(e, self.path.parent, "start the run") from None
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise PrefoptError(f"output_dir {self.path.parent} is in use by another prefopt run ({holder}). Wait for "
+                               "it to end, or use another output_dir.") from None
+
+    def record_holder(self):
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.fh.flush()
+
+
+# -- file-system failures -------------------------------------------------------------------------
+
+FS_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there (or point output_dir elsewhere)",
+    errno.EDQUOT: "the disk quota is used up: free space there (or point output_dir elsewhere)",
+    errno.EROFS: "the file system is read-only: choose an output_dir on a writable disk",
+    errno.EACCES: "permission denied: choose an output_dir you can write to",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it, or choose another output_dir",
+    errno.EISDIR: "a folder stands where a file is needed: move it, or choose another output_dir",
+}
+
+
+def file_system_error(e: BaseException, where: Path, doing: str, checkpoint: str | None = None) -> PrefoptError:
+    """One message for a failed write: the path, the cause, the fix, and what is intact."""
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if code is None:  # torch.save's zip writer and safetensors say it in words
+        code = (errno.EROFS if "Read-only" in text or "os error 30" in text else
+                errno.EDQUOT if "quota" in text else errno.ENOSPC)
+    fix = FS_FIXES.get(code, "check that the disk has space and output_dir is writable")
+    path = getattr(e, "filename", None) or where
+    intact = (f" The last complete checkpoint, {checkpoint}, is intact; run the same command again to continue "
+              "from it." if checkpoint else "")
+    return PrefoptError(f"could not {doing}: {path}: {getattr(e, 'strerror', None) or text.splitlines()[0]} — {fix}."
+                        + intact)
+
+
+DISK_WORDS = ("file write failed", "No space left", "os error 28", "Read-only file system", "os error 30",
+              "Disk quota exceeded")
+
+
+def is_file_system_error(e: BaseException) -> bool:
+    """An OSError of the file system, or one that torch.save or safetensors wrapped in its own type."""
+    if isinstance(e, OSError) and e.errno in FS_FIXES:
+        return True
+    return any(word in str(e) for word in DISK_WORDS)
+
+
+# -- what the folder holds, and what to do -----------------------------------------------------------
+
+@dataclass
+class Plan:
+    out: Path
+    finished: bool = False  # the run in the folder is complete: nothing to do
+    resume: str | None = None
+    notes: list[str] = field(default_factory=list)  # said to the user before training
+    remove: list[Path] = field(default_factory=list)  # ours, to delete at commit
+    move_aside: list[tuple[Path, Path]] = field(default_factory=list)  # damaged checkpoints
+    keep_lines: int | None = None  # metrics.jsonl lines the checkpoint had logged
+    manifest: dict = field(default_factory=dict)
+    fresh: bool = True  # nothing of an earlier run is kept
+
+
+def read_manifest(out: Path) -> dict:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _resume_asked(cfg: Config) -> str | bool | None:
+    """`resume_from_checkpoint`: a path, True (HF/TRL's `true`; YAML `yes`), or None (`false`, `no`)."""
+    asked = cfg.training.resume_from_checkpoint
+    if asked is None or isinstance(asked, bool):
+        return asked or None
+    if str(asked).lower() in ("true", "yes"):
+        return True
+    if str(asked).lower() in ("false", "no", ""):
+        return None
+    return str(asked)
+
+
+def plan(cfg: Config) -> Plan:
+    """Read output_dir and decide: finished, resume from where, or start afresh. Reads only."""
+    out = Path(cfg.training.output_dir)
+    p = Plan(out=out)
+    check_place(cfg)
+    asked = _resume_asked(cfg)
+    manifest = read_manifest(out)
+    if cfg.run.overwrite_output_dir:
+        if asked:
+            raise PrefoptError("overwrite_output_dir and resume_from_checkpoint both set: keep one.")
+        p.remove = _owned(out, manifest)
+        p.notes.append(f"prefopt: overwrite_output_dir: removing the earlier run's files in {out}"
+                       if p.remove else "")
+        p.notes = [n for n in p.notes if n]
+        _check_collisions(out, set(p.remove))
+        return p
+    changed, length_changed = _config_changes(cfg, out)
     if changed:
         shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise PrefoptError(
             f"output_dir {out} holds a run with a different config ({shown}). Use a new output_dir, or "
             "set overwrite_output_dir: true (--overwrite_output_dir true) to delete that run and start afresh."
         )
+    p.manifest = manifest
+    finished = manifest.get("finished")
+    if finished and not length_changed:
+        p.finished = True
+        return p
+    _check_collisions(out, set(_owned(out, manifest)))
+    found = checkpoints(out)
+    marked = [c for c in found if is_complete(c)]
+    newest = _step(marked[-1]) if marked else -1
+    for path in found:  # only a checkpoint newer than the newest complete one can have been cut short
+        if is_ours(path) and not is_complete(path) and _step(path) > newest:
+            p.remove.append(path)
+            p.notes.append(f"prefopt: removing {path}: it was being written when the run stopped")
+    if asked not in (None, True):
+        resume = Path(asked)
+        if not (resume / "trainer_state.json").is_file():
+            raise PrefoptError(f"resume_from_checkpoint: {asked} is not a checkpoint folder (no trainer_state.json); "
+                               f"complete ones in {out}: {[c.name for c in marked] or 'none'}.")
+        problem = damage(resume) if is_complete(resume) else None
+        if problem:
+            raise PrefoptError(f"resume_from_checkpoint: {resume} is damaged: {problem}. Name another checkpoint.")
+        _check_resumable(resume, marked)
+    else:
+        candidates = marked or [c for c in found if (c / "trainer_state.json").is_file() and not is_ours(c)]
+        resume, skipped = None, []
+        for c in reversed(candidates):
+            problem = damage(c)
+            if problem is None and not has_optimizer_state(c):
+                problem = "it holds no optimizer state (save_only_model)"
+            if problem is None:
+                resume = c
+                break
+            skipped.append(f"{c.name}: {problem}")
+            p.notes.append(f"prefopt: warning: {c} cannot be resumed from: {problem}.")
+        if candidates and resume is None:
+            raise PrefoptError(f"no checkpoint in {out} can be resumed from ({'; '.join(skipped)}). Start afresh "
+                               "(--overwrite_output_dir true, or a new output_dir).")
+        if asked and resume is None:
+            raise PrefoptError(f"resume_from_checkpoint: true, but {out} holds no complete checkpoint.")
+        if finished and resume is None:
+            raise PrefoptError(
+                f"{out} holds a finished run with no checkpoint to continue from (save_strategy: no). To train "
+                f"further, start a new run from its model: --model_name_or_path {out} --output_dir NEW_DIR.")
+    if resume is not None:
+        step = _state_step(resume)
+        # checkpoints of ours past the resume point are written again as training gets there; moved
+        # aside (not deleted) so rotation can never keep them over the new ones
+        for c in marked:
+            if _step(c) > step and c.resolve() != resume.resolve():
+                aside = c.with_name(f"{c.name}{ASIDE}")
+                p.move_aside.append((c, aside))
+                p.notes.append(f"prefopt: moving {c} aside to {aside}: the run continues from {resume.name} "
+                               "(delete it when you no longer need it)")
+        for key, (old, new) in length_changed.items():
+            p.notes.append(f"prefopt: {key} {old} → {new}: continuing the run from {resume}")
+        if "max_steps" in length_changed and 0 < cfg.training.max_steps <= step:
+            raise PrefoptError(f"max_steps {cfg.training.max_steps}: the run in {out} is already at step {step} "
+                               f"({resume}); give a larger max_steps to train further.")
+        p.notes.append(f"prefopt: resuming from {resume}")
+        p.resume = str(resume)
+        p.keep_lines = _logged_lines(resume)
+        p.fresh = False
+    return p
 
 
-# what a run writes into output_dir: removed by overwrite_output_dir (nothing else is touched)
-RUN_FILES = ("metrics.jsonl", "prefopt_config.yaml", "data_report.json", "training_args.bin", "config.json",
-             "generation_config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
-             "adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
+def _check_resumable(resume: Path, marked: list[Path]):
+    if not has_optimizer_state(resume):
+        others = [c.name for c in marked if c != resume and has_optimizer_state(c)]
+        raise PrefoptError(
+            f"{resume} holds no optimizer state (save_only_model?), so resuming from it would not continue the same "
+            "run. " + (f"Resume from {others[-1]} instead (--resume_from_checkpoint {resume.parent / others[-1]}), "
+                       if others else "") + "or start a new run from its weights (--model_name_or_path "
+            f"{resume} with a new output_dir).")
 
 
-def _clear(out: Path):
-    for path in checkpoints(out):
-        shutil.rmtree(path)
-    for pattern in RUN_FILES:
-        for path in out.glob(pattern):
-            path.unlink()
-    for folder in ("plots", "runs"):
-        if (out / folder).is_dir():
-            shutil.rmtree(out / folder)
+def check_place(cfg: Config):
+    """Refuse an output_dir that is a file, or that is (or holds) the model trained from: before
+    anything, the lock included, is written there."""
+    out = Path(cfg.training.output_dir)
+    if out.exists() and not out.is_dir():
+        raise PrefoptError(f"output_dir {out} is a file, not a folder: choose another output_dir.")
+    _check_model_not_inside(cfg, out)
+
+
+def _check_model_not_inside(cfg: Config, out: Path):
+    """The model trained from must not be something this run may delete or overwrite."""
+    model = Path(cfg.model.model_name_or_path or "")
+    if not model.exists():
+        return
+    model, root = model.resolve(), out.resolve()
+    if model == root:
+        raise PrefoptError(f"output_dir {out} is the model being trained from (model_name_or_path): the final "
+                           "save would overwrite it. Choose another output_dir.")
+    if root in model.parents and re.fullmatch(r"checkpoint-\d+", model.relative_to(root).parts[0]):
+        raise PrefoptError(f"model_name_or_path {cfg.model.model_name_or_path} is a checkpoint inside output_dir "
+                           f"{out}, which this run may rotate out or overwrite. Copy it elsewhere, or use another "
+                           "output_dir.")
+
+
+def _owned(out: Path, manifest: dict) -> list[Path]:
+    """What the run in `out` wrote: its checkpoints and the files its manifest lists (for a run
+    from before manifests: the run files present, except a README.md that may be the user's)."""
+    if not out.is_dir():
+        return []
+    found = [c for c in checkpoints(out) if is_ours(c)] + sorted(out.glob(f"checkpoint-*{ASIDE}"))
+    if manifest:
+        names = set(manifest.get("files", []))
+        if manifest.get("saving_from") is not None:  # a final save was cut short: what it wrote is ours
+            names |= {p.name for p in out.iterdir()} - set(manifest["saving_from"]) - set(manifest.get("foreign", []))
+            names -= {LOCK}
+            names = {n for n in names if not re.fullmatch(rf"checkpoint-\d+({ASIDE})?", n)}
+    elif (out / CONFIG_FILE).is_file():
+        names = {p.name for pattern in RUN_FILES for p in out.glob(pattern)} - {"README.md"}
+    else:
+        names = set()
+    return found + sorted(out / n for n in names if (out / n).exists() or (out / n).is_symlink())
+
+
+def _check_collisions(out: Path, owned: set[Path]):
+    """Refuse to start where the run would overwrite or rotate out something it did not write."""
+    if not out.is_dir():
+        return
+    clash = sorted(p.name for pattern in RUN_FILES for p in out.glob(pattern) if p not in owned)
+    clash += [c.name for c in checkpoints(out) if c not in owned and not (c / "trainer_state.json").is_file()]
+    if clash:
+        raise PrefoptError(f"output_dir {out} holds {', '.join(clash)}, which this run did not write and would "
+                           "overwrite. Move them, or choose another output_dir.")
+
+
+def _state_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+def _logged_lines(checkpoint: Path) -> int:
+    """How many metrics.jsonl lines had been written when the checkpoint was: one per entry of the
+    Trainer's log history, which the checkpoint holds."""
+    return len(json.loads((checkpoint / "trainer_state.json").read_text()).get("log_history", []))
+
+
+def _config_changes(cfg: Config, out: Path) -> tuple[list[str], dict]:
+    """Differences from the config the folder's run recorded (read back through today's defaults):
+    identity keys that differ, and length keys that differ (old, new)."""
+    previous = out / CONFIG_FILE
+    if not previous.is_file():
+        return [], {}
+    from .config import build_config
+
+    text = previous.read_text()
+    try:
+        old = _plain(resolved_dict(build_config(yaml.safe_load(text) or {}, str(previous))))
+    except (PrefoptError, yaml.YAMLError):
+        old = yaml.safe_load(text) or {}
+    new = _plain(resolved_dict(cfg))
+    keys = sorted((set(old) | set(new)) - NOT_IDENTITY)
+    length = {k: (old.get(k), new.get(k)) for k in LENGTH if old.get(k) != new.get(k)}
+    changed = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if k not in LENGTH and old.get(k) != new.get(k)]
+    return changed, length
 
 
 def _plain(value):
@@ -156,20 +450,115 @@ def _plain(value):
     return yaml.safe_load(yaml.safe_dump(value))
 
 
-def trim_metrics(output_dir: str | Path, step: int):
-    """Drop metrics.jsonl lines logged after `step` (the run is resuming from there: they come again)."""
-    path = Path(output_dir) / METRICS_FILE
-    if not path.is_file():
+def data_changes(plan_: Plan, fingerprint: dict) -> list[str]:
+    """What differs between the data a resumed run trained on and the data prepared now."""
+    old = plan_.manifest.get("data")
+    if plan_.fresh or not old:
+        return []
+    changed = [f"{name} changed" for name in sorted(set(old.get("files", {})) | set(fingerprint["files"]))
+               if old.get("files", {}).get(name) != fingerprint["files"].get(name)]
+    for split in ("train", "eval"):
+        if old.get(split) != fingerprint.get(split):
+            changed.append(f"the {split} split's token ids differ ({old.get(split + '_pairs')} → "
+                           f"{fingerprint.get(split + '_pairs')} pairs)")
+    return changed
+
+
+def commit(plan_: Plan, data_fingerprint: dict, log=print):
+    """Carry out the plan (main process only): remove what is ours and cut short, move damaged
+    checkpoints aside, cut metrics.jsonl back to the checkpoint, and start the manifest."""
+    out = plan_.out
+    changed = data_changes(plan_, data_fingerprint)
+    if changed:
+        raise PrefoptError(
+            f"the data changed since {plan_.resume} was written: {'; '.join(changed)}. Resuming would continue the "
+            f"run on other data. Restore the data, or start afresh (--overwrite_output_dir true, or a new output_dir).")
+    for line in plan_.notes:
+        log(line)
+    for path in plan_.remove:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    for src, dst in plan_.move_aside:
+        if dst.exists():
+            shutil.rmtree(dst)
+        (src / COMPLETE).unlink(missing_ok=True)
+        src.rename(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    trim_metrics(out, 0 if plan_.fresh else plan_.keep_lines)
+    manifest = dict(plan_.manifest)
+    names = set(manifest.get("files", [])) | {MANIFEST, CONFIG_FILE, METRICS_FILE, "data_report.json"}
+    manifest.update({"files": sorted(names), "data": data_fingerprint, "finished": None})
+    manifest.setdefault("foreign", sorted(p.name for p in out.iterdir() if p.name not in names and p.name != LOCK
+                                          and not re.fullmatch(rf"checkpoint-\d+({ASIDE})?", p.name)))
+    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def record_written(out: Path, finished_step: int | None = None):
+    """Add what this run has written at the top of output_dir to its manifest (everything new but
+    the user's own files, recorded as `foreign` when the run started); mark it finished."""
+    manifest = read_manifest(out)
+    if not manifest:  # not a folder prefopt's pipeline set up (a Trainer built in Python)
         return
+    foreign = set(manifest.get("foreign", [])) | {LOCK}
+    present = {p.name for p in out.iterdir() if not re.fullmatch(rf"checkpoint-\d+({ASIDE})?|.*\.tmp", p.name)}
+    manifest["files"] = sorted(set(manifest.get("files", [])) | (present - foreign))
+    manifest["saving_from"] = None
+    if finished_step is not None:
+        manifest["finished"] = {"step": finished_step}
+    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def begin_final_save(out: Path):
+    """Note what the folder holds before the final save: if the save is cut short, what appeared
+    since is the save's (and so prefopt's to overwrite or delete)."""
+    manifest = read_manifest(out)
+    manifest["saving_from"] = sorted(p.name for p in out.iterdir())
+    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def trim_metrics(output_dir: str | Path, lines: int):
+    """Keep the first `lines` lines of metrics.jsonl (what the checkpoint resumed from had logged);
+    the rest is logged again."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise PrefoptError(f"{path} is not a file: move it away (prefopt writes its metrics there).")
     kept = []
-    for line in path.read_text().splitlines(keepends=True):
+    for line in path.read_text().splitlines():
         try:
-            entry = json.loads(line)
+            json.loads(line)
         except json.JSONDecodeError:  # a line cut short by the kill
             continue
-        # the end-of-training summary is written again when the resumed run ends
-        if entry.get("step", 0) <= step and "train_runtime" not in entry:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+        kept.append(line + "\n")
+    if len(kept) != lines or path.read_text() != "".join(kept):
+        _write_atomic(path, "".join(kept[:lines]))
+
+
+def data_fingerprint(cfg: Config, prepared) -> dict:
+    """What the run trains on: a hash of every local data file named in the config, and of the
+    token ids of each split as prepared (so a changed tokenizer, template or option shows too)."""
+    files = {}
+    for source in cfg.data.train_datasets + cfg.data.eval_datasets:
+        root = Path(source.path).expanduser()
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+                                                      and not any(part.startswith(".") for part in p.parts))
+        for path in paths if root.exists() else []:
+            files[str(path)] = file_hash(path)
+    out = {"files": files}
+    for split, ds in (("train", prepared.train), ("eval", prepared.eval)):
+        out[split], out[split + "_pairs"] = (_token_hash(ds), len(ds)) if ds is not None else (None, 0)
+    return out
+
+
+def _token_hash(ds) -> str:
+    import pyarrow.compute as pc
+
+    h = xxhash.xxh3_128()
+    for batch in ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).with_format("arrow").iter(4096):
+        for column in batch.columns:
+            h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
+            h.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()

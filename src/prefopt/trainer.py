@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
 
 from .collate import model_inputs
 from .config import ObjectiveArgs
@@ -32,9 +31,10 @@ from .diversity import terms_from_logits as diversity_terms_from_logits
 from .logprobs import TokenScores, chunk_size_for, frozen_zero3_copy, head_transform, logps_from_logits, per_sequence, scored_hidden, token_logps
 from .errors import PrefoptError
 from .losses import LOSSES, METHODS, Hyper
-from .runs import COMPLETE, mark_complete
+from .runs import mark_complete, record_written, rotate, start_writing
 
 RESUME_STATE = "prefopt_resume_state.json"
+EVAL_LOSS_PART = "preference_loss"  # summed per pair in evaluation; folded into eval_loss when logged
 
 
 class PreferenceTrainer(Trainer):
@@ -112,9 +112,11 @@ class PreferenceTrainer(Trainer):
 
     # -- the step --------------------------------------------------------------------------
 
-    def _forward(self, model, batch):
-        """Per-sequence log-probs and the NLL pieces for one micro-batch."""
+    def _forward(self, model, batch, keep: int | None = None):
+        """Per-sequence log-probs and the NLL pieces for one micro-batch; with `keep`, of its first
+        `keep` pairs only (the rest are the evaluation sampler's padding duplicates)."""
         B = len(batch["row"])
+        keep = B if keep is None else keep
         extra = {"output_router_logits": True} if self.aux_coef else {}
         unwrapped = self.accelerator.unwrap_model(model)
         inputs = {"input_ids": batch["input_ids"], **model_inputs(batch, unwrapped.config, unwrapped.dtype),
@@ -122,6 +124,9 @@ class PreferenceTrainer(Trainer):
         seq, completion = batch["score_seq"], batch["score_is_completion"]
         if self.diversity_weight:
             pairs_c, pairs_r, chosen_rows = aligned_pairs(seq, batch["score_index"], completion, B)
+            if keep < B:
+                live = seq[pairs_c] < keep
+                pairs_c, pairs_r, chosen_rows = pairs_c[live], pairs_r[live], chosen_rows[seq[chosen_rows] < keep]
         entropy = kl = None
         if self.head_in_forward:
             # the model's own head, on the scored columns only (see _head_as_own_fsdp_unit)
@@ -149,9 +154,13 @@ class PreferenceTrainer(Trainer):
         logps = logp_sum / n_tokens.clamp(min=1) if self.mean_logps else logp_sum
         nll_mask = self._nll_positions(batch)
         logit_sum, _ = per_sequence(tok.mean_logits, seq, completion, 2 * B)
+        if keep < B:
+            nll_mask = nll_mask & (seq < keep)
+            live = torch.cat([torch.arange(keep), B + torch.arange(keep)]).to(logps.device)
+            logps, n_tokens, logit_sum = logps[live], n_tokens[live], logit_sum[live]
         return {
-            "chosen_logps": logps[:B],
-            "rejected_logps": logps[B:],
+            "chosen_logps": logps[:keep],
+            "rejected_logps": logps[keep:],
             "nll_sum": -(tok.logps * nll_mask).sum(),
             "nll_tokens": nll_mask.sum(),
             "completion_tokens": n_tokens.detach(),
@@ -163,9 +172,9 @@ class PreferenceTrainer(Trainer):
             "kl_positions": len(pairs_c) if entropy is not None else 0,
         }
 
-    def _loss(self, model, batch, split: str, counts: dict | None):
-        f = self._forward(model, batch)
-        B = len(batch["row"])
+    def _loss(self, model, batch, split: str, counts: dict | None, keep: int | None = None):
+        f = self._forward(model, batch, keep)
+        B = f["chosen_logps"].shape[0]
         losses, chosen_rewards, rejected_rewards, extras = self.loss_fn(f["chosen_logps"], f["rejected_logps"], self.hyper)
         if counts is None:  # evaluation or a direct call: this micro-batch is the whole batch
             pairs, nll_tokens, world = B, f["nll_tokens"], 1
@@ -186,7 +195,7 @@ class PreferenceTrainer(Trainer):
             mean = lambda total, n: total / torch.clamp(torch.as_tensor(n, dtype=torch.float32), min=1)  # noqa: E731
             loss = loss + self.diversity_weight * (-a * mean(f["entropy_sum"], tokens)
                                                    + (1 - a) * mean(f["kl_sum"], positions))
-        self._record(split, f, chosen_rewards, rejected_rewards, extras, nll)
+        self._record(split, f, chosen_rewards, rejected_rewards, extras, nll, losses)
         return world * loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -215,32 +224,58 @@ class PreferenceTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self._loss(model, inputs, "eval", None)
+            loss = self._loss(model, inputs, "eval", None, self.eval_pairs_kept(len(inputs["row"])))
         return loss.detach(), None, None
+
+    def eval_pairs_kept(self, B: int) -> int:
+        """How many of this micro-batch's pairs count. With several processes the evaluation
+        sampler fills the last round of batches with pairs from the start of the set, so that every
+        process gets as many batches; the real pairs of that round are its first `remainder`, in
+        process order (accelerate's `gather_for_metrics` keeps the same ones)."""
+        state = self.accelerator.gradient_state
+        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return B
+        before = self.accelerator.process_index * self.args.per_device_eval_batch_size
+        return max(0, min(B, state.remainder - before))
 
     # -- checkpoints -----------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint, then (once every process has written its part) what a resume
-        needs beyond it and the mark that makes it complete; old checkpoints are rotated out only
-        after that, so a kill at any moment leaves a complete checkpoint to resume from."""
+        needs beyond it and the mark, with every file's checksum, that makes it complete; old
+        checkpoints are rotated out only after that (prefopt's own rotation: only complete
+        checkpoints it wrote), so a kill at any moment leaves a complete checkpoint to resume from."""
         run_dir = self._get_output_dir(trial=trial)
         checkpoint = Path(run_dir) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
-            (checkpoint / COMPLETE).unlink(missing_ok=True)  # rewriting a folder resumed from earlier
-        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation comes after the mark
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
+            start_writing(checkpoint)
+        limit = getattr(self, "_save_limit", self.args.save_total_limit)
+        super()._save_checkpoint(model, trial)
         resume_state = self._resume_state()  # collective: every process takes part
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             (checkpoint / RESUME_STATE).write_text(json.dumps(resume_state))
             mark_complete(checkpoint)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint)
+            rotate(run_dir, limit, keep=self.state.best_model_checkpoint)
+            record_written(Path(run_dir))
         self.accelerator.wait_for_everyone()
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the last step's checkpoint (a final save cut short), the Trainer would still
+        # run one more step before checking max_steps when the run ends mid-epoch.
+        if self.state.global_step >= self.state.max_steps > 0:
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        # The Trainer's own rotation (at the end of training too) deletes any folder named like
+        # `checkpoint-N*`, a user's included: prefopt rotates its own complete checkpoints instead.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        self._save_limit = limit
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
 
     def _resume_state(self) -> dict:
         """What has been measured but not yet logged, summed over processes: the metric sums, the
@@ -310,7 +345,7 @@ class PreferenceTrainer(Trainer):
 
     # -- metrics -----------------------------------------------------------------------------
 
-    def _record(self, split, f, chosen_rewards, rejected_rewards, extras, nll):
+    def _record(self, split, f, chosen_rewards, rejected_rewards, extras, nll, losses):
         sums = self._metric_sums[split]
         B = chosen_rewards.shape[0]
 
@@ -344,6 +379,20 @@ class PreferenceTrainer(Trainer):
         if f["entropy_sum"] is not None:
             add("diversity/entropy", f["entropy_sum"], f["entropy_tokens"])
             add("diversity/kl", f["kl_sum"], f["kl_positions"])
+        if split == "eval":  # eval_loss from sums over all pairs, like every other metric
+            add(EVAL_LOSS_PART, losses.sum(), B)
+
+    def _eval_loss(self, logs: dict, prefix: str) -> float:
+        """The loss over the whole evaluation set: the mean preference loss over its pairs plus the
+        NLL term over its tokens (and MoE/diversity terms), whatever the batches and processes."""
+        loss = logs.pop(prefix + EVAL_LOSS_PART)
+        if self.objective.nll_weight:
+            loss += self.objective.nll_weight * logs[prefix + "nll_loss"]
+        if prefix + "aux_loss" in logs:
+            loss += self.aux_coef * logs[prefix + "aux_loss"]
+        if prefix + "diversity/loss" in logs:
+            loss += self.diversity_weight * logs[prefix + "diversity/loss"]
+        return loss
 
     def log(self, logs: dict, start_time=None):
         if "train_loss" in logs:
@@ -371,6 +420,8 @@ class PreferenceTrainer(Trainer):
                 a = self.objective.diversity_alpha
                 logs[prefix + "diversity/loss"] = (-a * logs[prefix + "diversity/entropy"]
                                                    + (1 - a) * logs[prefix + "diversity/kl"])
+            if split == "eval":
+                logs["eval_loss"] = self._eval_loss(logs, prefix)
             self._metric_sums[split].clear()
         super().log(logs, start_time)
 
@@ -421,6 +472,8 @@ class _ApplyResume(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._apply_resume()
+        if state.is_world_process_zero and Path(args.output_dir).is_dir():
+            record_written(Path(args.output_dir))  # what the trackers created (runs/) is the run's
 
 
 class OutputHead(torch.nn.Linear):

@@ -1,0 +1,390 @@
+"""What a cluster and its users do to a run, done for real: signals (SIGTERM, SIGINT) to a running
+process, two runs in one folder, a full or read-only file system (a small tmpfs mounted for the
+test), damaged checkpoints, a finished run's command run again, the user's own files beside the
+run. In each case nothing of the user's is lost, nothing wrong is trained without a word, and the
+message is one line naming the path and the fix — never a traceback."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from prefopt.demo import make_rows, task_corpus
+from prefopt.runs import COMPLETE, checkpoints
+from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = str(ROOT / "tests" / "fault_worker.py")
+TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
+          "eval_samples_per_second", "eval_steps_per_second", "total_flos"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    tok = train_tokenizer(task_corpus(), vocab_size=300)
+    save_tiny(tiny_model("llama", tok, seed=0), tok, root / "model")
+    (root / "data").mkdir()
+    for split, n, seed in (("train", 24, 0), ("test", 6, 1)):
+        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
+    config = {
+        "model_name_or_path": str(root / "model"),
+        "dataset_mixer": {str(root / "data"): 1.0},
+        "dataset_splits": ["train", "test"],
+        "method": "cpo_simpo",
+        "learning_rate": 5e-3,
+        "max_steps": 8,  # ends mid-epoch (24 pairs, 4 per step)
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "logging_steps": 1,
+        "eval_strategy": "steps",
+        "eval_steps": 3,  # does not divide max_steps: the final evaluation comes after the loop
+        "save_steps": 2,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "seed": 3,
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def run(ws, out, *extra, fault=None, wait=True, cwd=None):
+    cmd = ([sys.executable, WORKER] if fault else [sys.executable, "-m", "prefopt"]) + [
+        "train", str(ws / "config.yaml"), "--output_dir", str(out), *extra]
+    env = {**ENV, "PREFOPT_FAULT": fault} if fault else ENV
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=cwd or ws)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=cwd or ws)
+
+
+def ok(done):
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
+    return done
+
+
+def refused(done, *words):
+    assert done.returncode == 2, done.stdout[-1500:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    for word in words:
+        assert word in done.stderr, done.stderr[-3000:]
+    return done.stderr
+
+
+def trajectory(out: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+
+
+def assert_same_run(reference: Path, out: Path):
+    """Same logged lines (every value) and the same final weights as the reference run. The
+    resumed run repeats the reference's arithmetic in one process with the same thread count, data
+    order and RNG state (restored from the checkpoint), so the values agree to float32 round-off of
+    a reloaded optimizer state (they are in practice bit-identical)."""
+    a, b = trajectory(reference), trajectory(out)
+    assert [x["step"] for x in b] == [x["step"] for x in a]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), (x["step"], key)
+    w1, w2 = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-6, atol=1e-7)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder`: its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(ws):
+    out = ws / "reference"
+    ok(run(ws, out))
+    return out
+
+
+def wait_for_step(out: Path, proc, step: int, timeout=300):
+    """Until metrics.jsonl shows a train line at `step` or later."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        path = out / "metrics.jsonl"
+        if path.is_file():
+            steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.endswith("}")]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.02)
+    raise AssertionError("the run did not get there")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_at_the_step_boundary_with_a_checkpoint(ws, reference, tmp_path, sig, code):
+    """SLURM's scancel/pre-emption (SIGTERM) and Ctrl-C (SIGINT): the step in progress finishes,
+    a complete checkpoint is written there, one line says how to continue, and the same command
+    then ends exactly where the uninterrupted run does. (save_steps 2 would save at even steps
+    anyway: the signal is sent on an odd one, so the checkpoint is the signal's.)"""
+    out = tmp_path / "run"
+    proc = run(ws, out, fault="slow:0.3", wait=False)
+    wait_for_step(out, proc, 3)
+    sent = time.time()
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    seconds = time.time() - sent
+    assert proc.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr
+    message = stderr.strip().splitlines()[-1]
+    assert f"stopped by {sig.name} at step" in message and "is complete" in message
+    step = int(message.split(" at step ")[1].split(":")[0])
+    assert (out / f"checkpoint-{step}" / COMPLETE).is_file()
+    assert seconds < 60, seconds  # a step of this tiny run and a checkpoint; generous for a loaded CI machine
+    print(f"{sig.name}: {seconds:.2f} s from the signal to exit, checkpoint-{step} complete")
+    again = ok(run(ws, out))
+    assert f"resuming from {out / f'checkpoint-{step}'}" in again.stdout
+    assert_same_run(reference, out)
+
+
+def test_signal_while_tokenizing_and_during_the_final_save(ws, reference, tmp_path):
+    out = tmp_path / "run"
+    done = run(ws, out, fault="signal:INT:tokenizing")
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "stopped by SIGINT" in done.stderr.strip().splitlines()[-1]
+    assert not out.exists() or not (out / "metrics.jsonl").exists()  # nothing was written yet
+    done = run(ws, out, fault="signal:TERM:final_save")
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    ok(run(ws, out))  # finishes the save; no metrics line twice
+    assert_same_run(reference, out)
+
+
+def test_a_finished_runs_command_changes_nothing_and_a_larger_max_steps_continues(ws, reference, tmp_path):
+    out = tmp_path / "run"
+    ok(run(ws, out))
+    before = snapshot(out)
+    again = ok(run(ws, out))
+    assert "is complete (8 steps)" in again.stdout and "larger max_steps" in again.stdout
+    assert snapshot(out) == before  # not one file touched
+    more = ok(run(ws, out, "--max_steps", "10"))
+    assert "max_steps 8 → 10: continuing the run from" in more.stdout
+    steps = [x["step"] for x in trajectory(out) if "loss" in x]
+    assert steps == list(range(1, 11))  # the first 8 steps' lines kept once, then 9 and 10
+    assert load_file(out / "model.safetensors").keys() == load_file(reference / "model.safetensors").keys()
+    refused(run(ws, out, "--max_steps", "6"), "already at step 10", "larger max_steps")
+
+
+def test_one_run_per_output_dir_at_a_time(ws, reference, tmp_path):
+    out = tmp_path / "run"
+    first = run(ws, out, fault="slow:1.5", wait=False)  # 16 micro-batches: long enough for a second start
+    wait_for_step(out, first, 1)
+    second = run(ws, out)
+    refused(second, "is in use by another prefopt run (pid")
+    assert first.wait(timeout=600) == 0, first.communicate()
+    assert_same_run(reference, out)  # the first run's lines, once each
+
+
+def test_only_what_the_run_wrote_is_deleted_or_rotated(ws, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-2-keep").mkdir()
+    (out / "checkpoint-2-keep" / "notes.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine too")
+    ok(run(ws, out))
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-6", "checkpoint-8"]  # save_total_limit 2
+    assert (out / "checkpoint-2-keep" / "notes.txt").read_text() == "mine"
+    ok(run(ws, out, "--overwrite_output_dir", "true", "--max_steps", "2"))
+    assert (out / "notes.txt").read_text() == "mine too" and (out / "checkpoint-2-keep").is_dir()
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2"]
+    # a file of the user's where the run would write its own is refused, not overwritten
+    (out / "README.md").write_text("my notes")
+    refused(run(ws, out, "--overwrite_output_dir", "true"), "README.md", "did not write")
+    assert (out / "README.md").read_text() == "my notes"
+
+
+def test_the_model_trained_from_is_never_the_output(ws, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(ws / "model", model)
+    before = snapshot(model)
+    refused(run(ws, model, "--model_name_or_path", str(model), "--overwrite_output_dir", "true"),
+            "is the model being trained from")
+    assert snapshot(model) == before
+
+
+def test_resume_on_changed_data_is_refused_and_nothing_changes(ws, tmp_path):
+    out = tmp_path / "run"
+    ok(run(ws, out, "--max_steps", "4"))
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        (data / name).write_text((ws / "data" / name).read_text())
+    edited = dict(yaml.safe_load((ws / "config.yaml").read_text()), dataset_mixer={str(data): 1.0})
+    # a run killed after checkpoint-2: the finished mark is taken off by hand
+    manifest = json.loads((out / "prefopt_run.json").read_text())
+    manifest["finished"] = None
+    (out / "prefopt_run.json").write_text(json.dumps(manifest))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(edited))
+    # same data at a new path: the config differs (that is refused by the config check)
+    before = snapshot(out)
+    done = subprocess.run([sys.executable, "-m", "prefopt", "train", str(tmp_path / "c.yaml"), "--output_dir",
+                           str(out), "--max_steps", "4"], env=ENV, capture_output=True, text=True, timeout=600)
+    refused(done, "different config")
+    assert snapshot(out) == before
+    # the same file, edited
+    rows = (ws / "data" / "train.jsonl").read_text().splitlines()
+    original = (ws / "data" / "train.jsonl").read_text()
+    try:
+        (ws / "data" / "train.jsonl").write_text("\n".join(rows[:-1] + [rows[0]]) + "\n")
+        refused(run(ws, out, "--max_steps", "4"), "the data changed since", "train.jsonl changed")
+        assert snapshot(out) == before
+        (ws / "data" / "train.jsonl").write_text('{"prompt": 1}\n')  # no longer valid
+        refused(run(ws, out, "--max_steps", "4"))
+        assert snapshot(out) == before
+    finally:
+        (ws / "data" / "train.jsonl").write_text(original)
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "state"])
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(ws, reference, tmp_path, damage):
+    out = tmp_path / "run"
+    killed = run(ws, out, fault="slow:0.2", wait=False)
+    wait_for_step(out, killed, 7)
+    killed.kill()
+    killed.wait()
+    complete = [p for p in checkpoints(out) if (p / COMPLETE).is_file()]
+    assert [p.name for p in complete] == ["checkpoint-4", "checkpoint-6"]
+    latest = complete[-1]
+    if damage == "zeroed":  # header intact, every weight 0: only a checksum tells
+        weights = load_file(latest / "model.safetensors")
+        save_file({k: torch.zeros_like(v) for k, v in weights.items()}, latest / "model.safetensors",
+                  metadata={"format": "pt"})
+    elif damage == "truncated":
+        data = (latest / "model.safetensors").read_bytes()
+        (latest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (latest / "trainer_state.json").write_text('{"global_step": 6, "log_hist')
+    again = ok(run(ws, out))
+    assert f"{latest} cannot be resumed from" in again.stdout
+    assert f"resuming from {out / 'checkpoint-4'}" in again.stdout
+    assert (out / "checkpoint-6.set-aside").is_dir()  # moved aside, not deleted
+    assert_same_run(reference, out)
+
+
+def test_a_checkpoint_without_optimizer_state_falls_back_to_the_one_before(ws, reference, tmp_path):
+    out = tmp_path / "run"
+    killed = run(ws, out, fault="slow:0.2", wait=False)
+    wait_for_step(out, killed, 7)
+    killed.kill()
+    killed.wait()
+    (out / "checkpoint-6" / "optimizer.pt").unlink()
+    again = ok(run(ws, out))
+    assert f"{out / 'checkpoint-6'} cannot be resumed from: {out / 'checkpoint-6' / 'optimizer.pt'} is missing" in again.stdout
+    assert f"resuming from {out / 'checkpoint-4'}" in again.stdout
+    assert_same_run(reference, out)
+
+
+def test_resume_from_checkpoint_true_is_the_hf_spelling(ws, tmp_path):
+    out = tmp_path / "run"
+    killed = run(ws, out, fault="slow:0.2", wait=False)
+    wait_for_step(out, killed, 5)
+    killed.kill()
+    killed.wait()
+    again = ok(run(ws, out, "--resume_from_checkpoint", "true"))
+    assert f"resuming from {out / 'checkpoint-4'}" in again.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of a few MB (tmpfs), so writes fail as on a full disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")  # CI and the developers' machines run as root
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_full_disk_is_one_message_and_the_last_checkpoint_survives(ws, reference, small_disk):
+    """3 MB hold two checkpoints of this model (weights 0.44 MB, optimizer 0.88 MB) but not a
+    third beside them and the final model."""
+    out = small_disk / "run"
+    done = run(ws, out, "--save_total_limit", "3")
+    stderr = refused(done, "No space left on device", "free space there")
+    errors = [line for line in stderr.splitlines() if line.startswith("prefopt: error")]
+    assert len(errors) == 1, stderr  # one line (beside the progress bars)
+    complete = [p for p in checkpoints(out) if (p / COMPLETE).is_file()]
+    assert complete, "a complete checkpoint was written before the disk filled"
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    again = ok(run(ws, out, "--save_total_limit", "3"))
+    assert f"resuming from {complete[-1]}" in again.stdout
+    assert_same_run(reference, out)
+
+
+def test_file_system_mistakes_are_one_message(ws, tmp_path, small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    refused(run(ws, small_disk / "run"), "Read-only file system", "writable disk")
+    (tmp_path / "afile").write_text("")
+    refused(run(ws, tmp_path / "afile"), "is a file, not a folder")
+    out = tmp_path / "run"
+    (out / "metrics.jsonl").mkdir(parents=True)
+    refused(run(ws, out), "metrics.jsonl")
+
+
+def test_a_damaged_model_folder_is_refused_before_loading(ws, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(ws / "model", model)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[:-1000])
+    refused(run(ws, tmp_path / "a", "--model_name_or_path", str(model)), "model.safetensors: it is cut short",
+            "Copy or download it again")
+    (model / "model.safetensors").write_bytes(data)
+    for p in model.glob("tokenizer*"):
+        p.unlink()
+    refused(run(ws, tmp_path / "b", "--model_name_or_path", str(model)), "holds no tokenizer files",
+            "tokenizer_name_or_path")
+
+
+def test_fewer_steps_than_logging_steps_still_succeeds(ws, tmp_path):
+    """No train line is logged before the end: the run still succeeds (plots or not) and says so."""
+    done = ok(run(ws, tmp_path / "run", "--max_steps", "2", "--logging_steps", "5", "--eval_strategy", "no"))
+    assert "prefopt: done: 2 steps" in done.stdout
+    assert "prefopt: plots of" in done.stdout or "prefopt: no plots" in done.stdout
+
+
+def test_sigterm_to_torchrun_stops_every_process_at_the_same_step(ws, tmp_path):
+    """torchrun forwards SIGTERM to its workers (and kills them 30 s later): both processes finish
+    the step, agree on it, write one complete checkpoint there, and the same command continues."""
+    from helpers import free_port
+
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), WORKER]
+    args = ["train", str(ws / "config.yaml"), "--output_dir", str(out), "--per_device_train_batch_size", "1"]
+    proc = subprocess.Popen(launcher + args, env={**ENV, "PREFOPT_FAULT": "slow:0.3"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ws)
+    wait_for_step(out, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    stopped = [line for line in stderr.splitlines() if line.startswith("prefopt: stopped by SIGTERM at step")]
+    assert len(stopped) == 1, stderr[-3000:]  # rank 0 says it, once
+    step = int(stopped[0].split(" at step ")[1].split(":")[0])
+    assert (out / f"checkpoint-{step}" / COMPLETE).is_file()
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", str(free_port()), "-m", "prefopt", *args],
+                           env=ENV, capture_output=True, text=True, timeout=600, cwd=ws)
+    ok(again)
+    assert f"resuming from {out / f'checkpoint-{step}'}" in again.stdout
+    steps = [x["step"] for x in trajectory(out) if "loss" in x]
+    assert steps == list(range(1, 9))
