@@ -375,9 +375,10 @@ def test_loss_and_gradients_under_bf16_are_as_close_to_fp32_as_padded(arch, attn
 
 @pytest.mark.parametrize("name", ["simpo-llama3-8b-instruct", "cpo_simpo-phi3-mini"])
 def test_a_shipped_config_trains_in_bf16_close_to_fp32(name, local, tmp_path, monkeypatch):  # noqa: F811
-    """The CLI as shipped (bf16 weights, CPU autocast) and with `--dtype float32 --bf16 false`, one step
-    on the same tiny model and data: what ran is asserted, and the logged loss differs from fp32's
-    only as much as bf16 rounding of the hidden states and the head explains."""
+    """The CLI as shipped (bf16 weights, CPU autocast: `--use_cpu` makes a GPU machine run the same)
+    and with `--dtype float32 --bf16 false`, one step on the same tiny model and data: what ran is
+    asserted, and the logged loss differs from fp32's only as much as bf16 rounding of the hidden
+    states and the head explains."""
     path = next(p for p in CONFIGS if p.stem == name)
     cfg = load_config(str(path))
     assert cfg.model.dtype == "bfloat16" and cfg.training.bf16 and cfg.objective.loss_type == "sigmoid"
@@ -412,7 +413,7 @@ def test_a_shipped_config_trains_in_bf16_close_to_fp32(name, local, tmp_path, mo
         code = main(["train", str(path), "--model_name_or_path", str(local / "model"),
                      "--dataset_mixer", json.dumps({str(local / "data"): 1.0}), "--dataset_splits", "[train, test]",
                      "--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-                     "--logging_steps", "1", "--output_dir", str(out), *extra])
+                     "--logging_steps", "1", "--use_cpu", "true", "--output_dir", str(out), *extra])
         assert code == 0
         logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         with safe_open(str(out / "model.safetensors"), "pt") as f:
