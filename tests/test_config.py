@@ -308,8 +308,8 @@ FINITE_POSITIVE = "must be a finite number (positive)"
     ("nll_weight: nan", "nll_weight must be a finite number (at least 0; 0: no NLL term), got nan."),
     ("nll_weight: .inf", "nll_weight must be a finite number (at least 0; 0: no NLL term), got inf."),
     ("diversity_weight: .nan", "diversity_weight must be a finite number (at least 0; 0: off), got nan."),
-    ("learning_rate: -1e-5", "learning_rate must be positive, got -1e-05."),
-    ("learning_rate: .nan", f"learning_rate {FINITE_POSITIVE}, got nan."),
+    ("learning_rate: -1e-5", "learning_rate must be at least 0 (0: no update), got -1e-05."),
+    ("learning_rate: .nan", "learning_rate must be a finite number (at least 0; 0: no update), got nan."),
     ("num_train_epochs: 0", "num_train_epochs must be positive (to train a set number of steps, set max_steps), got 0."),
     ("save_steps: 0", "save_steps must be a share of the run's steps in (0, 1) or a whole number of at least 1, got 0."),
     # beyond the list: the other spellings are checked under the name the user wrote
@@ -344,9 +344,12 @@ FINITE_POSITIVE = "must be a finite number (positive)"
     ("lora_dropout: 1.0", "lora_dropout must be in [0, 1), got 1."),
     ("lora_r: 0", "lora_r must be at least 1, got 0."),
     ("seed: -1", "seed must be in [0, 4294967295] (numpy takes 32-bit seeds), got -1."),
-    ("max_steps: -2", "max_steps must be at least -1 (-1: as many as num_train_epochs take), got -2."),
+    ("max_steps: -2", "max_steps must be -1 or a whole number of at least 1 (transformers would train one step for 0) "
+                      "(-1: as many as num_train_epochs take), got -2."),
+    ("max_steps: 0", "max_steps must be -1 or a whole number of at least 1 (transformers would train one step for 0) "
+                     "(-1: as many as num_train_epochs take), got 0."),
     ("max_steps: .inf", "max_steps: expected a whole number, got inf."),  # int(inf) was an OverflowError
-    ("learning_rate: null", "learning_rate must be positive, got null."),
+    ("learning_rate: null", "learning_rate must be at least 0 (0: no update), got null."),
     ("label_smoothing_factor: 0.1",
      "label_smoothing_factor must be 0 (the preference loss's label smoothing is label_smoothing), got 0.1."),
     ("test_split_size: 1.5", "test_split_size must be 0, a share of the training rows in (0, 1) or a whole number of "

@@ -651,7 +651,7 @@ VALUE_RULES: dict[str, tuple[Bound | ShareOrCount, str]] = {
     "keep_fraction": (Bound(0, 1, low_open=True, what="a share"), "of that dataset's rows"),
     "fraction": (POSITIVE, "a weight, normalised over the datasets"),
     # training
-    "learning_rate": (POSITIVE, ""),
+    "learning_rate": (AT_LEAST_0, "0: no update"),
     "num_train_epochs": (POSITIVE, "to train a set number of steps, set max_steps"),
     "max_steps": (StepCount(), "-1: as many as num_train_epochs take"),
     "per_device_train_batch_size": (COUNT, ""),
