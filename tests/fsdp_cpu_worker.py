@@ -11,6 +11,7 @@ gathered from sharded state, the saved-model check) run here too. It repeats the
 
 import sys
 
+import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -32,6 +33,7 @@ class FSDPOnCPU(PreferenceTrainer):
 
 
 def main(argv: list[str]):
+    torch.set_num_threads(1)  # as the one-process run it is compared with (tests/conftest.py)
     assert argv[0] == "train", "usage: fsdp_cpu_worker.py train CONFIG.yaml [--key value ...]"
     cfg = load_config(argv[1], argv[2:])
     t = cfg.training

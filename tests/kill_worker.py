@@ -12,11 +12,13 @@ import os
 import signal
 import sys
 
+import torch
 from transformers import Trainer
 
 import prefopt.trainer as trainer_mod
 from prefopt.cli import main
 
+torch.set_num_threads(1)  # as the uninterrupted run it is compared with bit for bit (tests/conftest.py)
 event, _, at = os.environ["PREFOPT_KILL"].partition(":")
 at = int(at)
 

@@ -2,6 +2,10 @@
 
 The expected numbers come from the papers' formulas evaluated with `math`, never from the code
 under test. Shorthand: lw, ll are the chosen and rejected log-probs (already reduced).
+
+Tolerances: the code computes in float32, a handful of operations each rounding by at most
+u = 2⁻²⁴ ≈ 6e-8 relative, so a formula's value is compared at rel=1e-6 (~16u); a constant
+written with six significant digits is itself off by up to 5e-7, so it is compared at abs=1e-6.
 """
 
 import math
@@ -21,7 +25,7 @@ def softplus(x):  # -log σ(x)
 def test_simpo_sigmoid_by_hand():
     # lw=-1, ll=-2, β=2, γ/β=0.5: z = 2·((−1 − −2) − 0.5) = 1, L = −log σ(1) = log(1 + e⁻¹) ≈ 0.31326
     losses, rw, rl, extras = LOSSES["sigmoid"](t(-1.0), t(-2.0), Hyper(beta=2.0, gamma_beta_ratio=0.5))
-    assert losses.item() == pytest.approx(softplus(1.0), abs=1e-6)
+    assert losses.item() == pytest.approx(softplus(1.0), rel=1e-6)
     assert losses.item() == pytest.approx(0.313262, abs=1e-6)
     assert (rw.item(), rl.item()) == (-2.0, -4.0)  # rewards are β·log p
     assert extras == {}
@@ -30,8 +34,8 @@ def test_simpo_sigmoid_by_hand():
 def test_margin_at_the_target_gives_log2_and_hinge_one():
     # gap exactly γ/β: z = 0, so sigmoid gives log 2 and hinge gives 1
     h = Hyper(beta=2.0, gamma_beta_ratio=0.5)
-    assert LOSSES["sigmoid"](t(-1.5), t(-2.0), h)[0].item() == pytest.approx(math.log(2), abs=1e-6)
-    assert LOSSES["hinge"](t(-1.5), t(-2.0), h)[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert LOSSES["sigmoid"](t(-1.5), t(-2.0), h)[0].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert LOSSES["hinge"](t(-1.5), t(-2.0), h)[0].item() == 1.0  # 1 − 2·(0.5 − 0.5): every step exact
     # separated by more than 1/β + γ/β = 1: hinge is exactly zero
     assert LOSSES["hinge"](t(-0.5), t(-2.0), h)[0].item() == 0.0
 
@@ -39,35 +43,35 @@ def test_margin_at_the_target_gives_log2_and_hinge_one():
 def test_label_smoothing_by_hand():
     # z = 1, ε = 0.1: L = 0.9·(−log σ(1)) + 0.1·(−log σ(−1)) = 0.9·0.313262 + 0.1·1.313262 ≈ 0.413262
     losses = LOSSES["sigmoid"](t(-1.0), t(-2.0), Hyper(beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.1))[0]
-    assert losses.item() == pytest.approx(0.9 * softplus(1.0) + 0.1 * softplus(-1.0), abs=1e-6)
+    assert losses.item() == pytest.approx(0.9 * softplus(1.0) + 0.1 * softplus(-1.0), rel=1e-6)
     assert losses.item() == pytest.approx(0.413262, abs=1e-6)
 
 
 def test_cpo_sigmoid_has_no_margin():
     # CPO: summed log-probs, z = β·(lw − ll) = 0.1·(−10 − −14) = 0.4
     losses = LOSSES["sigmoid"](t(-10.0), t(-14.0), Hyper(beta=0.1))[0]
-    assert losses.item() == pytest.approx(softplus(0.4), abs=1e-6)
+    assert losses.item() == pytest.approx(softplus(0.4), rel=1e-6)
 
 
 def test_ipo_by_hand():
     # β = 0.1: target gap 1/(2β) = 5; gap 1 → (1 − 5)² = 16
     losses, rw, rl, _ = LOSSES["ipo"](t(-1.0), t(-2.0), Hyper(beta=0.1))
-    assert losses.item() == pytest.approx(16.0, abs=1e-5)
+    assert losses.item() == pytest.approx(16.0, rel=1e-6)
     assert rw.item() == pytest.approx(-0.1)
 
 
 def test_alphapo_reward_shape_by_hand():
     # α = 0.25: r(−1) = (1 − e^0.25)/0.25 ≈ −1.136102, r(−2) = (1 − e^0.5)/0.25 ≈ −2.594885
     r = shaped_reward(t(-1.0, -2.0), 0.25)
-    assert r.tolist() == pytest.approx([(1 - math.exp(0.25)) / 0.25, (1 - math.exp(0.5)) / 0.25], abs=1e-6)
+    assert r.tolist() == pytest.approx([(1 - math.exp(0.25)) / 0.25, (1 - math.exp(0.5)) / 0.25], rel=1e-6)
     # SimPO loss on the shaped rewards: z = 2·(1.458783 − 0.5) ≈ 1.917567, L ≈ 0.137119
     losses, rw, _, _ = LOSSES["sigmoid"](t(-1.0), t(-2.0), Hyper(beta=2.0, gamma_beta_ratio=0.5, alpha=0.25))
     gap = (1 - math.exp(0.25)) / 0.25 - (1 - math.exp(0.5)) / 0.25
-    assert losses.item() == pytest.approx(softplus(2.0 * (gap - 0.5)), abs=1e-6)
-    assert losses.item() == pytest.approx(0.137119, abs=1e-5)
-    assert rw.item() == pytest.approx(2.0 * (1 - math.exp(0.25)) / 0.25, abs=1e-5)  # β·r
-    # α → 0 recovers the log-prob reward
-    assert shaped_reward(t(-3.0), 1e-6).item() == pytest.approx(-3.0, abs=1e-4)
+    assert losses.item() == pytest.approx(softplus(2.0 * (gap - 0.5)), rel=1e-6)
+    assert losses.item() == pytest.approx(0.137119, abs=1e-6)
+    assert rw.item() == pytest.approx(2.0 * (1 - math.exp(0.25)) / 0.25, rel=1e-6)  # β·r
+    # α → 0 recovers the log-prob reward: (1 − e^(−α·lp))/α = lp − α·lp²/2 + …, 4.5e-6 from −3 at α = 1e-6
+    assert shaped_reward(t(-3.0), 1e-6).item() == pytest.approx(-3.0, abs=1e-5)
 
 
 def test_orpo_by_hand():
@@ -77,9 +81,9 @@ def test_orpo_by_hand():
     gap = odds(lw) - odds(ll)  # ≈ 0.432752 − (−0.541325) = 0.974077
     losses, rw, rl, extras = LOSSES["odds_ratio"](t(lw), t(ll), Hyper(beta=lam))
     assert gap == pytest.approx(0.974077, abs=1e-6)
-    assert losses.item() == pytest.approx(lam * softplus(gap), abs=1e-6)
-    assert extras["log_odds_chosen"].item() == pytest.approx(gap, abs=1e-5)
-    assert extras["log_odds_ratio"].item() == pytest.approx(-softplus(gap), abs=1e-6)
+    assert losses.item() == pytest.approx(lam * softplus(gap), rel=1e-6)
+    assert extras["log_odds_chosen"].item() == pytest.approx(gap, rel=1e-6)
+    assert extras["log_odds_ratio"].item() == pytest.approx(-softplus(gap), rel=1e-6)
     assert (rw.item(), rl.item()) == pytest.approx((lam * lw, lam * ll))
 
 
@@ -87,6 +91,8 @@ def test_orpo_by_hand():
 def test_log1mexp_is_accurate_on_both_sides_of_the_switch(lp):
     exact = math.log(-math.expm1(lp)) if lp > -0.6931 else math.log1p(-math.exp(lp))
     got = log1mexp(torch.tensor(lp, dtype=torch.float64)).item()
+    # float64 (u = 1.1e-16): the stable forms agree to a few u, and 1e-12 leaves room for libm's own
+    # errors; the naive log(1 − e^lp) is off by 5e-9 at lp = −1e-9. abs: at −1e4 the exact value is −0.0
     assert got == pytest.approx(exact, rel=1e-12, abs=1e-12)
 
 
