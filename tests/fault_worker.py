@@ -3,6 +3,7 @@
     PREFOPT_FAULT=slow:0.2 python tests/fault_worker.py train CONFIG.yaml ...  # each micro-batch takes 0.2 s longer
     PREFOPT_FAULT=signal:TERM:final_save ...   # SIGTERM to itself once the final weights are written
     PREFOPT_FAULT=signal:INT:tokenizing ...    # SIGINT to itself as tokenization starts
+    PREFOPT_FAULT=signal:TERM:step:8 ...       # SIGTERM to itself inside step 8's forward
 
 The signals are real (os.kill on its own pid), delivered to prefopt's handlers as a scheduler's
 or a person's would be.
@@ -47,6 +48,16 @@ elif kind == "signal":
             return prepare(*args, **kwargs)
 
         data_mod.prepare = signalling_prepare
+    elif moment.startswith("step:"):
+        at = int(moment.split(":")[1])
+        compute_loss = trainer_mod.PreferenceTrainer.compute_loss
+
+        def signalling_compute_loss(self, *args, **kwargs):
+            if self.state.global_step == at - 1:
+                os.kill(os.getpid(), signum)
+            return compute_loss(self, *args, **kwargs)
+
+        trainer_mod.PreferenceTrainer.compute_loss = signalling_compute_loss
     else:
         raise SystemExit(f"PREFOPT_FAULT: unknown moment {moment!r}")
 else:

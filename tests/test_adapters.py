@@ -3,7 +3,6 @@ saving, reloading, merging, and starting from an existing adapter."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -10,41 +10,31 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
-from helpers import (AFTER_ADAM_REL, ROUND_OFF_REL, assert_adam_weights_close, assert_logged_close,
+from helpers import (AFTER_ADAM_REL, ROUND_OFF_REL, assert_adam_weights_close, assert_logged_close, demo_workspace,
                      free_port)
-from prefopt.demo import make_rows, task_corpus
-from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
+from prefopt.tiny import save_tiny, tiny_model
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    tok = train_tokenizer(task_corpus(), vocab_size=300)
-    save_tiny(tiny_model("llama", tok, seed=0), tok, root / "model")
+    tok = demo_workspace(
+        root, {"train": (32, 0), "test": (12, 1)},
+        method="cpo_simpo",  # a preference term and an NLL term normalised by token count
+        learning_rate=5e-3,
+        max_steps=4,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=3,
+        save_strategy="no",
+        report_to="none",
+        seed=5,
+    )
     save_tiny(tiny_model("llama", tok, seed=0, tie_word_embeddings=True), tok, root / "tied")
-    (root / "data").mkdir()
-    for split, n, seed in (("train", 32, 0), ("test", 12, 1)):
-        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
-    config = {
-        "model_name_or_path": str(root / "model"),
-        "dataset_mixer": {str(root / "data"): 1.0},
-        "dataset_splits": ["train", "test"],
-        "method": "cpo_simpo",  # a preference term and an NLL term normalised by token count
-        "learning_rate": 5e-3,
-        "max_steps": 4,
-        "gradient_accumulation_steps": 2,
-        "logging_steps": 1,
-        "eval_strategy": "steps",
-        "eval_steps": 2,
-        "per_device_eval_batch_size": 3,
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": 5,
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root
 
 

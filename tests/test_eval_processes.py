@@ -10,11 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import free_port
-from prefopt.demo import make_rows, task_corpus
-from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
+from helpers import demo_workspace, free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TIMING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
@@ -23,27 +20,19 @@ TIMING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalproc")
-    tok = train_tokenizer(task_corpus(), vocab_size=300)
-    save_tiny(tiny_model("llama", tok, seed=0), tok, root / "model")
-    (root / "data").mkdir()
-    for split, n, seed in (("train", 8, 0), ("test", 15, 1)):  # 15: divides by neither 2 × 2 nor 2 × 8
-        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
-    config = {
-        "model_name_or_path": str(root / "model"),
-        "dataset_mixer": {str(root / "data"): 1.0},
-        "dataset_splits": ["train", "test"],
-        "method": "cpo_simpo",  # an NLL term: eval_loss normalised over all held-out tokens
-        "max_steps": 1,
-        "per_device_train_batch_size": 2,
-        "per_device_eval_batch_size": 2,
-        "eval_strategy": "steps",
-        "eval_steps": 1,
-        "eval_on_start": True,  # evaluated before any update: both runs score the very same weights
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": 1,
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    demo_workspace(
+        root, {"train": (8, 0), "test": (15, 1)},  # 15: divides by neither 2 × 2 nor 2 × 8
+        method="cpo_simpo",  # an NLL term: eval_loss normalised over all held-out tokens
+        max_steps=1,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        eval_on_start=True,  # evaluated before any update: both runs score the very same weights
+        save_strategy="no",
+        report_to="none",
+        seed=1,
+    )
     return root
 
 

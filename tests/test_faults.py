@@ -17,9 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from prefopt.demo import make_rows, task_corpus
+from helpers import demo_workspace
 from prefopt.runs import COMPLETE, checkpoints
-from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "fault_worker.py")
@@ -31,29 +30,21 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    tok = train_tokenizer(task_corpus(), vocab_size=300)
-    save_tiny(tiny_model("llama", tok, seed=0), tok, root / "model")
-    (root / "data").mkdir()
-    for split, n, seed in (("train", 24, 0), ("test", 6, 1)):
-        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
-    config = {
-        "model_name_or_path": str(root / "model"),
-        "dataset_mixer": {str(root / "data"): 1.0},
-        "dataset_splits": ["train", "test"],
-        "method": "cpo_simpo",
-        "learning_rate": 5e-3,
-        "max_steps": 8,  # ends mid-epoch (24 pairs, 4 per step)
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "logging_steps": 1,
-        "eval_strategy": "steps",
-        "eval_steps": 3,  # does not divide max_steps: the final evaluation comes after the loop
-        "save_steps": 2,
-        "save_total_limit": 2,
-        "report_to": "none",
-        "seed": 3,
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    demo_workspace(
+        root, {"train": (24, 0), "test": (6, 1)},
+        method="cpo_simpo",
+        learning_rate=5e-3,
+        max_steps=8,  # ends mid-epoch (24 pairs, 4 per step)
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=3,  # does not divide max_steps: the final evaluation comes after the loop
+        save_steps=2,
+        save_total_limit=2,
+        report_to="none",
+        seed=3,
+    )
     return root
 
 
@@ -126,6 +117,14 @@ def wait_for_step(out: Path, proc, step: int, timeout=300):
                 return
         time.sleep(0.02)
     raise AssertionError("the run did not get there")
+
+
+def kill_after(ws, out: Path, step: int):
+    """A run SIGKILLed (nothing saved, nothing flushed) once it has logged `step`."""
+    killed = run(ws, out, fault="slow:0.2", wait=False)
+    wait_for_step(out, killed, step)
+    killed.kill()
+    killed.wait()
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -256,10 +255,7 @@ def test_resume_on_changed_data_is_refused_and_nothing_changes(ws, tmp_path):
 @pytest.mark.parametrize("damage", ["zeroed", "truncated", "state"])
 def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(ws, reference, tmp_path, damage):
     out = tmp_path / "run"
-    killed = run(ws, out, fault="slow:0.2", wait=False)
-    wait_for_step(out, killed, 7)
-    killed.kill()
-    killed.wait()
+    kill_after(ws, out, 7)
     complete = [p for p in checkpoints(out) if (p / COMPLETE).is_file()]
     assert [p.name for p in complete] == ["checkpoint-4", "checkpoint-6"]
     latest = complete[-1]
@@ -281,10 +277,7 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(ws, referenc
 
 def test_a_checkpoint_without_optimizer_state_falls_back_to_the_one_before(ws, reference, tmp_path):
     out = tmp_path / "run"
-    killed = run(ws, out, fault="slow:0.2", wait=False)
-    wait_for_step(out, killed, 7)
-    killed.kill()
-    killed.wait()
+    kill_after(ws, out, 7)
     (out / "checkpoint-6" / "optimizer.pt").unlink()
     again = ok(run(ws, out))
     assert f"{out / 'checkpoint-6'} cannot be resumed from: {out / 'checkpoint-6' / 'optimizer.pt'} is missing" in again.stdout
@@ -294,10 +287,7 @@ def test_a_checkpoint_without_optimizer_state_falls_back_to_the_one_before(ws, r
 
 def test_resume_from_checkpoint_true_is_the_hf_spelling(ws, tmp_path):
     out = tmp_path / "run"
-    killed = run(ws, out, fault="slow:0.2", wait=False)
-    wait_for_step(out, killed, 5)
-    killed.kill()
-    killed.wait()
+    kill_after(ws, out, 5)
     again = ok(run(ws, out, "--resume_from_checkpoint", "true"))
     assert f"resuming from {out / 'checkpoint-4'}" in again.stdout
 
@@ -388,3 +378,86 @@ def test_sigterm_to_torchrun_stops_every_process_at_the_same_step(ws, tmp_path):
     assert f"resuming from {out / f'checkpoint-{step}'}" in again.stdout
     steps = [x["step"] for x in trajectory(out) if "loss" in x]
     assert steps == list(range(1, 9))
+
+
+def test_a_signal_in_the_last_step_lets_the_run_finish(ws, reference, tmp_path):
+    out = tmp_path / "run"
+    done = ok(run(ws, out, fault="signal:TERM:step:8"))
+    assert "prefopt: done: 8 steps" in done.stdout
+    assert_same_run(reference, out)
+
+
+def test_the_users_files_added_between_starts_survive_an_overwrite(ws, tmp_path):
+    out = tmp_path / "run"
+    ok(run(ws, out, "--max_steps", "2"))
+    (out / "notes.txt").write_text("written after the first start")
+    ok(run(ws, out, "--max_steps", "4"))  # continues
+    (out / "eval.json").write_text("{}")  # e.g. prefopt eval --output, after the run
+    ok(run(ws, out, "--overwrite_output_dir", "true", "--max_steps", "2"))
+    assert (out / "notes.txt").is_file() and (out / "eval.json").is_file()
+
+
+def _as_written_by_the_previous_version(out: Path):
+    """What prefopt wrote before manifests and checksums: marks {"step": N}, no prefopt_run.json,
+    no lock, no writing marks."""
+    (out / "prefopt_run.json").unlink()
+    (out / ".prefopt.lock").unlink()
+    for c in checkpoints(out):
+        if (c / COMPLETE).is_file():
+            (c / COMPLETE).write_text(json.dumps({"step": int(c.name.split("-")[1])}) + "\n")
+        (c / "prefopt_checkpoint_writing").unlink(missing_ok=True)
+
+
+def test_runs_of_the_previous_version_resume_and_stay_finished(ws, reference, tmp_path):
+    finished = tmp_path / "finished"
+    ok(run(ws, finished))
+    _as_written_by_the_previous_version(finished)
+    before = snapshot(finished)
+    assert "is complete (8 steps)" in ok(run(ws, finished)).stdout
+    after = snapshot(finished)
+    assert after.pop(".prefopt.lock")[0] == b""  # the lock is the one file added (empty), once
+    assert after == before
+    # killed after checkpoint-6, with checkpoint-8 half-written (no mark, no state yet)
+    out = tmp_path / "killed"
+    kill_after(ws, out, 7)
+    _as_written_by_the_previous_version(out)
+    (out / "checkpoint-8").mkdir()
+    (out / "checkpoint-8" / "model.safetensors").write_bytes(b"cut")
+    again = ok(run(ws, out))
+    assert f"removing {out / 'checkpoint-8'}" in again.stdout and f"resuming from {out / 'checkpoint-6'}" in again.stdout
+    assert_same_run(reference, out)
+
+
+def test_resume_refusals_name_the_checkpoint(ws, tmp_path):
+    out = tmp_path / "run"
+    kill_after(ws, out, 5)
+    (out / "checkpoint-6").mkdir(exist_ok=True)
+    (out / "checkpoint-6" / "prefopt_checkpoint_writing").write_text("")
+    (out / "checkpoint-6" / "trainer_state.json").write_text((out / "checkpoint-4" / "trainer_state.json").read_text())
+    before = snapshot(out)
+    refused(run(ws, out, "--resume_from_checkpoint", str(out / "checkpoint-6")), "was cut short while being written")
+    manifest = json.loads((out / "prefopt_run.json").read_text())
+    (out / "prefopt_run.json").write_text(json.dumps({**manifest, "processes": 2}))
+    refused(run(ws, out), "was trained on 2 processes and this start has 1", "as many processes as before")
+    (out / "prefopt_run.json").write_text(json.dumps(manifest))
+    assert snapshot(out) == {**before, "prefopt_run.json": snapshot(out)["prefopt_run.json"]}
+    aside = out / "checkpoint-8.set-aside"
+    import shutil
+
+    shutil.copytree(ws / "model", aside)
+    refused(run(ws, out, "--model_name_or_path", str(aside), "--overwrite_output_dir", "true"),
+            "is a checkpoint inside output_dir")
+    assert (aside / "model.safetensors").is_file()
+
+
+def test_every_sharding_backends_optimizer_state_counts(tmp_path):
+    from prefopt.runs import has_optimizer_state
+
+    for name, folder in (("optimizer.pt", False), ("optimizer.bin", False), ("optimizer_0", True),
+                         ("optimizer_0_rank0.bin", False), ("global_step4", True)):
+        c = tmp_path / name / "checkpoint-4"
+        c.mkdir(parents=True)
+        (c / name).mkdir() if folder else (c / name).write_bytes(b"x")
+        assert has_optimizer_state(c), name
+    (tmp_path / "none").mkdir()
+    assert not has_optimizer_state(tmp_path / "none")

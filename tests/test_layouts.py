@@ -2,7 +2,6 @@
 reference — per-sequence log-probs, loss and gradients — on every tested architecture."""
 
 import copy
-import logging
 
 import pytest
 import torch

@@ -22,13 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from helpers import free_port
-from prefopt.demo import make_rows, task_corpus
+from helpers import demo_workspace, free_port
 from prefopt.runs import COMPLETE
-from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = 2
@@ -42,28 +39,20 @@ TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second",
 def ws(tmp_path_factory):
     """The shared file system: model, data and config."""
     root = tmp_path_factory.mktemp("multinode")
-    tok = train_tokenizer(task_corpus(), vocab_size=300)
-    save_tiny(tiny_model("llama", tok, seed=0), tok, root / "model")
-    (root / "data").mkdir()
-    for split, n, seed in (("train", 32, 0), ("test", 12, 1)):
-        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
-    config = {
-        "model_name_or_path": str(root / "model"),
-        "dataset_mixer": {str(root / "data"): 1.0},
-        "dataset_splits": ["train", "test"],
-        "method": "cpo_simpo",  # a preference term and an NLL term normalised by token count
-        "learning_rate": LR,
-        "max_steps": 4,
-        "gradient_accumulation_steps": 2,
-        "logging_steps": 1,
-        "eval_strategy": "steps",
-        "eval_steps": 2,
-        "per_device_eval_batch_size": 3,
-        "save_steps": 2,  # checkpoints too: their files are among those written once
-        "report_to": "none",
-        "seed": 5,
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    demo_workspace(
+        root, {"train": (32, 0), "test": (12, 1)},
+        method="cpo_simpo",  # a preference term and an NLL term normalised by token count
+        learning_rate=LR,
+        max_steps=4,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=3,
+        save_steps=2,  # checkpoints too: their files are among those written once
+        report_to="none",
+        seed=5,
+    )
     return root
 
 
@@ -237,8 +226,6 @@ def test_on_local_disks_without_checkpoints_node_0_holds_the_run(ws, two_nodes, 
     assert not node1.exists() or not files(node1)
 
 
-@pytest.mark.xfail(strict=True, reason="needs pipeline.train to check that every process sees output_dir's lock "
-                                       "file when checkpoints will be written (see the report)")
 def test_on_local_disks_a_run_with_checkpoints_is_refused_before_it_starts(ws, tmp_path):
     """Every process writes its part of each checkpoint into output_dir (node 1 its RNG state), and
     a resume reads all of it back on every process. On node-local disks node 1's checkpoint folders
@@ -254,7 +241,6 @@ def test_on_local_disks_a_run_with_checkpoints_is_refused_before_it_starts(ws, t
     assert not (tmp_path / "node0" / "work" / "out" / "metrics.jsonl").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs check_runnable to refuse save_on_each_node (see the report)")
 def test_save_on_each_node_is_refused_before_loading(ws, tmp_path, capsys):
     """transformers 5.23 writes a checkpoint's model weights from global rank 0 only
     (`should_save_on_this_rank`), whatever save_on_each_node says: with output_dir on each node's

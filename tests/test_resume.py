@@ -14,13 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import AFTER_ADAM_REL, assert_adam_weights_close, assert_logged_close, free_port
+from helpers import AFTER_ADAM_REL, assert_adam_weights_close, assert_logged_close, demo_workspace, free_port
 from prefopt.config import build_config
-from prefopt.demo import make_rows, task_corpus
 from prefopt.errors import PrefoptError
 from prefopt.pipeline import train
 from prefopt.runs import COMPLETE, checkpoints
-from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # values that depend on wall-clock time, not on the computation
@@ -31,29 +29,21 @@ TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second",
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    tok = train_tokenizer(task_corpus(), vocab_size=300)
-    save_tiny(tiny_model("llama", tok, seed=0), tok, root / "model")
-    (root / "data").mkdir()
-    for split, n, seed in (("train", 24, 0), ("test", 8, 1)):
-        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
-    config = {
-        "model_name_or_path": str(root / "model"),
-        "dataset_mixer": {str(root / "data"): 1.0},
-        "dataset_splits": ["train", "test"],
-        "method": "cpo_simpo",
-        "learning_rate": 5e-3,
-        "max_steps": 8,  # 2 epochs of 24 pairs at 6 per step: resuming crosses an epoch boundary
-        "per_device_train_batch_size": 3,
-        "gradient_accumulation_steps": 2,
-        "logging_steps": 3,  # logs straddle checkpoints: what was measured but not logged must survive too
-        "eval_strategy": "steps",
-        "eval_steps": 4,
-        "save_steps": 2,
-        "save_total_limit": 1,  # rotation must never leave nothing complete to resume from
-        "report_to": "none",
-        "seed": 11,
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    demo_workspace(
+        root, {"train": (24, 0), "test": (8, 1)},
+        method="cpo_simpo",
+        learning_rate=5e-3,
+        max_steps=8,  # 2 epochs of 24 pairs at 6 per step: resuming crosses an epoch boundary
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,
+        logging_steps=3,  # logs straddle checkpoints: what was measured but not logged must survive too
+        eval_strategy="steps",
+        eval_steps=4,
+        save_steps=2,
+        save_total_limit=1,  # rotation must never leave nothing complete to resume from
+        report_to="none",
+        seed=11,
+    )
     return root
 
 

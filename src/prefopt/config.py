@@ -30,7 +30,7 @@ import yaml
 from transformers import TrainingArguments
 
 from .errors import PrefoptError
-from .losses import LOSSES, METHODS, SMOOTHABLE
+from .losses import METHODS, SMOOTHABLE
 
 # ---------------------------------------------------------------------------------------------
 # The canonical dataclasses
@@ -765,7 +765,7 @@ def _resolve_objective(where: str, raw: dict, obj: ObjectiveArgs, notes: list[st
     if obj.alpha not in (None, 0.0) and not spec.reward_shape:
         _fail(where, f"{method} has no reward-shape parameter; remove alpha.")
     if obj.label_smoothing and loss_type not in SMOOTHABLE:
-        _fail(where, f"label_smoothing applies to the sigmoid loss only; remove it or use loss_type sigmoid.")
+        _fail(where, "label_smoothing applies to the sigmoid loss only; remove it or use loss_type sigmoid.")
     nll = spec.defaults["nll_weight"] if obj.nll_weight is None else obj.nll_weight
     return dataclasses.replace(
         obj,

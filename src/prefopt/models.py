@@ -172,13 +172,13 @@ def check_weights_intact(folder: str | Path, where: str):
         try:
             with path.open("rb") as fh:
                 n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
-                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
-        except (OSError, ValueError, UnicodeDecodeError):
+                header = json.loads(fh.read(n)) if 0 < n <= min(size - 8, 100_000_000) else None
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, IndexError):
             header = None
         if header is None:
             problem = "its header is missing or damaged"
         else:
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + n + end > size:
                 problem = f"it is cut short ({size:,} bytes; its header describes {8 + n + end:,})"
         if problem:

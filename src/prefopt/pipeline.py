@@ -8,11 +8,13 @@ not the minutes of loading a 7B model.
 
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate.utils import DistributedType
 from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
@@ -44,6 +46,12 @@ def check_runnable(cfg: Config):
     cuda = torch.cuda.is_available()
     check_adapter_start(m, where)
     check_weights_format(m, where)
+    if t.save_on_each_node:
+        raise PrefoptError(
+            f"{where}: save_on_each_node: transformers {transformers.__version__} writes a checkpoint's model weights "
+            "from the first process only, so the other nodes' copies would hold none and could not be resumed from. "
+            "Remove save_on_each_node and put output_dir on a file system every node shares."
+        )
     if (m.load_in_4bit or m.load_in_8bit) and not cuda:
         bits = "load_in_4bit" if m.load_in_4bit else "load_in_8bit"
         raise PrefoptError(
@@ -137,20 +145,42 @@ def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> Prefere
 
 
 def _on_main(fn, main_process: bool):
-    """Run `fn` on the first process only and give its result (or its PrefoptError) to every process."""
-    result = None
+    """Run `fn` on the first process only and give its result to every process; if it fails, every
+    process stops (the first with the error itself, the others quietly), none waits for it."""
+    result, failure = None, None
     if main_process:
         try:
             result = ("ok", fn())
-        except PrefoptError as e:
-            result = ("error", str(e))
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the others are told)
+            result, failure = ("error", str(e)), e
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [result]
         torch.distributed.broadcast_object_list(box, src=0)
         result = box[0]
+    if failure is not None:
+        raise failure
     if result[0] == "error":
-        raise PrefoptError(result[1], echo=main_process)
+        raise PrefoptError(result[1], echo=False)
     return result[1]
+
+
+def check_shared(out: Path, t):
+    """Every process writes its own part of each checkpoint into output_dir (its RNG state; under
+    ZeRO its shards) and reads all of it back to resume, so output_dir must be one folder that every
+    node sees. On each node's own disk the other nodes' copies would hold only their part, and a
+    resume (on other nodes, after a requeue) could not continue the run: refuse before any work."""
+    if t.world_size == 1 or t.save_strategy == "no":
+        return
+    seen = [None] * t.world_size
+    torch.distributed.all_gather_object(seen, (socket.gethostname(), (out / runs.LOCK).is_file()))
+    blind = [f"process {rank} on {host}" for rank, (host, sees) in enumerate(seen) if not sees]
+    if blind:
+        raise PrefoptError(
+            f"output_dir {out} is not one folder that every node sees: {', '.join(blind)} cannot see the run the "
+            "first process started there (it is on each node's own disk), so its checkpoints could not be resumed. "
+            "Put output_dir on a file system every node shares (such as /scratch), or set save_strategy: no.",
+            echo=t.process_index == 0,
+        )
 
 
 def train(cfg: Config, log=print) -> RunResult:
@@ -177,15 +207,16 @@ def train(cfg: Config, log=print) -> RunResult:
             os.environ.setdefault(name, value)  # a single process started without a launcher
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     runs.check_place(cfg)
-    lock = runs.Lock(out)
-    _on_main(lock.acquire, main_process)  # held until this process ends
-    plan = _on_main(lambda: runs.plan(cfg), main_process)
-    if plan.finished:
-        log(finished_message(cfg, out))
-        return RunResult(out, {}, None, None, finished=True)
-    stop = StopRequest(log)
+    stop = StopRequest(speak=main_process)
     stop.install()
     try:
+        lock = runs.Lock(out)
+        _on_main(lock.acquire, main_process)  # held until this process ends
+        check_shared(out, t)
+        plan = _on_main(lambda: runs.plan(cfg), main_process)
+        if plan.finished:
+            log(finished_message(out, plan.finished_step))
+            return RunResult(out, {}, None, None, finished=True)
         return _train(cfg, plan, lock, stop, main_process, log)
     except Exception as e:
         if not runs.is_file_system_error(e):
@@ -211,7 +242,10 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
         prepared = data_mod.prepare(cfg, tokenizer)
 
     def commit():  # the first change to output_dir: the data is good and the plan stands
-        runs.commit(plan, runs.data_fingerprint(cfg, prepared), log)
+        runs.commit(plan, runs.data_fingerprint(cfg, prepared), t.world_size, log)
+        if lock.unsupported:
+            log(f"prefopt: warning: {out}'s file system does not lock files ({lock.unsupported}): a second run "
+                "started on this output_dir at the same time would not be stopped.")
         lock.record_holder()
         save_resolved(cfg, out / runs.CONFIG_FILE)
         data_mod.write_report(prepared.report, out)
@@ -221,17 +255,21 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
 
     model = load_model(cfg.model, tokenizer, t, log)
     trainer = build_trainer(cfg, model, tokenizer, prepared, log)
-    trainer.add_callback(StopOnSignal(stop, trainer.accelerator))
+    trainer.add_callback(StopOnSignal(stop, trainer))
     log(f"prefopt: {describe_processes(trainer, cfg)}")
     start = time.time()
     if plan.resume:
         trainer.restore(plan.resume)
     result = trainer.train(resume_from_checkpoint=plan.resume)
-    if stop.signum is not None:
+    if trainer.stop_at_step is not None:
         name = signal.Signals(stop.signum).name
         step = trainer.state.global_step
-        raise Stopped(stop.signum, f"stopped by {name} at step {step}: {out / f'checkpoint-{step}'} is complete. Run "
-                                   "the same command again to continue from it.")
+        complete = [c for c in runs.checkpoints(out) if runs.is_complete(c)]
+        where = (f"{complete[-1]} is complete" if complete and complete[-1].name == f"checkpoint-{step}" else
+                 f"its checkpoint could not be written; the last complete one is {complete[-1]}" if complete else
+                 "no checkpoint could be written")
+        raise Stopped(stop.signum, f"stopped by {name} at step {step}: {where}. Run the same command again to "
+                                   "continue.")
     eval_metrics = None
     if prepared.eval is not None:
         # the schedule may already have evaluated at the final step; don't do it twice
@@ -256,15 +294,15 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
     return RunResult(out, result.metrics, eval_metrics, trainer)
 
 
-def finished_message(cfg: Config, out: Path) -> str:
+def finished_message(out: Path, step: int | bool) -> str:
     """What to say when the command of a finished run is run again."""
     complete = [c for c in runs.checkpoints(out) if runs.is_complete(c)]
-    step = runs.read_manifest(out)["finished"]["step"]
     further = (f"To train further, run it with a larger max_steps (or num_train_epochs): it continues from "
                f"{complete[-1].name}." if complete else
                f"To train further, start a new run from its model (--model_name_or_path {out} with a new output_dir); "
                "it kept no checkpoint to continue from.")
-    return (f"prefopt: the run in {out} is complete ({step} steps); its model is in {out}. Nothing was changed. "
+    steps = f" ({step} steps)" if step is not True else ""
+    return (f"prefopt: the run in {out} is complete{steps}; its model is in {out}. Nothing was changed. "
             + further)
 
 

@@ -65,7 +65,13 @@ RUN_FILES = ("metrics.jsonl", "prefopt_config.yaml", "data_report.json", "traini
              "generation_config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
              "adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
-             "trainer_state.json", "plots", "runs", MANIFEST)
+             "trainer_state.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "plots", "runs",
+             MANIFEST)
+ASIDE_NAME = re.compile(rf"checkpoint-\d+{re.escape(ASIDE)}(-\d+)?")
+
+
+def _is_run_file(name: str) -> bool:
+    return any(Path(name).match(pattern) for pattern in RUN_FILES)
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -136,7 +142,10 @@ def damage(checkpoint: Path) -> str | None:
 
 
 def has_optimizer_state(checkpoint: Path) -> bool:
-    return (checkpoint / "optimizer.pt").is_file() or any(checkpoint.glob("global_step*"))
+    """The Trainer's optimizer.pt, DeepSpeed's global_stepN/, or FSDP's optimizer.bin /
+    optimizer_0/ (distributed checkpoint) / optimizer_0_rank*.bin."""
+    return any((checkpoint / "optimizer.pt").is_file() or any(checkpoint.glob(pattern))
+               for pattern in ("global_step*", "optimizer.bin", "optimizer_*"))
 
 
 def rotate(output_dir: str | Path, limit: int | None, keep: str | None = None):
@@ -159,7 +168,7 @@ class Lock:
     never leaves it stuck."""
 
     def __init__(self, out: Path):
-        self.path, self.fh = out / LOCK, None
+        self.path, self.fh, self.unsupported = out / LOCK, None, None
 
     def acquire(self):
         if self.path.parent.exists() and not self.path.parent.is_dir():
@@ -171,7 +180,10 @@ class Lock:
             raise file_system_error(e, self.path.parent, "start the run") from None
         try:
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # ENOLCK, ENOSYS: Lustre without flock, NFSv3 without lockd
+                self.unsupported = f"{e.strerror}"
+                return
             self.fh.seek(0)
             holder = self.fh.read().strip() or "another process"
             self.fh.close()
@@ -179,6 +191,8 @@ class Lock:
                                "it to end, or use another output_dir.") from None
 
     def record_holder(self):
+        if self.unsupported:
+            return
         self.fh.seek(0)
         self.fh.truncate()
         self.fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -236,6 +250,7 @@ class Plan:
     keep_lines: int | None = None  # metrics.jsonl lines the checkpoint had logged
     manifest: dict = field(default_factory=dict)
     fresh: bool = True  # nothing of an earlier run is kept
+    finished_step: int | None = None
 
 
 def read_manifest(out: Path) -> dict:
@@ -286,19 +301,26 @@ def plan(cfg: Config) -> Plan:
             f"output_dir {out} holds a run with a different config ({shown}). Use a new output_dir, or "
             "set overwrite_output_dir: true (--overwrite_output_dir true) to delete that run and start afresh."
         )
-    p.manifest = manifest
-    finished = manifest.get("finished")
+    legacy = (out / CONFIG_FILE).is_file() and not manifest  # written by prefopt before manifests
+    p.manifest = manifest or ({"files": _top_names(_owned(out, {}))} if legacy else {})
+    if cfg.training.max_steps > 0:  # max_steps decides the length: num_train_epochs changes nothing
+        length_changed.pop("num_train_epochs", None)
+    finished = manifest.get("finished") or (legacy and _legacy_finished(out))
     if finished and not length_changed:
         p.finished = True
+        p.finished_step = finished["step"] if isinstance(finished, dict) else finished
         return p
-    _check_collisions(out, set(_owned(out, manifest)))
     found = checkpoints(out)
     marked = [c for c in found if is_complete(c)]
     newest = _step(marked[-1]) if marked else -1
     for path in found:  # only a checkpoint newer than the newest complete one can have been cut short
-        if is_ours(path) and not is_complete(path) and _step(path) > newest:
+        if (is_ours(path) or legacy) and not is_complete(path) and _step(path) > newest:
+            if asked not in (None, True) and path.resolve() == Path(asked).resolve():
+                raise PrefoptError(f"resume_from_checkpoint: {path} was cut short while being written (it has no "
+                                   f"completion mark). Complete ones: {[c.name for c in marked] or 'none'}.")
             p.remove.append(path)
             p.notes.append(f"prefopt: removing {path}: it was being written when the run stopped")
+    _check_collisions(out, set(_owned(out, p.manifest)) | set(p.remove))
     if asked not in (None, True):
         resume = Path(asked)
         if not (resume / "trainer_state.json").is_file():
@@ -331,6 +353,13 @@ def plan(cfg: Config) -> Plan:
                 f"further, start a new run from its model: --model_name_or_path {out} --output_dir NEW_DIR.")
     if resume is not None:
         step = _state_step(resume)
+        before, now = p.manifest.get("processes"), cfg.training.world_size
+        if before not in (None, now):
+            raise PrefoptError(
+                f"the run in {out} was trained on {before} processes and this start has {now}: the global batch "
+                f"would change ({before} × {cfg.training.per_device_train_batch_size} × "
+                f"{cfg.training.gradient_accumulation_steps} → {now} × ...), and the data order with it. Launch it "
+                "on as many processes as before, or start afresh (--overwrite_output_dir true, or a new output_dir).")
         # checkpoints of ours past the resume point are written again as training gets there; moved
         # aside (not deleted) so rotation can never keep them over the new ones
         for c in marked:
@@ -349,6 +378,22 @@ def plan(cfg: Config) -> Plan:
         p.keep_lines = _logged_lines(resume)
         p.fresh = False
     return p
+
+
+def _legacy_finished(out: Path) -> int | bool:
+    """A run from before manifests finished if its final model is there and its newest checkpoint
+    (if any) is at its last step."""
+    if not any((out / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json",
+                                                    "adapter_model.safetensors")):
+        return False
+    marked = [c for c in checkpoints(out) if is_complete(c)]
+    if not marked:
+        return True
+    try:
+        state = json.loads((marked[-1] / "trainer_state.json").read_text())
+        return state["global_step"] if state["global_step"] >= state["max_steps"] else False
+    except (OSError, json.JSONDecodeError, KeyError):
+        return False
 
 
 def _check_resumable(resume: Path, marked: list[Path]):
@@ -379,7 +424,8 @@ def _check_model_not_inside(cfg: Config, out: Path):
     if model == root:
         raise PrefoptError(f"output_dir {out} is the model being trained from (model_name_or_path): the final "
                            "save would overwrite it. Choose another output_dir.")
-    if root in model.parents and re.fullmatch(r"checkpoint-\d+", model.relative_to(root).parts[0]):
+    if root in model.parents and (re.fullmatch(r"checkpoint-\d+", model.relative_to(root).parts[0])
+                                  or ASIDE_NAME.fullmatch(model.relative_to(root).parts[0])):
         raise PrefoptError(f"model_name_or_path {cfg.model.model_name_or_path} is a checkpoint inside output_dir "
                            f"{out}, which this run may rotate out or overwrite. Copy it elsewhere, or use another "
                            "output_dir.")
@@ -390,7 +436,8 @@ def _owned(out: Path, manifest: dict) -> list[Path]:
     from before manifests: the run files present, except a README.md that may be the user's)."""
     if not out.is_dir():
         return []
-    found = [c for c in checkpoints(out) if is_ours(c)] + sorted(out.glob(f"checkpoint-*{ASIDE}"))
+    found = [c for c in checkpoints(out) if is_ours(c)] + sorted(
+        c for c in out.glob(f"checkpoint-*{ASIDE}*") if ASIDE_NAME.fullmatch(c.name) and c.is_dir())
     if manifest:
         names = set(manifest.get("files", []))
         if manifest.get("saving_from") is not None:  # a final save was cut short: what it wrote is ours
@@ -402,6 +449,11 @@ def _owned(out: Path, manifest: dict) -> list[Path]:
     else:
         names = set()
     return found + sorted(out / n for n in names if (out / n).exists() or (out / n).is_symlink())
+
+
+def _top_names(paths: list[Path]) -> list[str]:
+    """The names among `paths` that are files or folders of the run itself, not checkpoints."""
+    return sorted(p.name for p in paths if not re.fullmatch(r"checkpoint-\d+", p.name) and not ASIDE_NAME.fullmatch(p.name))
 
 
 def _check_collisions(out: Path, owned: set[Path]):
@@ -464,7 +516,7 @@ def data_changes(plan_: Plan, fingerprint: dict) -> list[str]:
     return changed
 
 
-def commit(plan_: Plan, data_fingerprint: dict, log=print):
+def commit(plan_: Plan, data_fingerprint: dict, processes: int, log=print):
     """Carry out the plan (main process only): remove what is ours and cut short, move damaged
     checkpoints aside, cut metrics.jsonl back to the checkpoint, and start the manifest."""
     out = plan_.out
@@ -481,17 +533,20 @@ def commit(plan_: Plan, data_fingerprint: dict, log=print):
         else:
             path.unlink(missing_ok=True)
     for src, dst in plan_.move_aside:
-        if dst.exists():
-            shutil.rmtree(dst)
+        n = 1
+        while dst.exists():  # an earlier set-aside of the same step is kept too
+            dst, n = src.with_name(f"{src.name}{ASIDE}-{n}"), n + 1
         (src / COMPLETE).unlink(missing_ok=True)
         src.rename(dst)
     out.mkdir(parents=True, exist_ok=True)
     trim_metrics(out, 0 if plan_.fresh else plan_.keep_lines)
     manifest = dict(plan_.manifest)
-    names = set(manifest.get("files", [])) | {MANIFEST, CONFIG_FILE, METRICS_FILE, "data_report.json"}
-    manifest.update({"files": sorted(names), "data": data_fingerprint, "finished": None})
-    manifest.setdefault("foreign", sorted(p.name for p in out.iterdir() if p.name not in names and p.name != LOCK
-                                          and not re.fullmatch(rf"checkpoint-\d+({ASIDE})?", p.name)))
+    names = set(_top_names(_owned(out, manifest))) | {MANIFEST, CONFIG_FILE, METRICS_FILE, "data_report.json"}
+    # whatever else is here now is the user's, also what they put here since the run first started
+    foreign = {p.name for p in out.iterdir() if p.name not in names and p.name != LOCK
+               and not re.fullmatch(r"checkpoint-\d+", p.name) and not ASIDE_NAME.fullmatch(p.name)}
+    manifest.update({"files": sorted(names), "data": data_fingerprint, "finished": None, "saving_from": None,
+                     "foreign": sorted(foreign | set(manifest.get("foreign", []))), "processes": processes})
     _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
@@ -502,8 +557,12 @@ def record_written(out: Path, finished_step: int | None = None):
     if not manifest:  # not a folder prefopt's pipeline set up (a Trainer built in Python)
         return
     foreign = set(manifest.get("foreign", [])) | {LOCK}
-    present = {p.name for p in out.iterdir() if not re.fullmatch(rf"checkpoint-\d+({ASIDE})?|.*\.tmp", p.name)}
-    manifest["files"] = sorted(set(manifest.get("files", [])) | (present - foreign))
+    present = {p.name for p in out.iterdir() if not re.fullmatch(r"checkpoint-\d+|.*\.tmp", p.name)
+               and not ASIDE_NAME.fullmatch(p.name)}
+    # the run's own: files of the names it writes, and whatever the final save added
+    saved = present - set(manifest.get("saving_from") or present)
+    manifest["files"] = sorted(set(manifest.get("files", [])) | ({n for n in present if _is_run_file(n)} | saved)
+                               - foreign)
     manifest["saving_from"] = None
     if finished_step is not None:
         manifest["finished"] = {"step": finished_step}
@@ -543,8 +602,8 @@ def data_fingerprint(cfg: Config, prepared) -> dict:
     files = {}
     for source in cfg.data.train_datasets + cfg.data.eval_datasets:
         root = Path(source.path).expanduser()
-        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
-                                                      and not any(part.startswith(".") for part in p.parts))
+        paths = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(root).parts))
         for path in paths if root.exists() else []:
             files[str(path)] = file_hash(path)
     out = {"files": files}

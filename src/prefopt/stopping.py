@@ -9,8 +9,10 @@ with 128 + the signal's number and one line saying how to continue. Outside the 
 half-resumed from later, because only complete checkpoints are.
 """
 
+import os
 import signal
 import threading
+import time
 
 import torch
 from transformers import TrainerCallback
@@ -18,16 +20,22 @@ from transformers import TrainerCallback
 from .errors import Stopped
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Launchers send a second signal on the heels of the first (the DeepSpeed launcher turns a Ctrl-C
+# into a SIGTERM to the process tree; SLURM signals torchrun and its workers both): within this
+# many seconds it is the same request, later it means "stop now".
+SAME_REQUEST_S = 10
 
 
 class StopRequest:
     """The signal handlers' state for one run."""
 
-    def __init__(self, log=print):
+    def __init__(self, speak: bool = True):
         self.signum: int | None = None
         self.training = False  # inside the training loop: stop gracefully at the step's end
-        self.log = log
+        self.speak = speak  # the first process says what happens
         self._previous = {}
+        self._pid = os.getpid()
+        self._first = 0.0
 
     def install(self):
         if threading.current_thread() is not threading.main_thread():
@@ -41,10 +49,17 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked worker (tokenization, data loading): die as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         name = signal.Signals(signum).name
-        if self.training and self.signum is None:
-            self.signum = signum
-            self.log(f"prefopt: {name}: stopping after this step, with a checkpoint")
+        if self.training and (self.signum is None or time.monotonic() - self._first < SAME_REQUEST_S):
+            if self.signum is None:
+                self.signum, self._first = signum, time.monotonic()
+                # os.write, not print: the signal may land while the process is writing to stderr
+                if self.speak:
+                    os.write(2, f"prefopt: {name}: stopping after this step, with a checkpoint\n".encode())
             return
         raise Stopped(signum, f"stopped by {name} before anything was saved that a run could resume from; the last "
                               "complete checkpoint (if any) is intact. Run the same command again to continue.")
@@ -54,8 +69,8 @@ class StopOnSignal(TrainerCallback):
     """At every step's end: has any process been asked to stop? Then save and stop, everywhere at
     the same step (one tiny all-reduce per optimizer step, only with several processes)."""
 
-    def __init__(self, request: StopRequest, accelerator):
-        self.request, self.accelerator = request, accelerator
+    def __init__(self, request: StopRequest, trainer):
+        self.request, self.trainer, self.accelerator = request, trainer, trainer.accelerator
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.request.training = True
@@ -70,6 +85,8 @@ class StopOnSignal(TrainerCallback):
             asked = int(self.accelerator.reduce(flag, reduction="sum").item())
             if asked and self.request.signum is None:
                 self.request.signum = int(signal.SIGTERM)  # another process got the signal
-        if asked:
+        # at the last step the run ends anyway, with its final save: nothing to stop
+        if asked and state.global_step < state.max_steps:
             control.should_save = True
             control.should_training_stop = True
+            self.trainer.stop_at_step = state.global_step

@@ -63,6 +63,7 @@ class PreferenceTrainer(Trainer):
         self._step_finite, self._step_rows = torch.tensor(True, device=self.args.device), []
         self._last_grad_norm = None
         self._pending_resume = None
+        self.stop_at_step, self._saved_at_step = None, None  # a signal's stop (stopping.py)
         self.add_callback(_ApplyResume(self))
         self._loss_sum_before, self._steps_before = 0.0, 0  # what a resumed run did before its checkpoint
         self.add_callback(FiniteGuard(self))
@@ -247,6 +248,7 @@ class PreferenceTrainer(Trainer):
         checkpoints it wrote), so a kill at any moment leaves a complete checkpoint to resume from."""
         run_dir = self._get_output_dir(trial=trial)
         checkpoint = Path(run_dir) / f"checkpoint-{self.state.global_step}"
+        self._saved_at_step = self.state.global_step
         if self.args.should_save:
             start_writing(checkpoint)
         limit = getattr(self, "_save_limit", self.args.save_total_limit)
@@ -259,6 +261,13 @@ class PreferenceTrainer(Trainer):
             rotate(run_dir, limit, keep=self.state.best_model_checkpoint)
             record_written(Path(run_dir))
         self.accelerator.wait_for_everyone()
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, *args, **kwargs):
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
+        # stopping on a signal (stopping.StopOnSignal) saves here whatever save_strategy says
+        # (`best` overrides the request with "is this a new best?")
+        if self.stop_at_step == self.state.global_step and self._saved_at_step != self.state.global_step:
+            self._save_checkpoint(model, trial)
 
     def _run_epoch(self, *args, **kwargs):
         # Resumed from the last step's checkpoint (a final save cut short), the Trainer would still
