@@ -1,6 +1,7 @@
 """`prefopt train ...` with a fault made to happen at a chosen moment, for tests/test_faults.py.
 
     PREFOPT_FAULT=slow:0.2 python tests/fault_worker.py train CONFIG.yaml ...  # each micro-batch takes 0.2 s longer
+    PREFOPT_FAULT=hold:7:FILE ...              # from step 8 on (after step 7), waits until FILE exists
     PREFOPT_FAULT=signal:TERM:final_save ...   # SIGTERM to itself once the final weights are written
     PREFOPT_FAULT=signal:INT:tokenizing ...    # SIGINT to itself as tokenization starts
     PREFOPT_FAULT=signal:TERM:step:8 ...       # SIGTERM to itself inside step 8's forward
@@ -28,6 +29,16 @@ if kind == "slow":
         return compute_loss(self, *args, **kwargs)
 
     trainer_mod.PreferenceTrainer.compute_loss = slow_compute_loss
+elif kind == "hold":
+    after, _, until = rest.partition(":")
+    compute_loss = trainer_mod.PreferenceTrainer.compute_loss
+
+    def holding_compute_loss(self, *args, **kwargs):
+        while self.state.global_step >= int(after) and not os.path.exists(until):
+            time.sleep(0.05)
+        return compute_loss(self, *args, **kwargs)
+
+    trainer_mod.PreferenceTrainer.compute_loss = holding_compute_loss
 elif kind == "signal":
     name, _, moment = rest.partition(":")
     signum = getattr(signal, f"SIG{name}")

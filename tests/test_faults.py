@@ -120,8 +120,9 @@ def wait_for_step(out: Path, proc, step: int, timeout=300):
 
 
 def kill_after(ws, out: Path, step: int):
-    """A run SIGKILLed (nothing saved, nothing flushed) once it has logged `step`."""
-    killed = run(ws, out, fault="slow:0.2", wait=False)
+    """A run SIGKILLed (nothing saved, nothing flushed) after `step`, held there so that nothing
+    after it can have been written."""
+    killed = run(ws, out, fault=f"hold:{step}:{out}.never", wait=False)
     wait_for_step(out, killed, step)
     killed.kill()
     killed.wait()
@@ -182,10 +183,12 @@ def test_a_finished_runs_command_changes_nothing_and_a_larger_max_steps_continue
 
 def test_one_run_per_output_dir_at_a_time(ws, reference, tmp_path):
     out = tmp_path / "run"
-    first = run(ws, out, fault="slow:1.5", wait=False)  # 16 micro-batches: long enough for a second start
+    go = tmp_path / "go"
+    first = run(ws, out, fault=f"hold:1:{go}", wait=False)  # holds at step 2 until `go` exists
     wait_for_step(out, first, 1)
     second = run(ws, out)
     refused(second, "is in use by another prefopt run (pid")
+    go.write_text("")
     assert first.wait(timeout=600) == 0, first.communicate()
     assert_same_run(reference, out)  # the first run's lines, once each
 
