@@ -209,9 +209,9 @@ def train(cfg: Config, log=print) -> RunResult:
     runs.check_place(cfg)
     stop = StopRequest(speak=main_process)
     stop.install()
+    lock = runs.Lock(out)
     try:
-        lock = runs.Lock(out)
-        _on_main(lock.acquire, main_process)  # held until this process ends
+        _on_main(lock.acquire, main_process)  # held until the run ends (or its process does)
         check_shared(out, t)
         plan = _on_main(lambda: runs.plan(cfg), main_process)
         if plan.finished:
@@ -226,6 +226,7 @@ def train(cfg: Config, log=print) -> RunResult:
                                      ) from None
     finally:
         stop.uninstall()
+        lock.release()
 
 
 def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, main_process: bool, log) -> RunResult:

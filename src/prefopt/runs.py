@@ -163,8 +163,8 @@ def rotate(output_dir: str | Path, limit: int | None, keep: str | None = None):
 # -- the folder's lock ------------------------------------------------------------------------
 
 class Lock:
-    """One run per output_dir at a time: an exclusive flock on output_dir/.prefopt.lock, held while
-    the process lives. The kernel drops it when the process ends, however it ends, so a killed run
+    """One run per output_dir at a time: an exclusive flock on output_dir/.prefopt.lock, held until
+    the run returns. The kernel drops it when the process ends, however it ends, so a killed run
     never leaves it stuck."""
 
     def __init__(self, out: Path):
@@ -189,6 +189,12 @@ class Lock:
             self.fh.close()
             raise PrefoptError(f"output_dir {self.path.parent} is in use by another prefopt run ({holder}). Wait for "
                                "it to end, or use another output_dir.") from None
+
+    def release(self):
+        """At the end of the run (a later run in the same process, as in a notebook, takes it again)."""
+        if self.fh is not None:
+            self.fh.close()  # closing the file drops its flock
+            self.fh = None
 
     def record_holder(self):
         if self.unsupported:
