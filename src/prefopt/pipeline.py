@@ -221,7 +221,7 @@ def train(cfg: Config, log=print) -> RunResult:
     except Exception as e:
         if not runs.is_file_system_error(e):
             raise
-        complete = [c for c in runs.checkpoints(out) if runs.is_complete(c)]
+        complete = runs.complete_checkpoints(out)
         raise runs.file_system_error(e, out, "write the run's files", str(complete[-1]) if complete else None
                                      ) from None
     finally:
@@ -265,7 +265,7 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
     if trainer.stop_at_step is not None:
         name = signal.Signals(stop.signum).name
         step = trainer.state.global_step
-        complete = [c for c in runs.checkpoints(out) if runs.is_complete(c)]
+        complete = runs.complete_checkpoints(out)
         where = (f"{complete[-1]} is complete" if complete and complete[-1].name == f"checkpoint-{step}" else
                  f"its checkpoint could not be written; the last complete one is {complete[-1]}" if complete else
                  "no checkpoint could be written")
@@ -297,7 +297,7 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
 
 def finished_message(out: Path, step: int | bool) -> str:
     """What to say when the command of a finished run is run again."""
-    complete = [c for c in runs.checkpoints(out) if runs.is_complete(c)]
+    complete = runs.complete_checkpoints(out)
     further = (f"To train further, run it with a larger max_steps (or num_train_epochs): it continues from "
                f"{complete[-1].name}." if complete else
                f"To train further, start a new run from its model (--model_name_or_path {out} with a new output_dir); "

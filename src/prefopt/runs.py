@@ -90,6 +90,11 @@ def is_complete(checkpoint: Path) -> bool:
     return (checkpoint / COMPLETE).is_file()
 
 
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete `checkpoint-N` folders, by step."""
+    return [c for c in checkpoints(output_dir) if is_complete(c)]
+
+
 def is_ours(checkpoint: Path) -> bool:
     """Written (or being written) by prefopt: only these are ever removed or rotated out."""
     return (checkpoint / COMPLETE).is_file() or (checkpoint / WRITING).is_file()
@@ -392,7 +397,7 @@ def _legacy_finished(out: Path) -> int | bool:
     if not any((out / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json",
                                                     "adapter_model.safetensors")):
         return False
-    marked = [c for c in checkpoints(out) if is_complete(c)]
+    marked = complete_checkpoints(out)
     if not marked:
         return True
     try:
