@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers import make_trainer, random_pairs
-from prefopt.collate import (PaddedCollator, SharedPrefixCollator, attention_bias, choose_layout, model_inputs)
+from prefopt.attention import attention_bias, install_segmented_sdpa, model_inputs
+from prefopt.collate import PaddedCollator, SharedPrefixCollator, choose_layout
 from prefopt.logprobs import per_sequence, token_logps
 from prefopt.tiny import tiny_model
 
@@ -78,17 +79,26 @@ ARCH_ATTN = [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("qwen2
 
 @pytest.mark.parametrize("arch, attn", ARCH_ATTN)
 def test_sequence_logps_equal_padded(arch, attn):
+    """Both SDPA paths: triple by triple (`segmented_sdpa`, installed as a run installs it) and,
+    for a batch without `segments`, the dense mask."""
+    install_segmented_sdpa()
     # prompts and completions longer than the tiny models' sliding window of 8 (mistral, gemma2)
     pairs = random_pairs(6, seed=4, max_prompt=14, max_completion=14)
     model = tiny_model(arch, 101, attn_implementation=attn)
     reference = scored(model, PaddedCollator(0, score_prompt=True)(pairs))
     for collator in (SharedPrefixCollator(0, True, pack=False), SharedPrefixCollator(0, True, pack=True, pack_length=64)):
-        torch.testing.assert_close(scored(model, collator(pairs)), reference, rtol=1e-5, atol=2e-5)
+        batch = collator(pairs)
+        dense = {k: v for k, v in batch.items() if k != "segments"}
+        assert ("prefopt_segments" in model_inputs(batch, model.config, model.dtype)) == (attn == "sdpa")
+        assert "prefopt_segments" not in model_inputs(dense, model.config, model.dtype)
+        for b in (batch, dense):
+            torch.testing.assert_close(scored(model, b), reference, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("arch, attn", ARCH_ATTN)
 @pytest.mark.parametrize("method", ["cpo_simpo", "orpo"])
 def test_loss_and_gradients_equal_padded(arch, attn, method, tmp_path):
+    install_segmented_sdpa()  # as the run does: with sdpa, shared and packed run triple by triple
     pairs = random_pairs(5, seed=8, max_prompt=12, max_completion=12)
     base = tiny_model(arch, 101, attn_implementation=attn)
     results = {}
@@ -141,14 +151,20 @@ def test_sdpa_packs_a_micro_batch_into_one_row_at_the_lower_bound(tmp_path):
     assert eager["input_ids"].shape[1] == longest and eager["input_ids"].shape[0] > 1
 
 
-def test_segmented_sdpa_is_plain_sdpa_for_everyone_else():
+def test_segmented_sdpa_is_plain_sdpa_for_everyone_else(monkeypatch):
     """Installing it changes nothing for a model called without segments (generation, eval)."""
-    from prefopt.collate import install_segmented_sdpa
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from prefopt.attention import segmented_sdpa
 
     model = tiny_model("qwen2", 101)
     ids = torch.randint(3, 100, (2, 9))
-    before = model(input_ids=ids).logits
+    with monkeypatch.context() as plain:  # whatever earlier tests installed: transformers' own SDPA
+        plain.setitem(AttentionInterface._global_mapping, "sdpa", sdpa_attention_forward)
+        before = model(input_ids=ids).logits
     install_segmented_sdpa()
+    assert AttentionInterface._global_mapping["sdpa"] is segmented_sdpa  # not vacuous: it is the one called
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
     out = model.generate(ids[:1], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 12)

@@ -22,25 +22,26 @@ Layouts:
 - "packed": as "shared", with several triples per row (first-fit decreasing, up to
   `pack_length` tokens), each attending only within itself: padding only at the rows' tails.
 
-"shared" and "packed" replace `attention_mask` with per-token ids from which `attention_bias`
-builds the additive 4-D mask in the model's dtype:
+"shared" and "packed" replace `attention_mask` with per-token ids, from which attention.py
+builds the mask (`attention.model_inputs`):
 
     position_ids  [R, T]  position within the triple (rejected restarts after the prompt)
     segment_ids   [R, T]  which triple a token belongs to, -1 on padding
     branch_ids    [R, T]  0 prompt, 1 chosen, 2 rejected
+    segments              (row, start, end) of each triple
 """
 
-from dataclasses import dataclass
-
 import sys
+from dataclasses import dataclass
 
 import torch
 
+from .attention import CHOSEN, MASK_TESTED, PROMPT, REJECTED
+from .attention import model_inputs  # noqa: F401  (re-exported: trainer.py and tests import it from here)
 from .config import Config
 
 
 LAYOUTS = ("packed", "shared", "padded")
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
 
 def _score_tensors(index, target, seq, is_completion, features) -> dict:
@@ -165,139 +166,6 @@ class SharedPrefixCollator:
         }
 
 
-def _visible(seg, branch, pos, window):
-    """[R, T, T] bool: causal, within a triple, rejected never sees chosen, optional window."""
-    T = seg.shape[1]
-    idx = torch.arange(T, device=seg.device)
-    visible = (idx[None, :, None] >= idx[None, None, :]) & (seg[:, :, None] == seg[:, None, :])
-    visible &= ~((branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN))
-    if window is not None:
-        visible &= (pos[:, :, None] - pos[:, None, :]) < window
-    return visible
-
-
-def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-    return bias.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
-
-
-def attention_bias(batch: dict, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
-    """The additive [R, 1, T, T] mask for a "shared"/"packed" batch (0 = attend).
-
-    A query attends to earlier tokens of its own triple, except that rejected tokens never see
-    chosen ones; with `window`, only to keys whose position is less than `window` behind its own
-    (sliding-window attention, measured in positions as the unshared sequence would have them).
-    Padding attends to itself so no row is fully masked (eager attention would give NaN).
-    Masked entries are the dtype's most negative number, not -inf, for the same reason.
-    """
-    seg, branch, pos = batch["segment_ids"], batch["branch_ids"], batch["position_ids"]
-    T = seg.shape[1]
-    visible = _visible(seg, branch, pos, window)
-    visible |= torch.eye(T, dtype=torch.bool, device=seg.device)[None] & (seg[:, :, None] < 0)
-    return _additive(visible, dtype)
-
-
-class Segments:
-    """The triples of a packed batch, handed through the model's kwargs to `segmented_sdpa`.
-
-    Each layer asks for a triple's mask with its own sliding window; masks are built once per
-    (triple, window) and dtype.
-    """
-
-    def __init__(self, batch: dict):
-        self.spans = batch["segments"]
-        self.branch, self.pos = batch["branch_ids"], batch["position_ids"]
-        self._masks = {}
-
-    def mask(self, k: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-        key = (k, window, dtype)
-        if key not in self._masks:
-            r, s, e = self.spans[k]
-            ones = torch.zeros((1, e - s), dtype=torch.long, device=self.pos.device)
-            visible = _visible(ones, self.branch[r : r + 1, s:e], self.pos[r : r + 1, s:e], window)
-            self._masks[key] = _additive(visible, dtype)
-        return self._masks[key]
-
-
-_plain_sdpa = None
-
-
-def segmented_sdpa(module, query, key, value, attention_mask, prefopt_segments: Segments | None = None, **kwargs):
-    """transformers' SDPA attention, run triple by triple when a packed batch says where they are.
-
-    Attention inside a packed row is block-diagonal: computing it densely over the whole row
-    would spend T² work on a mask that is mostly empty. Per triple it costs Σ n², like
-    variable-length flash attention. Without `prefopt_segments` this is plain SDPA.
-    """
-    if prefopt_segments is None:
-        return _plain_sdpa(module, query, key, value, attention_mask, **kwargs)
-    window = kwargs.get("sliding_window")
-    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [R, T, heads, d]
-    for k, (r, s, e) in enumerate(prefopt_segments.spans):
-        mask = prefopt_segments.mask(k, window, query.dtype)
-        o, _ = _plain_sdpa(module, query[r : r + 1, :, s:e], key[r : r + 1, :, s:e], value[r : r + 1, :, s:e],
-                           mask, **kwargs)
-        out[r, s:e] = o[0]
-    return out, None
-
-
-def install_segmented_sdpa():
-    """Route transformers' "sdpa" attention through `segmented_sdpa` (a no-op for other callers)."""
-    global _plain_sdpa
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if _plain_sdpa is None:
-        _plain_sdpa = sdpa_attention_forward
-        AttentionInterface.register("sdpa", segmented_sdpa)
-
-
-def block_mask(batch: dict, window: int | None = None):
-    """The same rule as `attention_bias`, as a FlexAttention BlockMask: sparse, so the blocks a
-    query may not see (other triples, the chosen branch from rejected) cost no compute."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    seg, branch, pos = batch["segment_ids"], batch["branch_ids"], batch["position_ids"]
-    R, T = seg.shape
-
-    def mask_mod(b, h, q, k):
-        visible = (q >= k) & (seg[b, q] == seg[b, k]) & ~((branch[b, q] == REJECTED) & (branch[b, k] == CHOSEN))
-        if window is not None:
-            visible = visible & (pos[b, q] - pos[b, k] < window)
-        return visible | ((q == k) & (seg[b, q] < 0))
-
-    return create_block_mask(mask_mod, B=R, H=None, Q_LEN=T, KV_LEN=T, device=seg.device)
-
-
-# Architectures whose forward is tested to give the padded layout's log-probs with the 4-D mask
-# (tests/test_layouts.py). Anything else trains with the padded layout.
-MASK_TESTED = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma2"})
-
-
-def model_inputs(batch: dict, config, dtype: torch.dtype) -> dict:
-    """The forward's mask and position kwargs for any layout."""
-    if "segment_ids" not in batch:
-        return {"attention_mask": batch["attention_mask"]}
-    text = config.get_text_config()
-    layer_types = getattr(text, "layer_types", None)
-    if config._attn_implementation == "sdpa" and _plain_sdpa is not None and "segments" in batch:
-        # each layer's attention builds its own per-triple masks; the model gets a 1-element
-        # placeholder so that no [T, T] mask is built anywhere
-        placeholder = torch.zeros((batch["input_ids"].shape[0], 1, 1, 1), dtype=dtype, device=batch["input_ids"].device)
-        mask = {kind: placeholder for kind in set(layer_types)} if layer_types else placeholder
-        return {"attention_mask": mask, "position_ids": batch["position_ids"], "prefopt_segments": Segments(batch)}
-    if config._attn_implementation == "flex_attention":
-        build = lambda window: block_mask(batch, window)  # noqa: E731
-    else:
-        build = lambda window: attention_bias(batch, dtype, window)  # noqa: E731
-    if layer_types:
-        # models with per-layer attention types take one mask per type
-        mask = {kind: build(text.sliding_window if kind == "sliding_attention" else None) for kind in set(layer_types)}
-    else:
-        mask = build(getattr(text, "sliding_window", None))
-    return {"attention_mask": mask, "position_ids": batch["position_ids"]}
-
-
 def choose_layout(requested: str, config, attn_implementation: str | None, router_aux: bool) -> tuple[str, str | None]:
     """The layout to use and, when it differs from the request, why (one log line)."""
     if requested == "padded":
@@ -316,17 +184,15 @@ def choose_layout(requested: str, config, attn_implementation: str | None, route
 
 def collator_for(cfg: Config, pad_token_id: int, layout: str = "padded", attn_implementation: str | None = None):
     """The collator for a layout. With SDPA, prefix-shared rows run attention triple by triple
-    (`segmented_sdpa`), so packing costs no attention work and a micro-batch packs into one row;
-    with a dense mask (eager, flex), rows stop at the longest triple to bound the T² cost."""
+    (`attention.segmented_sdpa`, which the run installs with `attention.install_segmented_sdpa`),
+    so packing costs no attention work and a micro-batch packs into one row; with a dense mask
+    (eager, flex), rows stop at the longest triple to bound the T² cost."""
     # prompt tokens are scored only for an NLL term that spans the prompt (ORPO)
     score_prompt = cfg.objective.nll_weight > 0 and cfg.method.nll_span == "prompt+completion"
     if layout == "padded":
         return PaddedCollator(pad_token_id=pad_token_id, score_prompt=score_prompt)
-    segmented = attn_implementation == "sdpa"
-    if segmented:
-        install_segmented_sdpa()
     pack_length = cfg.data.pack_length
-    if pack_length is None and segmented:
+    if pack_length is None and attn_implementation == "sdpa":
         pack_length = sys.maxsize
     return SharedPrefixCollator(pad_token_id=pad_token_id, score_prompt=score_prompt, pack=layout == "packed",
                                 pack_length=pack_length)
