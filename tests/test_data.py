@@ -5,8 +5,11 @@ Word-level tokenizer ids used in the hand-written cases:
     9 are  10 you  11 fine  12 bad  13 thanks  14 go  15 away
 """
 
+import ast
 import json
 import os
+import shutil
+from pathlib import Path
 
 import datasets
 import pytest
@@ -20,16 +23,13 @@ from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt  # no
 from trl.experimental.cpo import CPOTrainer  # noqa: E402
 
 from prefopt.config import DataArgs, DatasetSource, build_config  # noqa: E402
-from prefopt.data import (  # noqa: E402
-    format_report,
-    load_raw,
-    normalise,
-    prepare,
-    setup_chat_template,
-    tokenize_pairs,
-    write_report,
-)
+from prefopt import fingerprint as fingerprint_mod  # noqa: E402
+from prefopt.data import load_raw, prepare, tokenize_pairs  # noqa: E402
 from prefopt.errors import PrefoptError  # noqa: E402
+from prefopt.fingerprint import DATA_MODULES, SOURCE, source_hash  # noqa: E402
+from prefopt.report import format_report, write_report  # noqa: E402
+from prefopt.rows import normalise  # noqa: E402
+from prefopt.templates import setup_chat_template  # noqa: E402
 from prefopt.tiny import default_corpus, train_tokenizer  # noqa: E402
 
 datasets.disable_progress_bars()
@@ -582,3 +582,75 @@ def test_prepare_refuses_when_every_pair_is_dropped(tmp_path):
                         "max_length": 7})
     with pytest.raises(PrefoptError, match="every train pair was dropped.*raise max_length"):
         prepare(cfg, words())
+
+
+# ---------------------------------------------------------------------------------------------
+# The chat template, installed by prepare
+
+
+def test_prepare_installs_the_chat_template_and_installing_it_first_changes_nothing(tmp_path):
+    rows = [{"prompt": [user("hi")], "chosen": [assistant("fine")], "rejected": [assistant("bad")]}]
+    cfg = build_config({"datasets": [{"path": write_jsonl(tmp_path / "d.jsonl", rows)}], "method": "simpo",
+                        "output_dir": str(tmp_path / "out"), "chat_template": "chatml",
+                        "per_device_train_batch_size": 1})
+    tokenizer = words()  # no chat template of its own: prepare must install ChatML to render the rows
+    alone = prepare(cfg, tokenizer)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|im_end|>"
+    before = words()
+    assert setup_chat_template(before, "chatml") is False  # its ChatML tokens are already special
+    after_setup = prepare(cfg, before)
+    for prepared in (alone, after_setup):
+        # <s> <|im_start|> user hi <|im_end|> <|im_start|> assistant | fine <|im_end|> (eos, not doubled)
+        assert prepared.train["prompt_ids"] == [[1, 3, 5, 7, 4, 3, 6]]
+        assert prepared.train["chosen_ids"] == [[11, 4]] and prepared.train["rejected_ids"] == [[12, 4]]
+    assert len(before) == len(tokenizer) and before.chat_template == tokenizer.chat_template
+
+
+# ---------------------------------------------------------------------------------------------
+# The datasets cache key covers every module that shapes the columns
+
+PACKAGE = Path(fingerprint_mod.__file__).parent
+NOT_DATA = {"config", "errors"}  # config's values enter the keys as options; errors shape no column
+
+
+def imported_modules(name: str) -> set[str]:
+    """The prefopt modules `name` imports, read from its source (imports inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prefopt."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("prefopt.")}
+    return found
+
+
+def test_every_module_data_imports_is_hashed_into_the_cache_key():
+    reached, todo = set(), ["data"]
+    while todo:
+        name = todo.pop()
+        reached.add(name)
+        todo += sorted(imported_modules(name) - reached - NOT_DATA)
+    assert reached == set(DATA_MODULES)
+    assert {"sources", "rows", "templates", "tokens", "report"} <= reached  # the walk follows imports
+
+
+def test_a_change_to_any_data_module_changes_the_cache_keys(tmp_path, monkeypatch):
+    for name in DATA_MODULES:
+        shutil.copy(PACKAGE / f"{name}.py", tmp_path)
+    assert source_hash(tmp_path) == SOURCE
+    changed = {}
+    for name in DATA_MODULES:
+        path = tmp_path / f"{name}.py"
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# a changed helper\n")
+        changed[name] = source_hash(tmp_path)
+        path.write_bytes(original)
+    assert source_hash(tmp_path) == SOURCE  # the copies are back as they were: each change was the only one
+    assert SOURCE not in changed.values() and len(set(changed.values())) == len(DATA_MODULES)
+    # and that hash is in the key of every map: the tokenized columns are not taken from the cache
+    ds = normalise(in_memory([PAIR]))
+    before = tokenize_pairs(ds, words(), DataArgs())[0]._fingerprint
+    monkeypatch.setattr(fingerprint_mod, "SOURCE", changed["tokens"])
+    assert tokenize_pairs(ds, words(), DataArgs())[0]._fingerprint != before
