@@ -38,14 +38,15 @@ def main(argv: list[str]):
     cfg = load_config(argv[1], argv[2:])
     t = cfg.training
     tokenizer = load_tokenizer(cfg.model)
-    data_mod.setup_chat_template(tokenizer, cfg.data.chat_template)
     with t.main_process_first():
         prepared = data_mod.prepare(cfg, tokenizer)
     model = load_model(cfg.model, tokenizer, t, log=lambda *a: None)
     pipeline.PreferenceTrainer = FSDPOnCPU
     trainer = pipeline.build_trainer(cfg, model, tokenizer, prepared, log=lambda *a: None)
-    assert trainer.accelerator.distributed_type == DistributedType.FSDP and trainer.fused_head is False
+    assert trainer.accelerator.distributed_type == DistributedType.FSDP
     trainer.train()
+    # FSDP shards the head: scored as a module (untied) or through the model's own head (tied), never fused
+    assert type(trainer.scorer(trainer.model_wrapped)).__name__ in ("ModuleHead", "OwnHead")
     assert type(trainer.model_wrapped).__name__.startswith("FSDP"), type(trainer.model_wrapped)
     trainer.save_model(t.output_dir)
     if trainer.is_world_process_zero():

@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config
 
+from prefopt.attention import install_segmented_sdpa
 from prefopt.collate import collator_for
 from prefopt.config import build_config
 from prefopt.trainer import PreferenceTrainer
@@ -47,6 +48,8 @@ def make_trainer(model, config_keys: dict, tmp_path, pairs=None, eval_pairs=None
                  layout: str = "padded", **training) -> PreferenceTrainer:
     cfg = build_config({"output_dir": str(tmp_path), "report_to": "none", "use_cpu": True,
                         "logging_steps": 1, "save_strategy": "no", **config_keys, **training})
+    if layout != "padded" and model.config._attn_implementation == "sdpa":
+        install_segmented_sdpa()  # as the pipeline does for packed rows
     return PreferenceTrainer(
         model=model,
         args=cfg.training,

@@ -65,6 +65,7 @@ from prefopt.data import (
 )
 from prefopt.demo import make_rows, task_corpus
 from prefopt.errors import PrefoptError
+from prefopt.step import loss, score
 from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
 
 datasets.disable_progress_bars()
@@ -249,8 +250,8 @@ def test_7_pad_equal_to_eos_still_trains_on_eos(toks, tmp_path):
             batch = collator_for(cfg, tokenizer.pad_token_id, layout, model.config._attn_implementation)(features)
             # padding uses the EOS id too, yet exactly the 2 per pair real EOS are scored
             assert int(((batch["score_target"] == eos) & batch["score_is_completion"]).sum()) == 2 * len(features)
-            out = trainer._forward(model, batch)
-            for side, logps in (("chosen", out["chosen_logps"]), ("rejected", out["rejected_logps"])):
+            pairs = loss(score(model, batch, trainer.scorer(model)), trainer.step_objective).pairs
+            for side, logps in (("chosen", pairs.chosen_logps), ("rejected", pairs.rejected_logps)):
                 expected = torch.stack([reference[side, i] for i in range(len(features))])
                 torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import prefopt.pipeline
-import prefopt.trainer
+import prefopt.scoring
 from helpers import make_trainer, random_pairs
 from prefopt.cli import main
 from prefopt.collate import collator_for, model_inputs
@@ -334,7 +334,7 @@ def training_step(model, layout, method, pairs, tmp_path, bf16: bool, monkeypatc
         tok.logps.retain_grad()
         return tok
 
-    monkeypatch.setattr(prefopt.trainer, "token_logps", recording)
+    monkeypatch.setattr(prefopt.scoring, "token_logps", recording)
     batch = trainer.data_collator(pairs)
     loss = trainer.compute_loss(model, batch)
     loss.backward()
@@ -404,7 +404,7 @@ def test_a_shipped_config_trains_in_bf16_close_to_fp32(name, local, tmp_path, mo
         model.model.layers[0].register_forward_hook(layer_ran)
         return model
 
-    monkeypatch.setattr(prefopt.trainer, "token_logps", recording)
+    monkeypatch.setattr(prefopt.scoring, "token_logps", recording)
     monkeypatch.setattr(prefopt.pipeline, "load_model", loading)
     runs = {}
     for run, extra in (("bf16", []), ("fp32", ["--dtype", "float32", "--bf16", "false"])):

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from helpers import ROUND_OFF_REL, assert_grads_close, make_trainer, random_pairs, tiny_random_model
-from prefopt.diversity import aligned_pairs, score_with_diversity
+from prefopt.diversity import aligned_pairs
+from prefopt.metrics import MetricSums
+from prefopt.scoring import score_with_diversity
+from prefopt.step import DiversityRows, loss, score
 
 
 def test_two_token_vocabulary_by_hand():
@@ -20,7 +23,8 @@ def test_two_token_vocabulary_by_hand():
     seq, index, completion = torch.tensor([0, 0, 1]), torch.tensor([3, 4, 9]), torch.tensor([True, True, True])
     pairs_c, pairs_r, chosen = aligned_pairs(seq, index, completion, B=1)
     assert pairs_c.tolist() == [0] and pairs_r.tolist() == [2] and chosen.tolist() == [0, 1]
-    logps, _, entropy, kl = score_with_diversity(h, target, pairs_c, pairs_r, chosen, head, None, chunk=4)
+    tok = score_with_diversity(h, target, DiversityRows(pairs_c, pairs_r, chosen), head, None, chunk=4)
+    logps, entropy, kl = tok.logps, tok.entropy_sum, tok.kl_sum
     # float32 against exact: a handful of roundings of u = 6e-8 each, so 1e-6 relative where the terms
     # have one sign. Chosen position 0: p = (1/2, 1/2), H = ln 2; position 1: p = (4/5, 1/5)
     h1 = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))
@@ -59,16 +63,19 @@ def test_values_and_gradients_equal_a_full_logits_reference(tmp_path, layout):
         trainer = make_trainer(model, {"method": "simpo", "diversity_weight": weight, "diversity_alpha": a},
                                tmp_path / str(weight), layout=layout)
         batch = trainer.data_collator([dict(p) for p in pairs])
-        loss = trainer._loss(model, batch, "train", None)
+        scores = score(model, batch, trainer.scorer(model))
+        step = loss(scores, trainer.step_objective)
+        total = step.loss
         if weight == 0.0:
             div, entropy, kl = reference(model, pairs, w, a)
-            loss = loss + div
-        loss.backward()
-        losses.append(loss.detach())
+            total = total + div
+        total.backward()
+        losses.append(total.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         if weight:
-            sums = trainer._metric_sums["train"]
-            measured = {k: (v[0] / v[1]).item() for k, v in sums.items() if k.startswith("diversity/")}
+            sums = MetricSums()
+            sums.record("train", step, scores)
+            measured = {k: v for k, v in sums.means("train", lambda t: t, "cpu").items() if k.startswith("diversity/")}
     # the same step on the same weights, summed in another order (tests/helpers.py: ROUND_OFF_REL), each
     # value relative to the size of its terms: the loss adds −α·w·H to the SimPO term, and the KL is a
     # difference of a cross-entropy and an entropy, each of the size of H

@@ -88,7 +88,7 @@ def test_token_balanced_micro_batches_keep_the_pairs_per_step(tmp_path):
 
     def spy(*args):
         batches, counts = original(*args)
-        seen.append(([len(b["row"]) for b in batches], int(counts["pairs"])))
+        seen.append(([len(b["row"]) for b in batches], int(counts.pairs)))
         return batches, counts
 
     trainer.get_batch_samples = spy
@@ -100,20 +100,27 @@ def test_token_balanced_micro_batches_keep_the_pairs_per_step(tmp_path):
 
 @pytest.mark.parametrize("arch, layout", [("llama", "packed"), ("qwen2", "padded"), ("gemma2", "shared")])
 def test_scoring_through_the_models_own_head_equals_the_chunked_head(tmp_path, arch, layout):
-    """Under FSDP a tied head is scored through the model's own head call (`head_in_forward`):
+    """Under FSDP a tied head is scored through the model's own head call (`scoring.OwnHead`):
     same loss, metrics and gradients as the chunked head path, soft-capping included (gemma2)."""
+    from prefopt.metrics import MetricSums
+    from prefopt.scoring import OwnHead, choose_scorer
+    from prefopt.step import loss, score
     from prefopt.tiny import tiny_model
 
     results = []
     for in_forward in (False, True):
         model = tiny_random_model(arch, seed=3) if arch != "gemma2" else tiny_model("gemma2", 101, seed=3)
         trainer = make_trainer(model, {"method": "cpo_simpo"}, tmp_path / str(in_forward), layout=layout)
-        trainer.head_in_forward = in_forward
+        scorer = choose_scorer(model, fsdp=False, tied_under_fsdp=in_forward, diversity=False)
+        assert isinstance(scorer, OwnHead) == in_forward
         batch = trainer.data_collator([dict(p) for p in random_pairs(5, seed=4)])
-        loss = trainer._loss(model, batch, "train", None)
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                        {k: (v[0] / v[1]).item() for k, v in trainer._metric_sums["train"].items()}))
+        scores = score(model, batch, scorer)
+        step = loss(scores, trainer.step_objective)
+        step.loss.backward()
+        sums = MetricSums()
+        sums.record("train", step, scores)
+        results.append((step.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        sums.means("train", lambda t: t, "cpu")))
     (l0, g0, m0), (l1, g1, m1) = results
     # one step on the same weights, the head's sums in another order (tests/helpers.py: ROUND_OFF_REL)
     assert l1.item() == pytest.approx(l0.item(), rel=ROUND_OFF_REL)

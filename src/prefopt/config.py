@@ -30,7 +30,7 @@ import yaml
 from transformers import TrainingArguments
 
 from .errors import PrefoptError
-from .losses import METHODS, SMOOTHABLE
+from .losses import HYPERPARAMETERS, LOSSES, METHODS, Hyper, formula, takes
 
 # ---------------------------------------------------------------------------------------------
 # The canonical dataclasses
@@ -132,20 +132,26 @@ class DataArgs:
     )
 
 
-@dataclass
-class ObjectiveArgs:
-    method: str | None = field(default=None, metadata={"help": "simpo, cpo_simpo, cpo, orpo or alphapo."})
-    loss_type: str | None = field(default=None, metadata={"help": "sigmoid, hinge or ipo (as the method allows)."})
-    beta: float | None = field(default=None, metadata={"help": "β: reward scale (λ for ORPO)."})
-    gamma_beta_ratio: float | None = field(default=None, metadata={"help": "γ/β: target margin over β."})
-    nll_weight: float | None = field(default=None, metadata={"help": "Weight of the NLL term on chosen."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "ε: assumed label-noise rate (sigmoid)."})
-    alpha: float | None = field(default=None, metadata={"help": "AlphaPO reward shape α (0: log-prob reward)."})
-    diversity_weight: float = field(default=0.0, metadata={"help": "Weight of the diversity term (0: off)."})
-    diversity_alpha: float = field(default=0.0, metadata={"help": "Entropy vs KL mix inside the diversity term."})
-    logprob_chunk_size: int | None = field(
-        default=None, metadata={"help": "Tokens per LM-head chunk (None: sized so a chunk's logits are ~256 MB)."}
-    )
+def _objective_fields() -> list:
+    """ObjectiveArgs' fields: the method and loss shape, every hyperparameter of `losses.Hyper` (None:
+    the method's default, or the neutral value where the method does not take it), and the terms
+    composed around the preference loss."""
+    hyper = [(f.name, float | None, field(default=None, metadata={"help": f.metadata["help"]}))
+             for f in dataclasses.fields(Hyper)]
+    return [
+        ("method", str | None, field(default=None, metadata={"help": ", ".join(METHODS) + "."})),
+        ("loss_type", str | None, field(default=None, metadata={"help": "The loss shape, as the method allows."})),
+        *hyper,
+        ("nll_weight", float | None, field(default=None, metadata={"help": "Weight of the NLL term on chosen."})),
+        ("diversity_weight", float, field(default=0.0, metadata={"help": "Weight of the diversity term (0: off)."})),
+        ("diversity_alpha", float, field(default=0.0, metadata={"help": "Entropy vs KL mix inside the diversity term."})),
+        ("logprob_chunk_size", int | None, field(
+            default=None, metadata={"help": "Tokens per LM-head chunk (None: sized so a chunk's logits are ~256 MB)."})),
+    ]
+
+
+ObjectiveArgs = dataclasses.make_dataclass("ObjectiveArgs", _objective_fields())
+ObjectiveArgs.__module__ = __name__
 
 
 @dataclass
@@ -622,15 +628,11 @@ STEPS = ShareOrCount("the run's steps")
 # Every numeric key, with what it takes and a note for the message: checked (and converted) in
 # `build_config`, before anything loads, under the spelling the user wrote.
 VALUE_RULES: dict[str, tuple[Bound | ShareOrCount, str]] = {
-    # objective
-    "beta": (POSITIVE, ""),
-    "gamma_beta_ratio": (AT_LEAST_0, "0: no target margin"),
+    # objective (the hyperparameters' own ranges come from losses.Hyper, below)
     "simpo_gamma": (AT_LEAST_0, "0: no target margin"),
     "nll_weight": (AT_LEAST_0, "0: no NLL term"),
     "cpo_alpha": (AT_LEAST_0, "0: no NLL term"),
     "sft_weight": (AT_LEAST_0, "0: no NLL term"),
-    "label_smoothing": (Bound(0, 0.5, high_open=True), "at 0.5 chosen and rejected would count the same"),
-    "alpha": (Bound(), "AlphaPO's reward shape; 0: the log-prob reward"),
     "diversity_weight": (AT_LEAST_0, "0: off"),
     "diversity_alpha": (Bound(0, 1), "the entropy's share of the diversity term"),
     "logprob_chunk_size": (COUNT, "or unset"),
@@ -682,6 +684,11 @@ VALUE_RULES: dict[str, tuple[Bound | ShareOrCount, str]] = {
     "ddp_timeout": (POSITIVE, "seconds"),
     "ddp_bucket_cap_mb": (POSITIVE, "or unset"),
 }
+VALUE_RULES.update({
+    name: (Bound(f.metadata["low"], f.metadata["high"], low_open=f.metadata["low_open"], high_open=f.metadata["high_open"]),
+           f.metadata["note"])
+    for name, f in HYPERPARAMETERS.items()
+})
 
 
 def _shown(v: float) -> str:
@@ -754,28 +761,27 @@ def _resolve_objective(where: str, raw: dict, obj: ObjectiveArgs, notes: list[st
     if loss_type not in spec.losses:
         _fail(where, f"method {method} takes loss_type {' or '.join(spec.losses)}, not {loss_type!r}.")
 
-    beta = spec.defaults["beta"] if obj.beta is None else obj.beta
-    gamma = obj.gamma_beta_ratio
+    hyper = _resolve_hyper(where, raw, obj, method, loss_type, notes)
+    nll = spec.defaults["nll_weight"] if obj.nll_weight is None else obj.nll_weight
+    return dataclasses.replace(obj, method=method, loss_type=loss_type, nll_weight=float(nll), **hyper)
+
+
+def _resolve_hyper(where: str, raw: dict, obj: ObjectiveArgs, method: str, loss_type: str, notes: list[str]) -> dict:
+    """Every hyperparameter of `losses.Hyper`: as given, else the method's default, else its neutral
+    value; one the method does not take (with this loss shape) is refused when set to anything else."""
+    spec, allowed = METHODS[method], takes(method, loss_type)
+    given = {name: getattr(obj, name) for name in HYPERPARAMETERS}
+    value = {name: spec.defaults.get(name, f.default) if given[name] is None else given[name]
+             for name, f in HYPERPARAMETERS.items()}
     if "simpo_gamma" in raw:
         # TRL's simpo_gamma is the absolute margin γ; the canonical parameter is γ/β.
-        gamma = raw["simpo_gamma"] / beta
-        notes.append(f"simpo_gamma {raw['simpo_gamma']} (absolute, TRL) read as gamma_beta_ratio {gamma:g}")
-    if gamma is not None and gamma != 0 and not spec.margin:
-        _fail(where, f"{method} has no target margin; remove gamma_beta_ratio/simpo_gamma or use simpo.")
-    if obj.alpha not in (None, 0.0) and not spec.reward_shape:
-        _fail(where, f"{method} has no reward-shape parameter; remove alpha.")
-    if obj.label_smoothing and loss_type not in SMOOTHABLE:
-        _fail(where, "label_smoothing applies to the sigmoid loss only; remove it or use loss_type sigmoid.")
-    nll = spec.defaults["nll_weight"] if obj.nll_weight is None else obj.nll_weight
-    return dataclasses.replace(
-        obj,
-        method=method,
-        loss_type=loss_type,
-        beta=float(beta),
-        gamma_beta_ratio=float(spec.defaults["gamma_beta_ratio"] if gamma is None else gamma),
-        nll_weight=float(nll),
-        alpha=float(spec.defaults["alpha"] if obj.alpha is None else obj.alpha),
-    )
+        given["gamma_beta_ratio"] = value["gamma_beta_ratio"] = raw["simpo_gamma"] / value["beta"]
+        notes.append(f"simpo_gamma {raw['simpo_gamma']} (absolute, TRL) read as gamma_beta_ratio "
+                     f"{value['gamma_beta_ratio']:g}")
+    for name, f in HYPERPARAMETERS.items():
+        if name not in allowed and given[name] is not None and given[name] != f.default:
+            _fail(where, f.metadata["refusal"].format(method=method, name=name))
+    return {name: float(v) for name, v in value.items()}
 
 
 def _suggest_from(word, options) -> str:
@@ -966,21 +972,10 @@ def load_config(path: str | None, argv: list[str] | None = None) -> Config:
 
 def loss_formula(cfg: Config) -> str:
     o, spec = cfg.objective, cfg.method
-    logp = "mean log p" if cfg.reduction == "mean" else "log p"
-    r = f"(1 - exp(-α·{logp}))/α" if o.alpha else logp
-    gap = f"{r}(y_w) - {r}(y_l)"
-    margin = " - γ/β" if spec.margin and o.gamma_beta_ratio else ""
-    pref = {
-        "sigmoid": f"-log σ(β·({gap}{margin}))",
-        "hinge": f"max(0, 1 - β·({gap}{margin}))",
-        "ipo": f"({gap} - 1/(2β))²",
-        "odds_ratio": "-λ·log σ(log odds(y_w) - log odds(y_l))",
-    }[o.loss_type]
-    if o.label_smoothing:
-        pref = f"(1-ε)·{pref} - ε·log σ(-β·({gap}{margin}))"
+    pref = formula(o.method, o.loss_type, Hyper.from_objective(o))
     nll = f" + {o.nll_weight:g}·NLL({'prompt + chosen' if spec.nll_span == 'prompt+completion' else 'chosen'})" if o.nll_weight else ""
-    where = "  where log odds(y) = mean log p(y) - log(1 - exp(mean log p(y)))" if o.loss_type == "odds_ratio" else ""
-    return f"L = {pref}{nll}{where}"
+    where = LOSSES[o.loss_type].where
+    return f"L = {pref}{nll}{f'  where {where}' if where else ''}"
 
 
 def explain(cfg: Config) -> str:
@@ -990,18 +985,18 @@ def explain(cfg: Config) -> str:
         ("method", f"{o.method} — {spec.title} [{spec.paper}]"),
         ("loss", o.loss_type),
         ("formula", loss_formula(cfg)),
-        ("β" if o.method != "orpo" else "λ (beta)", f"{o.beta:g}"),
     ]
-    if spec.margin:
-        rows += [("γ (absolute)", f"{o.gamma_beta_ratio * o.beta:g}"), ("γ/β", f"{o.gamma_beta_ratio:g}")]
+    allowed = takes(o.method, o.loss_type)
+    for name, f in HYPERPARAMETERS.items():
+        if name not in allowed:
+            continue
+        if name == "gamma_beta_ratio":  # the margin as the paper states it too
+            rows.append(("γ (absolute)", f"{o.gamma_beta_ratio * o.beta:g}"))
+        rows.append((spec.labels.get(name, f.metadata["label"]), f"{getattr(o, name):g}"))
     rows += [
         ("NLL weight", f"{o.nll_weight:g}" + (f" (over {spec.nll_span})" if o.nll_weight else " (no NLL term)")),
         ("log-probs", f"{cfg.reduction} over completion tokens"),
     ]
-    if spec.reward_shape:
-        rows.append(("AlphaPO α", f"{o.alpha:g}"))
-    if o.loss_type in SMOOTHABLE:
-        rows.append(("label smoothing ε", f"{o.label_smoothing:g}"))
     if o.diversity_weight:
         rows.append(("diversity", f"weight {o.diversity_weight:g}, alpha {o.diversity_alpha:g}"))
     m, d, t = cfg.model, cfg.data, cfg.training

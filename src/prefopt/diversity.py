@@ -19,13 +19,14 @@ What minimising it does to the policy:
   aligned positions — it does not push chosen away from rejected; it works against the
   separation the preference term builds, and is a regulariser, not a diversity force by itself.
 
-Every position's logits are formed once, in chunks that keep each aligned pair together, and
-recomputed in backward (checkpoint): no [batch, seq, vocab] tensor, no second forward.
+This module holds the mathematics only: which positions pair up (`aligned_pairs`), how many the
+optimizer step's means divide by (`counts`), and the two terms of a row of log-probabilities
+(`entropy`, `kl`). The scorer (`scoring.ModuleHead`, `scoring.OwnHead`) forms every position's
+logits once — in chunks that keep each aligned pair together, recomputed in backward — and applies
+them: no [batch, seq, vocab] tensor, no second forward.
 """
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
 
@@ -65,69 +66,14 @@ def aligned_pairs(seq: Tensor, score_index: Tensor, is_completion: Tensor, B: in
     return c_rows[hit], r_rows[r_order[at[hit]]], c_rows
 
 
-def _rows(h: Tensor, target: Tensor, head, transform) -> tuple[Tensor, Tensor, Tensor]:
-    """log p(target), mean logit and the log-softmax of each row (one head matmul)."""
-    z = head(h).float()
-    if transform is not None:
-        z = transform(z)
-    logp = F.log_softmax(z, dim=-1)
-    return logp.gather(-1, target[:, None]).squeeze(-1), z.detach().mean(-1), logp
+def entropy(logp: Tensor) -> Tensor:
+    """H(p) = −Σ_v p(v) log p(v) of each row of log-probabilities [n, V] → [n]."""
+    return -(logp.exp() * logp).sum(-1)
 
 
-def _pair_chunk(h_c, t_c, h_r, t_r, head, transform):
-    lp_c, m_c, logp_c = _rows(h_c, t_c, head, transform)
-    lp_r, m_r, logp_r = _rows(h_r, t_r, head, transform)
-    entropy = -(logp_c.exp() * logp_c).sum(-1)
-    kl = (logp_r.exp() * (logp_r - logp_c)).sum(-1)
-    return lp_c, m_c, lp_r, m_r, entropy, kl
-
-
-def _single_chunk(h, t, head, transform):
-    lp, m, logp = _rows(h, t, head, transform)
-    return lp, m, -(logp.exp() * logp).sum(-1)
-
-
-def score_with_diversity(h: Tensor, target: Tensor, pairs_c: Tensor, pairs_r: Tensor, chosen_rows: Tensor, head,
-                         transform, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Log-probs and mean logits of every scored row ([N] each), Σ entropy over the chosen
-    completion rows and Σ KL(p_r ‖ p_c) over the aligned pairs — each row's logits formed once,
-    `chunk` rows at a time, each aligned pair in one chunk, recomputed in backward."""
-    N = h.shape[0]
-    logps = h.new_zeros(N, dtype=torch.float32)
-    means = h.new_zeros(N, dtype=torch.float32)
-    entropy, kl = h.new_zeros((), dtype=torch.float32), h.new_zeros((), dtype=torch.float32)
-    grad = torch.is_grad_enabled() and h.requires_grad
-    run = (lambda f, *a: checkpoint(f, *a, head, transform, use_reentrant=False)) if grad else \
-        (lambda f, *a: f(*a, head, transform))
-    done = torch.zeros(N, dtype=torch.bool, device=h.device)
-    step = max(1, chunk // 2)
-    for s in range(0, len(pairs_c), step):
-        c, r = pairs_c[s : s + step], pairs_r[s : s + step]
-        lp_c, m_c, lp_r, m_r, e, k = run(_pair_chunk, h[c], target[c], h[r], target[r])
-        logps, means = logps.index_put((c,), lp_c).index_put((r,), lp_r), means.index_put((c,), m_c).index_put((r,), m_r)
-        entropy, kl = entropy + e.sum(), kl + k.sum()
-        done[c], done[r] = True, True
-    single = chosen_rows[~done[chosen_rows]]
-    for s in range(0, len(single), chunk):
-        rows = single[s : s + chunk]
-        lp, m, e = run(_single_chunk, h[rows], target[rows])
-        logps, means = logps.index_put((rows,), lp), means.index_put((rows,), m)
-        entropy = entropy + e.sum()
-        done[rows] = True
-    rest = torch.nonzero(~done).squeeze(1)
-    for s in range(0, len(rest), chunk):
-        rows = rest[s : s + chunk]
-        lp, m, _ = run(_single_chunk, h[rows], target[rows])
-        logps, means = logps.index_put((rows,), lp), means.index_put((rows,), m)
-    return logps, means, entropy, kl
-
-
-def terms_from_logits(z: Tensor, pairs_c: Tensor, pairs_r: Tensor, chosen_rows: Tensor) -> tuple[Tensor, Tensor]:
-    """The same sums from logits already formed for every scored row ([N, V]; the FSDP tied-head path)."""
-    logp = F.log_softmax(z.float(), dim=-1)
-    entropy = -(logp[chosen_rows].exp() * logp[chosen_rows]).sum()
-    kl = (logp[pairs_r].exp() * (logp[pairs_r] - logp[pairs_c])).sum()
-    return entropy, kl
+def kl(logp_r: Tensor, logp_c: Tensor) -> Tensor:
+    """KL(p_r ‖ p_c) = Σ_v p_r(v) (log p_r(v) − log p_c(v)) of each pair of rows [n, V] → [n]."""
+    return (logp_r.exp() * (logp_r - logp_c)).sum(-1)
 
 
 def counts(batch: dict) -> tuple[int, int]:

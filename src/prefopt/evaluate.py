@@ -49,6 +49,7 @@ def preference_metrics(model_dir: str, data: str, split: str, objective: dict, b
     from .collate import collator_for
     from .config import build_config
     from .models import load_model, load_tokenizer
+    from .step import loss, score
     from .trainer import PreferenceTrainer
 
     cfg = build_config({**objective, "model_name_or_path": model_dir, "datasets": [{"path": data, "split": split}],
@@ -58,7 +59,6 @@ def preference_metrics(model_dir: str, data: str, split: str, objective: dict, b
     # whatever split was named (a "test" split is routed to evaluation) is what gets scored
     cfg.data.train_datasets, cfg.data.eval_datasets = cfg.data.train_datasets + cfg.data.eval_datasets, []
     tokenizer = load_tokenizer(cfg.model)
-    data_mod.setup_chat_template(tokenizer, cfg.data.chat_template)
     pairs = data_mod.prepare(cfg, tokenizer).train
     model = load_model(cfg.model, tokenizer, cfg.training, log=lambda *a: None).eval()
     collator = collator_for(cfg, tokenizer.pad_token_id, "padded", model.config._attn_implementation)
@@ -70,14 +70,14 @@ def preference_metrics(model_dir: str, data: str, split: str, objective: dict, b
         for batch in tqdm(trainer.get_eval_dataloader(Dataset.from_list(list(pairs))), desc="scoring pairs"):
             batch = trainer._prepare_inputs(batch)
             # under several processes: this process's share, without the sampler's padding duplicates
-            f = trainer._forward(model, batch, trainer.eval_pairs_kept(len(batch["row"])))
-            _, chosen, rejected, _ = trainer.loss_fn(f["chosen_logps"], f["rejected_logps"], trainer.hyper)
-            B = chosen.shape[0]
+            scores = score(model, batch, trainer.scorer(model), trainer.eval_pairs_kept(len(batch["row"])))
+            result = loss(scores, trainer.step_objective)
+            chosen, rejected, K = result.chosen_rewards, result.rejected_rewards, scores.pairs
             rows["margin"] += (chosen - rejected).tolist()
-            rows["logps_chosen"] += f["chosen_logps"].tolist()
-            rows["logps_rejected"] += f["rejected_logps"].tolist()
-            rows["len_chosen"] += f["completion_tokens"][:B].tolist()
-            rows["len_rejected"] += f["completion_tokens"][B:].tolist()
+            rows["logps_chosen"] += result.pairs.chosen_logps.tolist()
+            rows["logps_rejected"] += result.pairs.rejected_logps.tolist()
+            rows["len_chosen"] += scores.tokens[:K].tolist()
+            rows["len_rejected"] += scores.tokens[K:].tolist()
     if trainer.accelerator.num_processes > 1:  # every process's pairs, on every process
         from accelerate.utils import gather_object
 

@@ -58,6 +58,8 @@ def head_transform(config) -> Callable[[Tensor], Tensor] | None:
 class TokenScores:
     logps: Tensor  # [N] fp32 log p(target) at each scored position, differentiable
     mean_logits: Tensor  # [N] fp32 mean over the vocabulary of the logits there, detached
+    entropy_sum: Tensor | None = None  # the diversity term's sums, when the scorer was asked for them
+    kl_sum: Tensor | None = None
 
 
 class _FusedHeadLogps(torch.autograd.Function):
@@ -156,6 +158,14 @@ def _score_chunk(h: Tensor, target: Tensor, head: torch.nn.Module, transform) ->
     return logp, logits.detach().mean(-1)
 
 
+def run_chunk(fn, h: Tensor, *args):
+    """fn(h, *args) for one chunk of scored rows `h`; under a checkpoint when a gradient will flow
+    back through it, so its [chunk, V] logits are recomputed in backward instead of kept."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return checkpoint(fn, h, *args, use_reentrant=False)
+    return fn(h, *args)
+
+
 def chunk_size_for(vocab_size: int, requested: int | None = None) -> int:
     """Tokens per chunk: as asked, or as many as keep one chunk's logits near CHUNK_ELEMENTS."""
     return requested or max(16, CHUNK_ELEMENTS // vocab_size)
@@ -199,11 +209,7 @@ def token_logps(
         return TokenScores(logps, means)
     logps, means = [], []
     for start in range(0, h.shape[0], chunk):
-        h_c, t_c = h[start : start + chunk], score_target[start : start + chunk]
-        if torch.is_grad_enabled() and h_c.requires_grad:
-            lp, m = checkpoint(_score_chunk, h_c, t_c, head, transform, use_reentrant=False)
-        else:
-            lp, m = _score_chunk(h_c, t_c, head, transform)
+        lp, m = run_chunk(_score_chunk, h[start : start + chunk], score_target[start : start + chunk], head, transform)
         logps.append(lp)
         means.append(m)
     if not logps:

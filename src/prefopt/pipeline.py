@@ -20,6 +20,7 @@ from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
 
 from . import data as data_mod
+from .attention import install_segmented_sdpa
 from .collate import choose_layout, collator_for
 from .config import Config, explain, save_resolved
 from . import runs
@@ -130,6 +131,8 @@ def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> Prefere
     layout, why = choose_layout(cfg.data.layout, config, config._attn_implementation, router_aux)
     if why:
         log(f"prefopt: {why}")
+    if layout != "padded" and config._attn_implementation == "sdpa":
+        install_segmented_sdpa()  # packed rows attend triple by triple (attention.segmented_sdpa)
     collator = collator_for(cfg, tokenizer.pad_token_id, layout, config._attn_implementation)
     return PreferenceTrainer(
         model=model,
@@ -141,6 +144,7 @@ def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> Prefere
         callbacks=[MetricsFile(Path(cfg.training.output_dir) / "metrics.jsonl"),
                    GuidanceCallback(lambda message: log(f"prefopt: warning: {message}"))],
         objective=cfg.objective,
+        log=log,
     )
 
 
@@ -238,7 +242,6 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
 
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model)
-    data_mod.setup_chat_template(tokenizer, cfg.data.chat_template)
     with t.main_process_first(desc="tokenizing"):
         prepared = data_mod.prepare(cfg, tokenizer)
 

@@ -1,213 +1,110 @@
-"""The training step: a thin `transformers.Trainer` subclass.
+"""`PreferenceTrainer`: transformers' `Trainer` adapted to the step functions of `step.py`.
 
-One forward pass per micro-batch through the (possibly DDP/DeepSpeed/FSDP-wrapped) model,
-per-token log-probs of the scored positions through the LM head in chunks, per-sequence sums,
-then — in this one place —
+The Trainer runs the loop (data order, accumulation, optimizer, scheduler, checkpoints, logging);
+this class only adapts its hooks: `get_batch_samples` counts the optimizer step's pairs and tokens
+(`step.count`, summed over processes), `compute_loss` and `prediction_step` score and compose
+(`step.score`, `step.loss`) and record the metrics (`metrics.MetricSums`), `log` adds the
+reduced metrics to the logged line, and the checkpoint hooks make a checkpoint complete and
+resumable exactly (`runs`). The scorer is chosen once, at the first step (`scoring.choose_scorer`).
 
-    loss = Σ_pairs preference_loss / pairs + nll_weight · Σ_tokens NLL / nll_tokens   [+ MoE aux]
-
-where `pairs` and `nll_tokens` count the whole optimizer step (all accumulation micro-batches
-on all processes). That makes the step's loss and gradients independent of how the global batch
-is split, and equal to TRL's `losses.mean() + cpo_alpha · nll` when it is one micro-batch.
-
-Metrics keep TRL's names and are accumulated as sums and counts, reduced across processes when
-logged. Every logged line is also appended to `output_dir/metrics.jsonl`.
+Every read or write of the Trainer's private attributes is in `_private_state` and
+`_set_private_state`. Every logged line is also appended to `output_dir/metrics.jsonl`.
 """
 
 import json
-import math
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
-from .collate import model_inputs
-from .config import ObjectiveArgs
-from .diversity import aligned_pairs, score_with_diversity
-from .diversity import counts as diversity_counts
-from .diversity import terms_from_logits as diversity_terms_from_logits
-from .logprobs import TokenScores, chunk_size_for, frozen_zero3_copy, head_transform, logps_from_logits, per_sequence, scored_hidden, token_logps
 from .errors import PrefoptError
-from .losses import LOSSES, METHODS, Hyper
+from .metrics import MetricSums
 from .runs import mark_complete, record_written, rotate, start_writing
+from .scoring import choose_scorer, prepare_head_for_fsdp
+from .step import Counts, Objective, count, logged_losses, loss, score
 
 RESUME_STATE = "prefopt_resume_state.json"
-EVAL_LOSS_PART = "preference_loss"  # summed per pair in evaluation; folded into eval_loss when logged
 
 
 class PreferenceTrainer(Trainer):
     # compute_loss already divides by the optimizer step's counts; the Trainer must not divide again
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, objective: ObjectiveArgs, **kwargs):
+    def __init__(self, *args, objective, log=None, **kwargs):
+        """`objective`: the resolved `config.ObjectiveArgs`; `log`: where the scorer chosen is said
+        (None: not said)."""
         super().__init__(*args, **kwargs)
-        o = objective
-        method = METHODS[o.method]
-        self.objective = o
-        self.loss_fn = LOSSES[o.loss_type]
-        self.hyper = Hyper(beta=o.beta, gamma_beta_ratio=o.gamma_beta_ratio, label_smoothing=o.label_smoothing,
-                           alpha=o.alpha)
-        self.mean_logps = method.losses[o.loss_type] == "mean"
-        self.nll_over_prompt = method.nll_span == "prompt+completion"
+        self.objective = objective
         config = self.accelerator.unwrap_model(self.model).config
         text = config.get_text_config()
-        self.head_fn = head_transform(config)
-        self.chunk = chunk_size_for(text.vocab_size, o.logprob_chunk_size)
-        self.aux_coef = text.router_aux_loss_coef if getattr(text, "output_router_logits", False) else 0.0
-        # FSDP shards the head's weight outside its own forward: call the module there
-        self.fused_head = False if self.accelerator.distributed_type == DistributedType.FSDP else None
-        self.head_in_forward = False
-        self.diversity_weight = o.diversity_weight
+        aux_coef = text.router_aux_loss_coef if getattr(text, "output_router_logits", False) else 0.0
+        self.step_objective = Objective.of(objective, aux_coef)
+        self._scorer, self._announce = None, log
+        self._tied_under_fsdp = False
+        if self.is_fsdp_enabled:
+            self._tied_under_fsdp = prepare_head_for_fsdp(self.accelerator.unwrap_model(self.model),
+                                                          self.accelerator.state.fsdp_plugin)
+        self.metrics = MetricSums()
         self._step_finite, self._step_rows = torch.tensor(True, device=self.args.device), []
         self._last_grad_norm = None
         self._pending_resume = None
         self.stop_at_step, self._saved_at_step = None, None  # a signal's stop (stopping.py)
-        self.add_callback(_ApplyResume(self))
         self._loss_sum_before, self._steps_before = 0.0, 0  # what a resumed run did before its checkpoint
+        self.add_callback(_ApplyResume(self))
         self.add_callback(FiniteGuard(self))
-        if self.is_fsdp_enabled:
-            self._head_as_own_fsdp_unit()
-        # split -> metric name -> [sum, count], tensors on the device until logged
-        self._metric_sums = {"train": defaultdict(lambda: [0.0, 0.0]), "eval": defaultdict(lambda: [0.0, 0.0])}
 
-    def _head_as_own_fsdp_unit(self):
-        """Make the LM head its own FSDP unit, so calling it after the model's forward gathers and
-        frees its weight through its own hooks. (accelerate otherwise groups it with the final norm,
-        and a second call of that group outside the model's forward crashed in backward.)"""
-        plugin = self.accelerator.state.fsdp_plugin
-        model = self.accelerator.unwrap_model(self.model)
-        head = model.get_output_embeddings()
-        tied = head is not None and head.weight is model.get_input_embeddings().weight
-        if tied:
-            # A tied head must share its unit with the embeddings, which the model's forward
-            # already used: score through the model's own head call instead (its logits exist
-            # for the scored columns at once, no chunking).
-            self.head_in_forward = True
-            return
-        if type(head) is torch.nn.Linear:
-            head.__class__ = OutputHead
-        if type(head) is OutputHead and plugin.auto_wrap_policy is not None:
-            names = plugin.transformer_cls_names_to_wrap
-            if names is None:
-                names = list(getattr(model, "_no_split_modules", None) or [])
-            plugin.transformer_cls_names_to_wrap = [*names, OutputHead.__name__]
+    # -- the Trainer's private state, read and written here only -------------------------------------
 
-    # -- normalisers for the whole optimizer step ---------------------------------------------
+    def _private_state(self) -> dict:
+        """The Trainer's running loss since the last log (this process's share, a tensor), the step
+        last logged, and the loss logged so far."""
+        return {"tr_loss": self._tr_loss, "last_logged": self._globalstep_last_logged,
+                "logged_loss": self._total_loss_scalar}
 
-    def _nll_positions(self, batch) -> torch.Tensor:
-        B = len(batch["row"])
-        return (batch["score_seq"] < B) & (batch["score_is_completion"] | self.nll_over_prompt)
+    def _set_private_state(self, add_to_tr_loss: float, last_logged: int):
+        """A resumed run's running loss and last logged step, as the checkpoint had them."""
+        self._tr_loss += add_to_tr_loss
+        self._globalstep_last_logged = last_logged
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def scorer(self, model):
+        """The run's scorer, chosen at its first use (when the model is wrapped and, under ZeRO-3,
+        partitioned) and said in one line."""
+        if self._scorer is None:
+            o = self.step_objective
+            self._scorer = choose_scorer(
+                self.accelerator.unwrap_model(model), fsdp=self.accelerator.distributed_type == DistributedType.FSDP,
+                tied_under_fsdp=self._tied_under_fsdp, diversity=bool(o.diversity_weight),
+                chunk=self.objective.logprob_chunk_size, aux=bool(o.aux_coef))
+            if self._announce is not None and self.is_world_process_zero():
+                self._announce(f"scoring: {self._scorer.name}")
+        return self._scorer
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        counts = torch.tensor(
-            [[len(b["row"]), int(self._nll_positions(b).sum()), *(diversity_counts(b) if self.diversity_weight
-                                                                  else (0, 0))] for b in batches]
-            or [[0, 0, 0, 0]], dtype=torch.float64
-        ).sum(0).to(device)
-        counts = self.accelerator.reduce(counts, reduction="sum")
-        return batches, {"pairs": counts[0], "nll_tokens": counts[1], "div_tokens": counts[2],
-                         "div_positions": counts[3]}
+        counts = Counts.total([count(b, self.step_objective) for b in batches], device)
+        counts = Counts.from_tensor(self.accelerator.reduce(counts.as_tensor(device), reduction="sum"))
+        return batches, counts  # reaches compute_loss as `num_items_in_batch`
 
-    # -- the step --------------------------------------------------------------------------
-
-    def _forward(self, model, batch, keep: int | None = None):
-        """Per-sequence log-probs and the NLL pieces for one micro-batch; with `keep`, of its first
-        `keep` pairs only (the rest are the evaluation sampler's padding duplicates)."""
-        B = len(batch["row"])
-        keep = B if keep is None else keep
-        extra = {"output_router_logits": True} if self.aux_coef else {}
-        unwrapped = self.accelerator.unwrap_model(model)
-        inputs = {"input_ids": batch["input_ids"], **model_inputs(batch, unwrapped.config, unwrapped.dtype),
-                  "use_cache": False, **extra}
-        seq, completion = batch["score_seq"], batch["score_is_completion"]
-        if self.diversity_weight:
-            pairs_c, pairs_r, chosen_rows = aligned_pairs(seq, batch["score_index"], completion, B)
-            if keep < B:
-                live = seq[pairs_c] < keep
-                pairs_c, pairs_r, chosen_rows = pairs_c[live], pairs_r[live], chosen_rows[seq[chosen_rows] < keep]
-        entropy = kl = None
-        if self.head_in_forward:
-            # the model's own head, on the scored columns only (see _head_as_own_fsdp_unit)
-            T = batch["input_ids"].shape[1]
-            columns, where = torch.unique(batch["score_index"] % T, return_inverse=True)
-            out = model(**inputs, logits_to_keep=columns)
-            z = out.logits[batch["score_index"] // T, where]  # [N, V]: scored position i at its row, kept column
-            tok = logps_from_logits(z, batch["score_target"])
-            if self.diversity_weight:
-                entropy, kl = diversity_terms_from_logits(z, pairs_c, pairs_r, chosen_rows)
-        else:
-            # the model's own head sees one position; ours sees the scored ones, in chunks
-            out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-            head = unwrapped.get_output_embeddings()
-            if self.diversity_weight:
-                h = scored_hidden(out.hidden_states[-1], batch["score_index"], head)
-                logps_all, means, entropy, kl = score_with_diversity(
-                    h, batch["score_target"], pairs_c, pairs_r, chosen_rows, frozen_zero3_copy(head) or head,
-                    self.head_fn, self.chunk)
-                tok = TokenScores(logps_all, means)
-            else:
-                tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"], head,
-                                  self.head_fn, self.chunk, self.fused_head)
-        logp_sum, n_tokens = per_sequence(tok.logps, seq, completion, 2 * B)
-        logps = logp_sum / n_tokens.clamp(min=1) if self.mean_logps else logp_sum
-        nll_mask = self._nll_positions(batch)
-        logit_sum, _ = per_sequence(tok.mean_logits, seq, completion, 2 * B)
-        if keep < B:
-            nll_mask = nll_mask & (seq < keep)
-            live = torch.cat([torch.arange(keep), B + torch.arange(keep)]).to(logps.device)
-            logps, n_tokens, logit_sum = logps[live], n_tokens[live], logit_sum[live]
-        return {
-            "chosen_logps": logps[:keep],
-            "rejected_logps": logps[keep:],
-            "nll_sum": -(tok.logps * nll_mask).sum(),
-            "nll_tokens": nll_mask.sum(),
-            "completion_tokens": n_tokens.detach(),
-            "logit_sum": logit_sum,
-            "aux_loss": out.aux_loss if self.aux_coef else None,
-            "entropy_sum": entropy,
-            "kl_sum": kl,
-            "entropy_tokens": len(chosen_rows) if entropy is not None else 0,
-            "kl_positions": len(pairs_c) if entropy is not None else 0,
-        }
-
-    def _loss(self, model, batch, split: str, counts: dict | None, keep: int | None = None):
-        f = self._forward(model, batch, keep)
-        B = f["chosen_logps"].shape[0]
-        losses, chosen_rewards, rejected_rewards, extras = self.loss_fn(f["chosen_logps"], f["rejected_logps"], self.hyper)
-        if counts is None:  # evaluation or a direct call: this micro-batch is the whole batch
-            pairs, nll_tokens, world = B, f["nll_tokens"], 1
-        else:
-            pairs, nll_tokens, world = counts["pairs"], counts["nll_tokens"], self.accelerator.num_processes
-        # DDP/DeepSpeed/FSDP average gradients over processes; `world` turns that mean back into the sum
-        # over all pairs, which the global counts then normalise.
-        w = self.objective.nll_weight
-        nll = f["nll_sum"] / torch.clamp(torch.as_tensor(nll_tokens, dtype=torch.float32), min=1) if w else None
-        loss = losses.sum() / pairs + (w * nll if w else 0.0)
-        if f["aux_loss"] is not None:
-            loss = loss + self.aux_coef * f["aux_loss"] * (B / pairs)
-        if f["entropy_sum"] is not None:
-            # means over the step's chosen completion tokens and aligned positions, like the NLL term
-            tokens, positions = ((f["entropy_tokens"], f["kl_positions"]) if counts is None
-                                 else (counts["div_tokens"], counts["div_positions"]))
-            a = self.objective.diversity_alpha
-            mean = lambda total, n: total / torch.clamp(torch.as_tensor(n, dtype=torch.float32), min=1)  # noqa: E731
-            loss = loss + self.diversity_weight * (-a * mean(f["entropy_sum"], tokens)
-                                                   + (1 - a) * mean(f["kl_sum"], positions))
-        self._record(split, f, chosen_rewards, rejected_rewards, extras, nll, losses)
-        return world * loss
+    def _step(self, model, batch, split: str, counts: Counts | None, keep: int | None = None):
+        scores = score(model, batch, self.scorer(model), keep)
+        result = loss(scores, self.step_objective, counts)
+        self.metrics.record(split, result, scores)
+        return result.loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = self._loss(model, inputs, "train", num_items_in_batch)
+        # DDP/DeepSpeed/FSDP average gradients over processes; the factor turns that mean back into the
+        # sum over all pairs, which the step's global counts then normalise.
+        loss_ = self.accelerator.num_processes * self._step(model, inputs, "train", num_items_in_batch)
         self._step_rows.extend(zip(inputs["source"], inputs["row"]))
         if self.is_deepspeed_enabled:  # DeepSpeed steps inside backward: judge the loss before it
-            if not torch.isfinite(loss.detach()):
+            if not torch.isfinite(loss_.detach()):
                 raise self._non_finite(self.state.global_step + 1, "loss", self._step_rows)
         else:  # checked once per optimizer step (FiniteGuard): no device sync per micro-batch
-            self._step_finite = self._step_finite & torch.isfinite(loss.detach())
-        return (loss, {}) if return_outputs else loss
+            self._step_finite = self._step_finite & torch.isfinite(loss_.detach())
+        return (loss_, {}) if return_outputs else loss_
 
     def _clip_grad_norm(self, model):
         self._last_grad_norm = norm = super()._clip_grad_norm(model)
@@ -225,8 +122,8 @@ class PreferenceTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self._loss(model, inputs, "eval", None, self.eval_pairs_kept(len(inputs["row"])))
-        return loss.detach(), None, None
+            loss_ = self._step(model, inputs, "eval", None, self.eval_pairs_kept(len(inputs["row"])))
+        return loss_.detach(), None, None
 
     def eval_pairs_kept(self, B: int) -> int:
         """How many of this micro-batch's pairs count. With several processes the evaluation
@@ -246,7 +143,7 @@ class PreferenceTrainer(Trainer):
         needs beyond it and the mark, with every file's checksum, that makes it complete; old
         checkpoints are rotated out only after that (prefopt's own rotation: only complete
         checkpoints it wrote), so a kill at any moment leaves a complete checkpoint to resume from."""
-        run_dir = self._get_output_dir(trial=trial)
+        run_dir = self.args.output_dir  # (hyperparameter search, the one other case, is not offered)
         checkpoint = Path(run_dir) / f"checkpoint-{self.state.global_step}"
         self._saved_at_step = self.state.global_step
         if self.args.should_save:
@@ -290,19 +187,12 @@ class PreferenceTrainer(Trainer):
         """What has been measured but not yet logged, summed over processes: the metric sums, the
         Trainer's running loss and the last logged step; and the loss sum logged so far (for the
         whole run's train_loss)."""
-        names = {split: sorted(d) for split, d in self._metric_sums.items()}
-        values = [torch.as_tensor(v, dtype=torch.float64, device=self.args.device).reshape(())
-                  for split in names for n in names[split] for v in self._metric_sums[split][n]]
-        values.append(self._tr_loss.detach().double().reshape(()) / self.accelerator.num_processes)
-        total = self.accelerator.reduce(torch.stack(values), reduction="sum").tolist()
-        sums, i = {}, 0
-        for split in names:
-            sums[split] = {}
-            for n in names[split]:
-                sums[split][n] = total[i : i + 2]
-                i += 2
-        return {"metric_sums": sums, "tr_loss": total[-1], "last_logged": self._globalstep_last_logged,
-                "loss_sum": self._loss_sum_before + self._total_loss_scalar, "step": self.state.global_step}
+        private = self._private_state()
+        running = private["tr_loss"].detach() / self.accelerator.num_processes
+        sums, (tr_loss,) = self.metrics.state(lambda t: self.accelerator.reduce(t, reduction="sum"), self.args.device,
+                                              [running])
+        return {"metric_sums": sums, "tr_loss": tr_loss, "last_logged": private["last_logged"],
+                "loss_sum": self._loss_sum_before + private["logged_loss"], "step": self.state.global_step}
 
     def restore(self, checkpoint: str | Path):
         """Resuming from `checkpoint`: put back what `_resume_state` saved (applied when training
@@ -327,11 +217,9 @@ class PreferenceTrainer(Trainer):
         if not saved:
             return
         self._loss_sum_before, self._steps_before = saved["loss_sum"], saved["step"]
-        self._tr_loss += saved["tr_loss"]
-        self._globalstep_last_logged = saved["last_logged"]
+        self._set_private_state(saved["tr_loss"], saved["last_logged"])
         if self.is_world_process_zero():  # sums are global; log() adds up the processes' shares
-            for split, entries in saved["metric_sums"].items():
-                self._metric_sums[split].update({k: list(v) for k, v in entries.items()})
+            self.metrics.restore(saved["metric_sums"])
 
     # -- saving ----------------------------------------------------------------------------------
 
@@ -352,86 +240,24 @@ class PreferenceTrainer(Trainer):
                 del state[name]
         self._save(output_dir or self.args.output_dir, state_dict=state)
 
-    # -- metrics -----------------------------------------------------------------------------
-
-    def _record(self, split, f, chosen_rewards, rejected_rewards, extras, nll, losses):
-        sums = self._metric_sums[split]
-        B = chosen_rewards.shape[0]
-
-        def add(name, total, count):
-            entry = sums[name]
-            entry[0] = entry[0] + total.detach().double()
-            entry[1] = entry[1] + count
-
-        per_pair = {
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).double(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": f["chosen_logps"],
-            "logps/rejected": f["rejected_logps"],
-            **extras,
-        }
-        for name, values in per_pair.items():
-            add(name, values.sum(), B)
-        # TRL averages logits over every position of the padded batch; prefopt over the scored
-        # completion tokens (the same thing without the layout's padding and prompt).
-        tokens = f["completion_tokens"]
-        add("lengths/chosen", tokens[:B].sum(), B)  # completion tokens per response (after truncation)
-        add("lengths/rejected", tokens[B:].sum(), B)
-        add("logits/chosen", f["logit_sum"][:B].sum(), tokens[:B].sum())
-        add("logits/rejected", f["logit_sum"][B:].sum(), tokens[B:].sum())
-        # TRL's nll_loss is the NLL term's value: 0 when the method has no NLL term.
-        add("nll_loss", f["nll_sum"] if nll is not None else torch.zeros(()), f["nll_tokens"] if nll is not None else 1)
-        if f["aux_loss"] is not None:
-            add("aux_loss", f["aux_loss"], 1)
-        if f["entropy_sum"] is not None:
-            add("diversity/entropy", f["entropy_sum"], f["entropy_tokens"])
-            add("diversity/kl", f["kl_sum"], f["kl_positions"])
-        if split == "eval":  # eval_loss from sums over all pairs, like every other metric
-            add(EVAL_LOSS_PART, losses.sum(), B)
-
-    def _eval_loss(self, logs: dict, prefix: str) -> float:
-        """The loss over the whole evaluation set: the mean preference loss over its pairs plus the
-        NLL term over its tokens (and MoE/diversity terms), whatever the batches and processes."""
-        loss = logs.pop(prefix + EVAL_LOSS_PART)
-        if self.objective.nll_weight:
-            loss += self.objective.nll_weight * logs[prefix + "nll_loss"]
-        if prefix + "aux_loss" in logs:
-            loss += self.aux_coef * logs[prefix + "aux_loss"]
-        if prefix + "diversity/loss" in logs:
-            loss += self.diversity_weight * logs[prefix + "diversity/loss"]
-        return loss
+    # -- logging -------------------------------------------------------------------------------
 
     def log(self, logs: dict, start_time=None):
         if "train_loss" in logs:
             # The Trainer adds the loss not yet logged as this process's own share, and averages over
             # the steps since it (re)started; report the mean step loss of the whole run instead.
-            local = float(self._tr_loss)
-            shared = float(self.accelerator.reduce(self._tr_loss.detach().reshape(1), reduction="mean"))
+            running = self._private_state()["tr_loss"]
+            local = float(running)
+            shared = float(self.accelerator.reduce(running.detach().reshape(1), reduction="mean"))
             steps, before = self.state.global_step, self._steps_before
             total = logs["train_loss"] * (steps - before) - local + shared + self._loss_sum_before
             logs["train_loss"] = total / max(steps, 1)
         split = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
-        if split is not None and self._metric_sums[split]:
-            names = sorted(self._metric_sums[split])
-            device = self.args.device
-            table = torch.stack([
-                torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
-                             for v in self._metric_sums[split][n]])
-                for n in names
-            ])
-            table = self.accelerator.reduce(table, reduction="sum")
+        if split is not None and self.metrics.names(split):
             prefix = "eval_" if split == "eval" else ""
-            for name, (total, count) in zip(names, table.tolist()):
-                logs[prefix + name] = total / count if count else math.nan
-            if prefix + "diversity/entropy" in logs:
-                a = self.objective.diversity_alpha
-                logs[prefix + "diversity/loss"] = (-a * logs[prefix + "diversity/entropy"]
-                                                   + (1 - a) * logs[prefix + "diversity/kl"])
-            if split == "eval":
-                logs["eval_loss"] = self._eval_loss(logs, prefix)
-            self._metric_sums[split].clear()
+            means = self.metrics.means(split, lambda t: self.accelerator.reduce(t, reduction="sum"), self.args.device)
+            logs.update({prefix + name: value for name, value in means.items()})
+            logged_losses(logs, prefix, self.step_objective, split)
         super().log(logs, start_time)
 
 
@@ -483,11 +309,6 @@ class _ApplyResume(TrainerCallback):
         self.trainer._apply_resume()
         if state.is_world_process_zero and Path(args.output_dir).is_dir():
             record_written(Path(args.output_dir))  # what the trackers created (runs/) is the run's
-
-
-class OutputHead(torch.nn.Linear):
-    """The LM head, under FSDP: a plain Linear with a class of its own, so the wrap policy can
-    make it a separate FSDP unit (see `PreferenceTrainer._head_as_own_fsdp_unit`)."""
 
 
 class MetricsFile(TrainerCallback):
