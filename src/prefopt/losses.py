@@ -279,37 +279,21 @@ class Method:
         return "alpha" in self.takes
 
 
-_SIMPO_LOSSES = {"sigmoid": "mean", "hinge": "mean"}
+def _simpo_family(title: str, paper: str, **defaults: float) -> Method:
+    """SimPO and its variants: sigmoid or hinge on mean log-probs, a target margin, the published
+    full-fine-tuning learning rates and β range."""
+    return Method(title=title, paper=paper, losses={"sigmoid": "mean", "hinge": "mean"}, nll_span="completion",
+                  defaults=defaults, full_lr=(3e-7, 1e-6), beta_range=(2.0, 10.0))
+
 
 METHODS: dict[str, Method] = {
-    "simpo": Method(
-        title="SimPO",
-        paper="arXiv 2405.14734",
-        losses=_SIMPO_LOSSES,
-        nll_span="completion",
-        defaults={"beta": 2.0, "gamma_beta_ratio": 0.5, "nll_weight": 0.0, "alpha": 0.0},
-        full_lr=(3e-7, 1e-6),
-        beta_range=(2.0, 10.0),
-    ),
-    "cpo_simpo": Method(
-        title="CPO-SimPO (SimPO + NLL on the chosen completion)",
-        paper="CPO_SIMPO repository; arXiv 2401.08417 + 2405.14734",
-        losses=_SIMPO_LOSSES,
-        nll_span="completion",
-        defaults={"beta": 10.0, "gamma_beta_ratio": 0.54, "nll_weight": 0.05, "alpha": 0.0},
-        full_lr=(3e-7, 1e-6),
-        beta_range=(2.0, 10.0),
-    ),
-    "alphapo": Method(
-        title="AlphaPO (SimPO with a shaped reward)",
-        paper="arXiv 2501.03884",
-        losses=_SIMPO_LOSSES,
-        nll_span="completion",
-        # α = 0.25 is the paper's recommended positive shape; β and γ/β follow SimPO.
-        defaults={"beta": 2.0, "gamma_beta_ratio": 0.5, "nll_weight": 0.0, "alpha": 0.25},
-        full_lr=(3e-7, 1e-6),
-        beta_range=(2.0, 10.0),
-    ),
+    "simpo": _simpo_family("SimPO", "arXiv 2405.14734", beta=2.0, gamma_beta_ratio=0.5, nll_weight=0.0, alpha=0.0),
+    "cpo_simpo": _simpo_family("CPO-SimPO (SimPO + NLL on the chosen completion)",
+                               "CPO_SIMPO repository; arXiv 2401.08417 + 2405.14734",
+                               beta=10.0, gamma_beta_ratio=0.54, nll_weight=0.05, alpha=0.0),
+    # α = 0.25 is the paper's recommended positive shape; β and γ/β follow SimPO.
+    "alphapo": _simpo_family("AlphaPO (SimPO with a shaped reward)", "arXiv 2501.03884",
+                             beta=2.0, gamma_beta_ratio=0.5, nll_weight=0.0, alpha=0.25),
     "cpo": Method(
         title="CPO",
         paper="arXiv 2401.08417",
@@ -326,22 +310,12 @@ METHODS: dict[str, Method] = {
         defaults={"beta": 0.1, "nll_weight": 1.0},
         labels={"beta": "λ (beta)"},
     ),
-    "simper": Method(
-        title="SimPER (inverse-perplexity preference, no hyperparameters)",
-        paper="arXiv 2502.00883",
-        losses={"simper": "mean"},
-        nll_span="completion",
-        defaults={"nll_weight": 0.0},
-    ),
-    "repo": Method(
-        title="RePO (ReLU on the mean log-prob margin)",
-        paper="arXiv 2503.07426",
-        losses={"repo": "mean"},
-        nll_span="completion",
-        # γ = 0.6: the authors' released Llama-3-8B-Instruct recipe (their SimPO-derived trainer reads
-        # it from gamma_beta_ratio as the absolute margin; β there only scales the logged rewards).
-        defaults={"gamma": 0.6, "nll_weight": 0.0},
-    ),
+    "simper": Method("SimPER (inverse-perplexity preference, no hyperparameters)", "arXiv 2502.00883",
+                     losses={"simper": "mean"}, nll_span="completion", defaults={"nll_weight": 0.0}),
+    # γ = 0.6: the authors' released Llama-3-8B-Instruct recipe (their SimPO-derived trainer reads it
+    # from gamma_beta_ratio as the absolute margin; β there only scales the logged rewards).
+    "repo": Method("RePO (ReLU on the mean log-prob margin)", "arXiv 2503.07426", losses={"repo": "mean"},
+                   nll_span="completion", defaults={"gamma": 0.6, "nll_weight": 0.0}),
 }
 
 

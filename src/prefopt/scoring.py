@@ -68,42 +68,35 @@ class _Scorer:
                   "use_cache": False, **({"output_router_logits": True} if self.aux else {})}
         return model(**inputs, **kwargs)
 
-    def _hidden(self, model, batch):
-        # the model's own head sees one position; ours sees the scored ones, in chunks
-        out = self._forward(model, batch, output_hidden_states=True, logits_to_keep=1)
-        return out, self.unwrapped.get_output_embeddings()
-
-    def _aux(self, out):
-        return out.aux_loss if self.aux else None
-
-
-class FusedHead(_Scorer):
-    @property
-    def name(self) -> str:
-        return f"fused LM head, {self.chunk} positions per chunk"
-
-    def __call__(self, model, batch: dict, rows: DiversityRows | None):
-        out, head = self._hidden(model, batch)
-        tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"], head, self.transform,
-                          self.chunk, fused=True)
-        return tok, self._aux(out)
 
 
 class ModuleHead(_Scorer):
+    fused = False
+
     @property
     def name(self) -> str:
         return f"checkpointed LM-head module, {self.chunk} positions per chunk ({self.why})"
 
     def __call__(self, model, batch: dict, rows: DiversityRows | None):
-        out, head = self._hidden(model, batch)
+        # the model's own head sees one position; ours sees the scored ones, in chunks
+        out = self._forward(model, batch, output_hidden_states=True, logits_to_keep=1)
+        hidden, head = out.hidden_states[-1], self.unwrapped.get_output_embeddings()
         if rows is None:
-            tok = token_logps(out.hidden_states[-1], batch["score_index"], batch["score_target"], head,
-                              self.transform, self.chunk, fused=False)
+            tok = token_logps(hidden, batch["score_index"], batch["score_target"], head, self.transform, self.chunk,
+                              fused=self.fused)
         else:
-            h = scored_hidden(out.hidden_states[-1], batch["score_index"], head)
+            h = scored_hidden(hidden, batch["score_index"], head)
             tok = score_with_diversity(h, batch["score_target"], rows, frozen_zero3_copy(head) or head, self.transform,
                                        self.chunk)
-        return tok, self._aux(out)
+        return tok, out.aux_loss if self.aux else None
+
+
+class FusedHead(ModuleHead):
+    fused = True  # (never asked for the diversity term: choose_scorer gives that to ModuleHead)
+
+    @property
+    def name(self) -> str:
+        return f"fused LM head, {self.chunk} positions per chunk"
 
 
 class OwnHead(_Scorer):
@@ -121,7 +114,7 @@ class OwnHead(_Scorer):
             logp = torch.log_softmax(z.float(), dim=-1)
             tok.entropy_sum = entropy(logp[rows.chosen]).sum()
             tok.kl_sum = kl(logp[rows.pairs_r], logp[rows.pairs_c]).sum()
-        return tok, self._aux(out)
+        return tok, out.aux_loss if self.aux else None
 
 
 def choose_scorer(unwrapped, *, fsdp: bool, tied_under_fsdp: bool, diversity: bool, chunk: int | None = None,
