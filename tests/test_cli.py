@@ -163,3 +163,88 @@ def test_config_errors_from_a_real_process_are_one_line(tmp_path):
     utf16 = explain("method: simpo\n".encode("utf-16"))  # with its byte-order mark, as Python writes it
     assert utf16.returncode == 2 and utf16.stderr.count("\n") == 1 and "Traceback" not in utf16.stderr
     assert "the file is UTF-16 (" in utf16.stderr and "save it as UTF-8" in utf16.stderr
+
+
+# The options of every command: --help, booleans, unknown options (argparse in prefopt's style)
+
+def test_every_command_has_help_and_loads_nothing_for_it():
+    """`prefopt COMMAND --help` (and -h) prints its usage and exits 0, before importing torch,
+    transformers or datasets (train's and config's help does not start the demo or read a file)."""
+    script = """
+import sys
+from prefopt.cli import COMMANDS, main
+for command in COMMANDS:
+    for flag in ("--help", "-h"):
+        assert main([command, flag]) == 0, command
+print("loaded:", sorted(m for m in ("torch", "transformers", "datasets") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith("loaded: []")
+    from prefopt.cli import COMMANDS
+
+    for command in COMMANDS:
+        assert done.stdout.count(f"usage: prefopt {command}") == 2, command
+    assert "--key value" in done.stdout  # train's and config's free-form overrides are documented
+
+
+class FakeGenerator:
+    """Stands in for evaluate.Generator: records the generation settings the CLI passed."""
+    seen: dict = {}
+
+    def __init__(self, model_dir: str, **generation):
+        FakeGenerator.seen = generation
+        self.name = "fake"
+
+    def answer(self, conversations, progress):
+        return ["an answer"] * len(conversations)
+
+
+@pytest.mark.parametrize("options, do_sample", [
+    (["--do_sample", "True"], True), (["--do_sample=yes"], True), (["--do_sample", "1"], True),
+    (["--do_sample", "FALSE"], False), (["--do_sample", "no"], False), (["--do_sample", "0"], False),
+    (["--temperature", "0.7"], True),  # sampling settings imply sampling...
+    (["--temperature", "0.7", "--do_sample", "false"], False),  # ...unless told otherwise
+    ([], None),  # not given: the model's generation config decides
+])
+def test_generate_reads_booleans_in_any_spelling(monkeypatch, capsys, options, do_sample):
+    monkeypatch.setattr("prefopt.evaluate.Generator", FakeGenerator)
+    assert main(["generate", "--model", "m", "--prompt", "Sort: 2 1", *options]) == 0
+    assert FakeGenerator.seen.get("do_sample") == do_sample
+    assert "> Sort: 2 1\nan answer" in capsys.readouterr().out
+
+
+def test_eval_passes_every_option(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr("prefopt.evaluate.evaluate", lambda models, **kw: seen.update(models=models, **kw) or {})
+    monkeypatch.setattr("prefopt.evaluate.format_report", lambda report: "the report")
+    assert main(["eval", "--model", "a", "--model=b", "--data", "d", "--prompts", "p", "--reward_model", "r",
+                 "--alpaca_eval", "al", "--max_new_tokens", "7", "--top_p", "0.9", "--seed", "3"]) == 0
+    assert seen == dict(models=["a", "b"], data="d", split="test", prompts="p", reward_model="r", alpaca_dir="al",
+                        seed=3, max_new_tokens=7, top_p=0.9, do_sample=True)
+    assert "the report" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["eval", "--model", "m", "--do_sample", "maybe"], "prefopt eval: argument --do_sample: 'maybe' is not a boolean"),
+    (["generate", "--model", "m", "--do_sample", "maybe"], "prefopt generate: argument --do_sample: 'maybe'"),
+    (["eval", "--model", "m", "--modle", "n"], "prefopt eval: unrecognized arguments: --modle"),
+    (["generate", "--model", "m", "--promt", "hi"], "prefopt generate: unrecognized arguments: --promt"),
+    (["merge", "adapter", "--output", "o", "--dtpye", "bfloat16"], "prefopt merge: unrecognized arguments: --dtpye"),
+    (["merge", "adapter", "--out", "o"], "prefopt merge: unrecognized arguments: --out"),  # no abbreviations
+    (["plot", "run", "--png"], "prefopt plot: unrecognized arguments: --png"),
+    (["eval", "--model", "m", "--max_new_tokens", "x"], "prefopt eval: argument --max_new_tokens: invalid int value"),
+    (["eval"], "prefopt eval: the following arguments are required: --model"),
+])
+def test_bad_options_exit_2_naming_the_command_and_the_option(capsys, argv, named):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prefopt: error: {named}") and f"usage: prefopt {argv[0]}" in err
+
+
+def test_bad_option_from_a_real_process_has_no_traceback():
+    done = subprocess.run([sys.executable, "-m", "prefopt", "eval", "--model", "m", "--do_sample", "maybe"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    assert done.stderr.startswith("prefopt: error: prefopt eval: argument --do_sample: 'maybe' is not a boolean: "
+                                  "use true or false (or 1/0, yes/no).\nusage: prefopt eval")

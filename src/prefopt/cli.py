@@ -3,9 +3,18 @@
     prefopt train [CONFIG.yaml] [--key value ...]     (no config: the offline demo)
     prefopt config explain CONFIG.yaml [--key value ...]
     prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype bfloat16]
+    prefopt eval --model DIR [--model DIR2 ...] [--data PAIRS] [--prompts FILE] ...
+    prefopt generate --model DIR [--prompt TEXT ...] [--prompts FILE] ...
+    prefopt plot OUTPUT_DIR
+    prefopt COMMAND --help                            (every command)
     python -m prefopt ...                             (the same)
+
+`train` and `config explain` take any config key as `--key value`, checked against the schema by
+config.py; the other commands have fixed options, parsed by argparse (`_Parser`), whose errors
+are PrefoptErrors like any other: one line naming the command, then its usage, exit 2.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -24,7 +33,67 @@ USAGE = """usage:
                                                   preference and generation metrics, side by side
   prefopt generate --model DIR [--prompt TEXT | --prompts FILE]
                                                   answer prompts (none given: an interactive chat)
-Any config key can be given or overridden as --key value."""
+Any config key can be given or overridden as --key value. prefopt COMMAND --help: its options."""
+
+OVERRIDES = """\
+Any config key can be given or overridden as --key value (or --key=value), in prefopt's
+spelling or another tool's (TRL, the SimPO repository, alignment-handbook). Keys are checked
+against the schema, a misspelt one refused with the nearest name; `prefopt config explain`
+prints what they resolve to."""
+
+
+class _Exit(Exception):
+    """argparse has printed --help: the command ends with this status."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse the prefopt way: a bad option is a PrefoptError naming the command, with its usage
+    (exit 2, no traceback); --help prints and the command returns 0. Options are spelt out in
+    full (no abbreviations), as config keys are."""
+
+    def __init__(self, command: str, description: str, **kwargs):
+        self.known = set()  # every option's spellings, filled by add_argument (also argparse's own -h)
+        super().__init__(prog=f"prefopt {command}", description=description, allow_abbrev=False,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        self.known.update(names)
+        return super().add_argument(*names, **kwargs)
+
+    def parse_args(self, args: list[str]) -> argparse.Namespace:
+        # an unknown option is named before a missing one: `--out o` is a misspelt --output
+        unknown = [a for a in args if a.startswith("--") and a.partition("=")[0] not in self.known]
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_args(args)
+
+    def error(self, message: str):
+        raise PrefoptError(f"{self.prog}: {message}.\n{self.format_usage().rstrip()}")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            print(message, end="", file=sys.stderr)
+        raise _Exit(status)
+
+
+def boolean(value: str) -> bool:
+    """true/false, 1/0, yes/no in any case; anything else is refused, never read as False."""
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: use true or false (or 1/0, yes/no)")
+
+
+def _help_only(parser: _Parser, args: list[str]) -> bool:
+    """For the commands whose --key value options are free-form: print the help if asked."""
+    if "-h" in args or "--help" in args:
+        parser.print_help()
+        return True
+    return False
 
 
 def _config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
@@ -33,7 +102,16 @@ def _config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def _train_parser() -> _Parser:
+    parser = _Parser("train", "Train on a config; with neither a config nor options, the built-in offline demo.",
+                     usage="%(prog)s [CONFIG.yaml] [--key value ...]", epilog=OVERRIDES)
+    parser.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="the run's config (YAML)")
+    return parser
+
+
 def cmd_train(args: list[str]) -> int:
+    if _help_only(_train_parser(), args):
+        return 0
     path, overrides = _config_and_overrides(args)
     if path is None and not overrides:
         from .demo import run_demo
@@ -47,7 +125,17 @@ def cmd_train(args: list[str]) -> int:
     return 0
 
 
+def _config_parser() -> _Parser:
+    parser = _Parser("config", "Inspect a config without loading a model or data.",
+                     usage="%(prog)s explain CONFIG.yaml [--key value ...]", epilog=OVERRIDES)
+    parser.add_argument("explain", help="print the objective and settings CONFIG.yaml resolves to")
+    parser.add_argument("config", metavar="CONFIG.yaml", help="the config (YAML)")
+    return parser
+
+
 def cmd_config(args: list[str]) -> int:
+    if _help_only(_config_parser(), args):
+        return 0
     if not args or args[0] != "explain":
         raise PrefoptError("usage: prefopt config explain CONFIG.yaml [--key value ...]")
     from .config import explain, load_config
@@ -59,110 +147,91 @@ def cmd_config(args: list[str]) -> int:
     return 0
 
 
-def _options(args: list[str], names: set[str], usage: str, repeated: set[str] = frozenset()
-             ) -> tuple[list[str], dict]:
-    """Positional arguments and `--name value` / `--name=value` options (`repeated` ones: lists)."""
-    positional, options, i = [], {n: [] for n in repeated}, 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--"):
-            key, _, value = arg[2:].partition("=")
-            if key not in names:
-                raise PrefoptError(f"unknown option --{key}. {usage}")
-            if not value:
-                if i + 1 >= len(args):
-                    raise PrefoptError(f"--{key} needs a value. {usage}")
-                i, value = i + 1, args[i + 1]
-            if key in repeated:
-                options[key].append(value)
-            else:
-                options[key] = value
-        else:
-            positional.append(arg)
-        i += 1
-    return positional, options
-
-
 def cmd_merge(args: list[str]) -> int:
-    usage = "usage: prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype float32|bfloat16|float16]"
-    positional, options = _options(args, {"output", "base", "dtype"}, usage)
-    if len(positional) != 1 or "output" not in options:
-        raise PrefoptError(usage)
+    parser = _Parser("merge", "Fold a LoRA adapter into its base model and save the full model.")
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a folder holding adapter_config.json")
+    parser.add_argument("--output", required=True, metavar="DIR", help="where to save the merged model")
+    parser.add_argument("--base", metavar="BASE", help="the base model (default: the one the adapter names)")
+    parser.add_argument("--dtype", metavar="DTYPE",
+                        help="float32, bfloat16, float16 or auto (default: the dtype the base is stored in)")
+    options = parser.parse_args(args)
     from .models import merge_adapter
 
-    merge_adapter(positional[0], options["output"], base=options.get("base"), dtype=options.get("dtype"))
+    merge_adapter(options.adapter_dir, options.output, base=options.base, dtype=options.dtype)
     return 0
 
 
-GENERATION_OPTIONS = {"max_new_tokens": int, "temperature": float, "top_p": float, "do_sample": lambda v: v == "true",
-                      "seed": int}
+def _add_generation(parser: _Parser):
+    """The generation settings; one not given is the model's generation config's."""
+    parser.add_argument("--max_new_tokens", type=int, metavar="N", help="most tokens per answer")
+    parser.add_argument("--temperature", type=float, metavar="T",
+                        help="sampling temperature (implies --do_sample true)")
+    parser.add_argument("--top_p", type=float, metavar="P", help="nucleus sampling mass (implies --do_sample true)")
+    parser.add_argument("--do_sample", type=boolean, metavar="BOOL",
+                        help="sample (true) or decode greedily (false); true/false, 1/0, yes/no")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="the random seed (default 0)")
 
 
-def _generation(options: dict) -> dict:
-    out = {}
-    for key, cast in GENERATION_OPTIONS.items():
-        if key in options:
-            try:
-                out[key] = cast(options.pop(key))
-            except ValueError:
-                raise PrefoptError(f"--{key}: not a valid value.") from None
+def _generation(options: argparse.Namespace) -> dict:
+    """The generation settings given on the command line, for `Generator` and `evaluate`."""
+    out = {key: getattr(options, key) for key in ("max_new_tokens", "temperature", "top_p", "do_sample")
+           if getattr(options, key) is not None}
     if "temperature" in out or "top_p" in out:
         out.setdefault("do_sample", True)
     return out
 
 
-def _seed(generation: dict) -> int:
-    return generation.pop("seed", 0)
-
-
 def cmd_eval(args: list[str]) -> int:
-    usage = ("usage: prefopt eval --model DIR [--model DIR2 ...] [--data FILE_OR_FOLDER [--split test]] "
-             "[--prompts FILE] [--reward_model DIR] [--alpaca_eval DIR] [--output report.json] "
-             "[--max_new_tokens N] [--temperature T] [--top_p P] [--seed S]")
-    positional, options = _options(args, {"model", "data", "split", "prompts", "reward_model", "alpaca_eval",
-                                          "output", *GENERATION_OPTIONS}, usage, repeated={"model"})
-    if positional or not options["model"]:
-        raise PrefoptError(usage)
+    parser = _Parser("eval", "Preference and generation metrics of one or more models, side by side.")
+    parser.add_argument("--model", action="append", required=True, metavar="DIR",
+                        help="a saved model (repeat for several; the first is the base of the win rates)")
+    parser.add_argument("--data", metavar="FILE_OR_FOLDER", help="preference pairs to score")
+    parser.add_argument("--split", default="test", help="the split of --data to score (default test)")
+    parser.add_argument("--prompts", metavar="FILE", help="prompts to answer (.txt, .json, .jsonl)")
+    parser.add_argument("--reward_model", metavar="DIR", help="a local reward model that judges the answers")
+    parser.add_argument("--alpaca_eval", metavar="DIR", help="write AlpacaEval-format answers here")
+    parser.add_argument("--output", metavar="REPORT.json", help="also write the report as JSON")
+    _add_generation(parser)
+    options = parser.parse_args(args)
     from .evaluate import evaluate, format_report
 
-    generation = _generation(options)
-    report = evaluate(options["model"], data=options.get("data"), split=options.get("split", "test"),
-                      prompts=options.get("prompts"), reward_model=options.get("reward_model"),
-                      alpaca_dir=options.get("alpaca_eval"), seed=_seed(generation), **generation)
+    report = evaluate(options.model, data=options.data, split=options.split, prompts=options.prompts,
+                      reward_model=options.reward_model, alpaca_dir=options.alpaca_eval, seed=options.seed,
+                      **_generation(options))
     if os.environ.get("RANK", "0") != "0":  # under a launcher every process holds the whole report
         return 0
     print(format_report(report))
-    if "output" in options:
-        Path(options["output"]).write_text(json.dumps(report, indent=1))
-        print(f"prefopt: report in {options['output']}")
+    if options.output:
+        Path(options.output).write_text(json.dumps(report, indent=1))
+        print(f"prefopt: report in {options.output}")
     return 0
 
 
 def cmd_generate(args: list[str]) -> int:
-    usage = ("usage: prefopt generate --model DIR [--prompt TEXT ...] [--prompts FILE] [--output FILE] "
-             "[--max_new_tokens N] [--temperature T] [--top_p P]   (no prompt: an interactive chat)")
-    positional, options = _options(args, {"model", "prompt", "prompts", "output", *GENERATION_OPTIONS}, usage,
-                                   repeated={"prompt"})
-    if positional or "model" not in options:
-        raise PrefoptError(usage)
-    from .evaluate import Generator, alpaca_eval_rows, read_prompts
-
-    generation = _generation(options)
+    parser = _Parser("generate", "Answer prompts with a saved model; with no prompt, an interactive chat.")
+    parser.add_argument("--model", required=True, metavar="DIR", help="a saved model")
+    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for several)")
+    parser.add_argument("--prompts", metavar="FILE", help="prompts from a file (.txt, .json, .jsonl)")
+    parser.add_argument("--output", metavar="FILE", help="write the answers as AlpacaEval-format JSON")
+    _add_generation(parser)
+    options = parser.parse_args(args)
     from transformers import set_seed
 
-    set_seed(_seed(generation))
-    generator = Generator(options["model"], **generation)
-    conversations = [[{"role": "user", "content": p}] for p in options["prompt"]]
-    if "prompts" in options:
-        conversations += read_prompts(options["prompts"])
+    from .evaluate import Generator, alpaca_eval_rows, read_prompts
+
+    set_seed(options.seed)
+    generator = Generator(options.model, **_generation(options))
+    conversations = [[{"role": "user", "content": p}] for p in options.prompt]
+    if options.prompts:
+        conversations += read_prompts(options.prompts)
     if not conversations:
         return _chat(generator)
     answers = generator.answer(conversations, progress=len(conversations) > 1)
     for conversation, answer in zip(conversations, answers):
         print(f"> {conversation[-1]['content']}\n{answer}\n")
-    if "output" in options:
+    if options.output:
         rows = alpaca_eval_rows(conversations, answers, generator.name)
-        Path(options["output"]).write_text(json.dumps(rows, indent=1))
+        Path(options.output).write_text(json.dumps(rows, indent=1))
     return 0
 
 
@@ -181,12 +250,13 @@ def _chat(generator) -> int:
 
 
 def cmd_plot(args: list[str]) -> int:
-    if len(args) != 1 or args[0].startswith("--"):
-        raise PrefoptError("usage: prefopt plot OUTPUT_DIR")
+    parser = _Parser("plot", "PNGs of a run's metrics.jsonl, in OUTPUT_DIR/plots (training also writes them).")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir")
+    output_dir = parser.parse_args(args).output_dir
     from .plots import plot_run
 
-    written = plot_run(args[0])
-    print(f"prefopt: wrote {', '.join(written)} in {args[0]}/plots")
+    written = plot_run(output_dir)
+    print(f"prefopt: wrote {', '.join(written)} in {output_dir}/plots")
     return 0
 
 
@@ -223,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")  # under a launcher, say which process it was
     try:
         return command(argv[1:])
+    except _Exit as e:
+        return e.status
     except PrefoptError as e:
         if e.echo:
             print(f"prefopt: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
