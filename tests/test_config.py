@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prefopt import config as config_module
+from prefopt import values, yamlfile
 from prefopt.cli import main
 from prefopt.config import build_config, explain, load_config, resolved_dict
+from prefopt.dialects import RENAMES
 from prefopt.errors import PrefoptError
+from prefopt.schema import TRAINING_DEFAULTS, DataArgs, ModelArgs, ObjectiveArgs, _base_types
 
 SEEDS = Path(__file__).parent / "fixtures" / "seed_configs"
 
@@ -238,16 +240,16 @@ def test_an_alias_bomb_is_refused_while_it_is_read(tmp_path, capsys):
 
 
 def read_yaml_text(text: str):
-    return config_module.parse_yaml(text, "c.yaml")
+    return yamlfile.parse_yaml(text, "c.yaml")
 
 
 def test_alias_expansion_is_counted_in_full(monkeypatch):
     # {a: &x [1, 2], b: *x}: the list is 3 values (itself and two items), and b's alias stands for
     # all 3 again: 1 (mapping) + 1 + 3 (a) + 1 + 3 (b) = 9. Counting the alias as 1 would give 7.
     text = "{a: &x [1, 2], b: *x}"
-    monkeypatch.setattr(config_module, "MAX_YAML_VALUES", 9)
+    monkeypatch.setattr(yamlfile, "MAX_YAML_VALUES", 9)
     assert read_yaml_text(text) == {"a": [1, 2], "b": [1, 2]}
-    monkeypatch.setattr(config_module, "MAX_YAML_VALUES", 8)
+    monkeypatch.setattr(yamlfile, "MAX_YAML_VALUES", 8)
     with pytest.raises(PrefoptError, match="line 1: this value expands to more than 8 values"):
         read_yaml_text(text)
 
@@ -411,25 +413,25 @@ def test_a_bad_value_is_blamed_where_it_was_written(tmp_path, capsys):
 
 
 def _numeric(key: str) -> bool:
-    types_ = config_module._base_types(config_module.FIELD_TYPES[key])
+    types_ = _base_types(values.FIELD_TYPES[key])
     return bool(types_ & {int, float}) and bool not in types_
 
 
 def test_every_numeric_key_has_a_rule_and_its_default_passes():
-    rules = config_module.VALUE_RULES
-    keys = config_module.VALID_KEYS | {"keep_fraction", "fraction"}  # the last two: inside dataset entries
+    rules = values.VALUE_RULES
+    keys = values.VALID_KEYS | {"keep_fraction", "fraction"}  # the last two: inside dataset entries
     assert set(rules) <= keys
-    numeric = {k for k in keys if k in config_module.FIELD_TYPES and _numeric(k)}
-    numeric |= {old for old, new in config_module.RENAMES.items() if _numeric(new)} | {"simpo_gamma"}
+    numeric = {k for k in keys if k in values.FIELD_TYPES and _numeric(k)}
+    numeric |= {old for old, new in RENAMES.items() if _numeric(new)} | {"simpo_gamma"}
     # local_rank is the launcher's, not the user's (cli drops --local_rank)
     assert numeric - set(rules) == {"local_rank"}
     assert {"simpo_gamma", "cpo_alpha", "sft_weight", "warmup_ratio", "dataset_num_proc", "max_target_length"} <= numeric
     from transformers import TrainingArguments
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
-    for cls in (config_module.ModelArgs, config_module.DataArgs, config_module.ObjectiveArgs):
+    for cls in (ModelArgs, DataArgs, ObjectiveArgs):
         defaults |= {f.name: f.default for f in dataclasses.fields(cls)}
-    defaults |= config_module.TRAINING_DEFAULTS
+    defaults |= TRAINING_DEFAULTS
     checked = 0
     for key, (bound, _) in rules.items():
         if isinstance(defaults.get(key), (int, float)):
@@ -439,12 +441,12 @@ def test_every_numeric_key_has_a_rule_and_its_default_passes():
 
 
 @pytest.mark.parametrize("bound, inside, outside", [
-    (config_module.POSITIVE, [1e-12, 5.0], [0, -1, math.nan, math.inf]),
-    (config_module.COUNT, [1, 7], [0, -1]),
-    (config_module.Bound(0, 0.5, high_open=True), [0, 0.49], [0.5, -0.01, math.nan]),
-    (config_module.Bound(), [-3.0, 0, 2.0], [math.nan, math.inf, -math.inf]),
-    (config_module.STEPS, [0.5, 1, 1.0, 500], [0, 1.5, -1, math.inf]),
-    (config_module.ShareOrCount("x", zero=True), [0, 0.5, 3], [-0.1, 2.5]),
+    (values.POSITIVE, [1e-12, 5.0], [0, -1, math.nan, math.inf]),
+    (values.COUNT, [1, 7], [0, -1]),
+    (values.Bound(0, 0.5, high_open=True), [0, 0.49], [0.5, -0.01, math.nan]),
+    (values.Bound(), [-3.0, 0, 2.0], [math.nan, math.inf, -math.inf]),
+    (values.STEPS, [0.5, 1, 1.0, 500], [0, 1.5, -1, math.inf]),
+    (values.ShareOrCount("x", zero=True), [0, 0.5, 3], [-0.1, 2.5]),
 ])
 def test_bounds(bound, inside, outside):
     assert all(bound.admits(v) for v in inside) and not any(bound.admits(v) for v in outside)

@@ -1,0 +1,213 @@
+"""Other tools' spellings of prefopt's keys, read into the canonical ones.
+
+    raw, later, notes = canonical("c.yaml", raw)          # each spelling under its canonical key
+    objective = read_objective(objective, raw, later, notes)  # keys that change another's meaning
+
+`SPELLINGS` is the one table of other tools' names (TRL, the SimPO repository, alignment-handbook,
+older transformers): each entry says the spelling, the canonical key it is read as and how its
+value converts. Everything else about spellings is derived from it: `ALIASES` (two names of one
+key in one place are refused), `RENAMES`, `DIALECT_KEYS` (accepted besides the canonical keys),
+`NON_CANONICAL` (never written to a resolved `prefopt_config.yaml`), and each spelling's type and
+range check in `values`. Another tool's name for a key is one line in the table.
+
+Where a key changes what another one means (TRL's `loss_type: simpo`, the SimPO repository's
+`gamma_beta_ratio`, the absolute `simpo_gamma`), the rule is applied in `read_objective` and
+nowhere else; its docstring lists them. The ways of naming the data (`DATASET_FORMS`) are read by
+`dataforms`.
+
+No transformers import: the table can be read (by a test, a doc, another tool) without loading it.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .losses import HYPERPARAMETERS, METHODS
+from .schema import _coerce, _fail
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """`spelling`, another tool's name, is read as prefopt's `canonical` key."""
+
+    spelling: str
+    canonical: str
+    tool: str
+    convert: Callable[..., Any] | None = None  # written value → the canonical key's value (None: as written)
+    type: Any = None  # what the written value is read as, where its type is not the canonical key's
+    needs: str | None = None  # a key whose resolved value `convert` takes too: converted in read_objective
+    note: str | None = "{spelling} read as {canonical}"  # listed under "read as" by `config explain`
+
+    def noted(self, value, converted) -> str | None:
+        if self.note is None:
+            return None
+        return self.note.format(spelling=self.spelling, canonical=self.canonical, tool=self.tool, value=value,
+                                converted=converted)
+
+
+# In the order they are read (and noted). A spelling is checked under its own name, with its
+# canonical key's range unless `values.VALUE_RULES` gives it one of its own.
+SPELLINGS: tuple[Spelling, ...] = (
+    Spelling("evaluation_strategy", "eval_strategy", tool="transformers"),
+    Spelling("torch_dtype", "dtype", tool="transformers, TRL, alignment-handbook"),
+    Spelling("dataset_num_proc", "preprocessing_num_workers", tool="TRL"),
+    Spelling("max_target_length", "max_completion_length", tool="TRL"),
+    Spelling("use_bnb_nested_quant", "bnb_4bit_use_double_quant", tool="TRL"),
+    Spelling("cpo_alpha", "nll_weight", tool="TRL"),
+    Spelling("sft_weight", "nll_weight", tool="SimPO repository"),
+    # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio) ...
+    Spelling("warmup_ratio", "warmup_steps", tool="transformers"),
+    # ... and renamed gradient checkpointing (the old names still work there, with a warning)
+    Spelling("gradient_checkpointing", "activation_checkpointing", tool="transformers"),
+    Spelling("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs", tool="transformers"),
+    Spelling("use_flash_attention_2", "attn_implementation", tool="transformers, alignment-handbook", type=bool,
+             convert=lambda on: "flash_attention_2" if on else None, note=None),
+    # TRL's margin is the absolute γ; the canonical key is γ/β, so it waits for the resolved β
+    Spelling("simpo_gamma", "gamma_beta_ratio", tool="TRL", type=float, needs="beta",
+             convert=lambda gamma, beta: gamma / beta,
+             note="{spelling} {value} (absolute, {tool}) read as {canonical} {converted:g}"),
+)
+BY_SPELLING = {s.spelling: s for s in SPELLINGS}
+RENAMES = {s.spelling: s.canonical for s in SPELLINGS}
+NON_CANONICAL = frozenset(BY_SPELLING)
+
+
+def _groups() -> dict[str, tuple[str, ...]]:
+    groups: dict[str, tuple[str, ...]] = {}
+    for s in SPELLINGS:
+        groups[s.canonical] = groups.get(s.canonical, (s.canonical,)) + (s.spelling,)
+    return groups
+
+
+# Every name of each canonical key that has others, the canonical first: two names of one group in
+# the same place (file or command line) are refused.
+ALIASES: dict[str, tuple[str, ...]] = _groups()
+
+# The ways of naming the data (read by `dataforms`): only one may be used.
+DATASET_FORMS = ("dataset_mixer", "dataset_mixture", "datasets", "dataset_name")
+DATASET_COMPANIONS = (
+    "dataset_splits",
+    "dataset_configs",
+    "dataset_config",
+    "dataset_train_split",
+    "dataset_test_split",
+    "streaming",
+)
+DIALECT_KEYS = set(NON_CANONICAL) | set(DATASET_FORMS) | set(DATASET_COMPANIONS)
+
+
+def check_spellings(where: str, raw: dict):
+    """Refuse two names of one key, or two forms of the data, in one place."""
+    for spellings in ALIASES.values():
+        present = [k for k in spellings if k in raw]
+        if len(present) > 1:
+            _fail(where, f"{' and '.join(repr(k) for k in present)} say the same thing; keep one of them.")
+    forms = [k for k in DATASET_FORMS if k in raw]
+    if len(forms) > 1:
+        _fail(where, f"the data is named twice ({', '.join(forms)}); keep one of them.")
+
+
+def merge_overrides(raw: dict, overrides: dict) -> dict:
+    """Command-line values win over the file's, including over another spelling of the same key."""
+    merged = dict(raw)
+    for key in overrides:
+        for spellings in ALIASES.values():
+            if key in spellings:
+                for other in spellings:
+                    merged.pop(other, None)
+        if key in DATASET_FORMS:
+            for other in DATASET_FORMS:
+                merged.pop(other, None)
+    merged.update(overrides)
+    return merged
+
+
+def canonical(where: str, raw: dict) -> tuple[dict, dict, list[str]]:
+    """`raw` with every spelling under its canonical key, its value converted; the spellings whose
+    conversion needs another key's resolved value (simpo_gamma), set apart for `read_objective`;
+    and the notes of what was read as what. Values are already checked (`values.check_values`)."""
+    out, later, notes = dict(raw), {}, []
+    for s in SPELLINGS:
+        if s.spelling not in out:
+            continue
+        value = out.pop(s.spelling)
+        if s.needs:
+            later[s.spelling] = value
+            continue
+        if s.type is not None:
+            value = _coerce(where, s.spelling, value, s.type)
+        out[s.canonical] = converted = s.convert(value) if s.convert else value
+        if note := s.noted(value, converted):
+            notes.append(note)
+    return out, later, notes
+
+
+# TRL CPOConfig's loss_type values that name a SimPO-family method, and those methods
+TRL_METHOD_LOSSES = ("simpo", "alphapo")
+SIMPO_FAMILY = ("simpo", "cpo_simpo", "alphapo")
+# Present, the config is the SimPO repository's. (Its sft_weight was listed too, but it is read as
+# nll_weight before the rules run, so it has never marked one: `loss_type: sigmoid` + `sft_weight`
+# is CPO.)
+SIMPO_REPO_MARKERS = ("gamma_beta_ratio",)
+
+
+def read_objective(obj, raw: dict, later: dict, notes: list[str]):
+    """The objective in canonical terms where another key changes what method, loss_type or a
+    hyperparameter means. `obj`: the ObjectiveArgs built from `raw` (canonical keys, from
+    `canonical`); `later`: the spellings it set apart. The rules, applied here and nowhere else:
+
+    1. TRL's `loss_type: simpo|alphapo` without a method names the method: alphapo for alphapo;
+       for simpo, cpo_simpo when an NLL weight above 0 is given, else simpo (TRL's cpo_alpha
+       defaults to 1.0, which quietly turns "SimPO" into CPO-SimPO; here SimPO means SimPO);
+       the loss shape is sigmoid. With a SimPO-family method, `loss_type: simpo|alphapo` is its
+       sigmoid loss.
+    2. With the SimPO repository's `gamma_beta_ratio` present, `loss_type: sigmoid|hinge` (or no
+       loss_type) without a method is SimPO's loss, not CPO's.
+    3. Otherwise `loss_type: sigmoid|hinge|ipo` without a method is TRL CPOConfig's: cpo.
+    4. TRL's `simpo_gamma` is the absolute margin γ: gamma_beta_ratio = simpo_gamma / β, with β
+       as resolved (given, else the method's default).
+
+    (use_flash_attention_2 needs no other key: its conversion is the table's.) What stays unknown
+    here (no method, an unknown one) is for `config` to refuse.
+    """
+    method, loss_type = _method(obj, raw, notes)
+    if loss_type in TRL_METHOD_LOSSES and method in SIMPO_FAMILY:
+        loss_type = "sigmoid"
+    obj = dataclasses.replace(obj, method=method, loss_type=loss_type)
+    if method not in METHODS:
+        return obj
+    for spelling, value in later.items():
+        s = BY_SPELLING[spelling]
+        converted = s.convert(value, _resolved(obj, s.needs))
+        obj = dataclasses.replace(obj, **{s.canonical: converted})
+        notes.append(s.noted(value, converted))
+    return obj
+
+
+def _method(obj, raw: dict, notes: list[str]) -> tuple[str | None, str | None]:
+    """Rules 1-3: the method a loss_type (and the SimPO repository's keys) imply, when none is given."""
+    method, loss_type = obj.method, obj.loss_type
+    if method is not None:
+        return method, loss_type
+    simpo_repo = any(k in raw for k in SIMPO_REPO_MARKERS)
+    if loss_type in TRL_METHOD_LOSSES:
+        nll_given = obj.nll_weight is not None and obj.nll_weight > 0
+        method = "alphapo" if loss_type == "alphapo" else ("cpo_simpo" if nll_given else "simpo")
+        notes.append(f"loss_type: {loss_type} (TRL) read as method {method}")
+        return method, "sigmoid"
+    if loss_type in ("sigmoid", "hinge") and simpo_repo:
+        notes.append(f"loss_type: {loss_type} with SimPO-repository keys read as SimPO-{loss_type}")
+        return "simpo", loss_type
+    if loss_type in ("sigmoid", "hinge", "ipo"):
+        notes.append(f"loss_type: {loss_type} (TRL CPOConfig) read as CPO-{loss_type}")
+        return "cpo", loss_type
+    if loss_type is None and simpo_repo:
+        notes.append("SimPO-repository keys without a method: SimPO")
+        return "simpo", loss_type
+    return None, loss_type
+
+
+def _resolved(obj, name: str) -> float:
+    """A hyperparameter as it will be resolved: given, else the method's default, else neutral."""
+    given = getattr(obj, name)
+    return METHODS[obj.method].defaults.get(name, HYPERPARAMETERS[name].default) if given is None else given

@@ -1,0 +1,119 @@
+"""A resolved config, shown and saved: `explain` (what `prefopt config explain` and the start of
+`train` print) and `resolved_dict` / `save_resolved` (the run's `prefopt_config.yaml`).
+
+    print(explain(cfg))
+    save_resolved(cfg, "outputs/run/prefopt_config.yaml")   # loads back to the same run
+
+The saved form holds canonical keys only (`dialects.NON_CANONICAL` never appears in it), and of
+the training arguments only those that differ from transformers' defaults or are prefopt's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+from transformers import TrainingArguments
+
+from .dialects import NON_CANONICAL
+from .losses import HYPERPARAMETERS, LOSSES, Hyper, formula, takes
+from .schema import TRAINING_DEFAULTS, _plain
+from .values import TRAINING_KEYS
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+def loss_formula(cfg: Config) -> str:
+    o, spec = cfg.objective, cfg.method
+    pref = formula(o.method, o.loss_type, Hyper.from_objective(o))
+    nll = f" + {o.nll_weight:g}·NLL({'prompt + chosen' if spec.nll_span == 'prompt+completion' else 'chosen'})" if o.nll_weight else ""
+    where = LOSSES[o.loss_type].where
+    return f"L = {pref}{nll}{f'  where {where}' if where else ''}"
+
+
+def explain(cfg: Config) -> str:
+    """The resolved objective, as printed by `prefopt config explain` and at the start of `train`."""
+    o, spec = cfg.objective, cfg.method
+    rows = [
+        ("method", f"{o.method} — {spec.title} [{spec.paper}]"),
+        ("loss", o.loss_type),
+        ("formula", loss_formula(cfg)),
+    ]
+    allowed = takes(o.method, o.loss_type)
+    for name, f in HYPERPARAMETERS.items():
+        if name not in allowed:
+            continue
+        if name == "gamma_beta_ratio":  # the margin as the paper states it too
+            rows.append(("γ (absolute)", f"{o.gamma_beta_ratio * o.beta:g}"))
+        rows.append((spec.labels.get(name, f.metadata["label"]), f"{getattr(o, name):g}"))
+    rows += [
+        ("NLL weight", f"{o.nll_weight:g}" + (f" (over {spec.nll_span})" if o.nll_weight else " (no NLL term)")),
+        ("log-probs", f"{cfg.reduction} over completion tokens"),
+    ]
+    if o.diversity_weight:
+        rows.append(("diversity", f"weight {o.diversity_weight:g}, alpha {o.diversity_alpha:g}"))
+    m, d, t = cfg.model, cfg.data, cfg.training
+    rows += [
+        ("model", m.model_name_or_path or "(built-in demo)"),
+        ("train data", ", ".join(f"{s.path}[{s.split}]" for s in d.train_datasets) or "(built-in demo)"),
+        ("eval data", ", ".join(f"{s.path}[{s.split}]" for s in d.eval_datasets)
+         or (f"{d.test_split_size:g} of train held out" if d.test_split_size else "none")),
+        ("lengths", f"max_length {d.max_length}, max_prompt_length {d.max_prompt_length}"),
+        ("batch", f"{t.per_device_train_batch_size} per device × {t.gradient_accumulation_steps} accumulation"),
+        ("learning rate", f"{t.learning_rate:g} ({_plain(t.lr_scheduler_type)}, warmup {t.warmup_steps:g})"),
+        ("output_dir", t.output_dir),
+    ]
+    if m.use_peft:
+        rows.append(("LoRA", f"r {m.lora_r}, alpha {m.lora_alpha}, dropout {m.lora_dropout}, "
+                             f"targets {m.lora_target_modules or 'default'}"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
+    if cfg.notes:
+        lines.append("  read as:")
+        lines += [f"    - {n}" for n in cfg.notes]
+    return "\n".join(lines)
+
+
+def resolved_dict(cfg: Config) -> dict:
+    """The canonical form of the config: loading it again gives the same run."""
+    out: dict = {}
+    for section in (cfg.model, cfg.objective):
+        out.update({k: _plain(v) for k, v in dataclasses.asdict(section).items()})
+    data = dataclasses.asdict(cfg.data)
+    sources = data.pop("train_datasets") + data.pop("eval_datasets")
+    out.update(data)
+    if sources:
+        out["datasets"] = [_source(s) for s in sources]
+    # the dataclass defaults, not a second TrainingArguments: building one sets up devices again,
+    # which under torchrun takes this process out of the process group
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(TrainingArguments)}
+    defaults = {k: getattr(v, "value", v) for k, v in defaults.items()}
+    for k, v in cfg.training.to_dict().items():
+        # (TrainingArguments still has fields under some old spellings, gradient_checkpointing)
+        if k not in TRAINING_KEYS or k in NON_CANONICAL or k in cfg.forced:
+            continue
+        if isinstance(v, str) and v.startswith("<") and v.endswith(">"):  # a token to_dict() masked
+            continue
+        derived = k in DERIVED_BY_TRANSFORMERS or (not v and not defaults.get(k))  # "" vs [], None vs {}
+        if k in TRAINING_DEFAULTS or (v != defaults.get(k) and not derived):
+            out[k] = _plain(v)
+    return out
+
+
+def _source(s: dict) -> dict:
+    """A DatasetSource (as a dict) as an entry of `datasets:`, its mix share under TRL's `fraction`."""
+    keep = ("path", "split", "name", "data_dir", "data_files", "columns", "keep_fraction")
+    entry = {k: s[k] for k in keep if s[k] is not None}
+    return entry | ({"fraction": s["mix_share"]} if s["mix_share"] is not None else {})
+
+
+# Set by TrainingArguments itself when left unset (written back, they would pin this machine's choice)
+DERIVED_BY_TRANSFORMERS = {"disable_tqdm", "accelerator_config", "logging_dir"}
+
+
+def save_resolved(cfg: Config, path: str | Path):
+    Path(path).write_text("# prefopt resolved config\n" + yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
