@@ -38,7 +38,8 @@ def visible(seg_q, seg_k, branch_q, branch_k, pos_q, pos_k, q_idx, k_idx, window
     Causal (by index in the row), within one triple, and the rejected branch never sees the
     chosen one; with `window`, only keys less than `window` positions behind (sliding-window
     attention in position space, as the unshared sequence would have it). Padding (segment -1)
-    sees itself, so no query row is fully masked (eager attention would give NaN).
+    sees the padding before it and always itself, so no query row is fully masked (eager
+    attention would give NaN).
     """
     allowed = (q_idx >= k_idx) & (seg_q == seg_k) & ~((branch_q == REJECTED) & (branch_k == CHOSEN))
     if window is not None:
