@@ -14,6 +14,7 @@ import yaml
 from prefopt.config import build_config, load_config, resolved_dict, save_resolved
 from prefopt.dialects import ALIASES, NON_CANONICAL, SPELLINGS, canonical
 from prefopt.errors import PrefoptError
+from prefopt.losses import HYPERPARAMETERS
 from prefopt.schema import _base_types
 from prefopt.values import CANONICAL_KEYS, FIELD_TYPES
 
@@ -25,7 +26,8 @@ DIALECT_CONFIGS = sorted(set(SEEDS.glob("*.yaml")) - {SEEDS / "deepspeed_zero3.y
 BASE = {"method": "simpo"}
 CANONICAL_OF = {s.spelling: s.canonical for s in SPELLINGS}
 # A value for a key of each type (a text key needs one by name: its values are its own)
-TEXTS = {"eval_strategy": "steps", "dtype": "bfloat16", "attn_implementation": "eager"}
+TEXTS = {"eval_strategy": "steps", "dtype": "bfloat16", "attn_implementation": "eager", "method": "orpo",
+         "loss_type": "hinge"}
 
 
 def sample(name: str) -> object:
@@ -33,22 +35,31 @@ def sample(name: str) -> object:
     for t, value in ((bool, True), (float, 0.5), (int, 2), (dict, {"use_reentrant": False})):
         if t in types:
             return value
-    return TEXTS[CANONICAL_OF.get(name, name)]
+    key = CANONICAL_OF.get(name, name)
+    assert key in TEXTS, f"{key} takes text: give TEXTS a value for it"
+    return TEXTS[key]
+
+
+def base(*names: str) -> dict:
+    """BASE with a value for each of `names` (and without BASE's key where one of them names it)."""
+    keys = {CANONICAL_OF.get(n, n) for n in names}
+    return {k: v for k, v in BASE.items() if k not in keys} | {n: sample(n) for n in names}
 
 
 @pytest.mark.parametrize("s", SPELLINGS, ids=[s.spelling for s in SPELLINGS])
 def test_every_spelling_is_read_as_a_canonical_key_build_config_knows(s):
     assert s.canonical in CANONICAL_KEYS and s.canonical not in NON_CANONICAL  # no chains
-    assert s.needs is None or s.needs in CANONICAL_KEYS
-    value = sample(s.spelling)
+    assert s.needs is None or s.needs in HYPERPARAMETERS
+    spelled_raw = base(s.spelling)
+    value = spelled_raw[s.spelling]
     if s.needs:  # converted with the other key's value as resolved
-        converted = s.convert(value, getattr(build_config(BASE).objective, s.needs))
+        converted = s.convert(value, getattr(build_config(spelled_raw).objective, s.needs))
     else:
         raw, later, _ = canonical("c.yaml", {s.spelling: value})
         assert not later and list(raw) == [s.canonical]
         converted = raw[s.canonical]
-    spelled = build_config({**BASE, s.spelling: value})
-    direct = build_config({**BASE, s.canonical: converted})
+    spelled = build_config(spelled_raw)
+    direct = build_config({k: v for k, v in spelled_raw.items() if k != s.spelling} | {s.canonical: converted})
     assert resolved_dict(spelled) == resolved_dict(direct)
     assert spelled.notes == ([s.noted(value, converted)] if s.note else []) + direct.notes
 
@@ -77,9 +88,9 @@ def test_two_names_of_one_key_in_one_place_are_refused(tmp_path, a, b, group):
         build_config({**BASE, a: None, b: None})
     assert str(e.value) == f"config: {message}"
     # one in the file, the other on the command line: the command line's wins
-    path.write_text(yaml.safe_dump({**BASE, a: sample(a)}))
+    path.write_text(yaml.safe_dump(base(a)))
     overridden = load_config(path, [f"--{b}", json.dumps(sample(b))])
-    assert resolved_dict(overridden) == resolved_dict(build_config({**BASE, b: sample(b)}))
+    assert resolved_dict(overridden) == resolved_dict(build_config(base(b)))
 
 
 @pytest.mark.parametrize("path", DIALECT_CONFIGS, ids=[p.name for p in DIALECT_CONFIGS])

@@ -35,7 +35,7 @@ class Spelling:
     tool: str
     convert: Callable[..., Any] | None = None  # written value → the canonical key's value (None: as written)
     type: Any = None  # what the written value is read as, where its type is not the canonical key's
-    needs: str | None = None  # a key whose resolved value `convert` takes too: converted in read_objective
+    needs: str | None = None  # a hyperparameter whose resolved value `convert` takes too (read_objective's)
     note: str | None = "{spelling} read as {canonical}"  # listed under "read as" by `config explain`
 
     def noted(self, value, converted) -> str | None:
@@ -180,7 +180,8 @@ def read_objective(obj, raw: dict, later: dict, notes: list[str]):
         s = BY_SPELLING[spelling]
         converted = s.convert(value, _resolved(obj, s.needs))
         obj = dataclasses.replace(obj, **{s.canonical: converted})
-        notes.append(s.noted(value, converted))
+        if note := s.noted(value, converted):
+            notes.append(note)
     return obj
 
 
@@ -191,8 +192,9 @@ def _method(obj, raw: dict, notes: list[str]) -> tuple[str | None, str | None]:
         return method, loss_type
     simpo_repo = any(k in raw for k in SIMPO_REPO_MARKERS)
     if loss_type in TRL_METHOD_LOSSES:
-        nll_given = obj.nll_weight is not None and obj.nll_weight > 0
-        method = "alphapo" if loss_type == "alphapo" else ("cpo_simpo" if nll_given else "simpo")
+        method = loss_type
+        if loss_type == "simpo" and obj.nll_weight is not None and obj.nll_weight > 0:
+            method = "cpo_simpo"
         notes.append(f"loss_type: {loss_type} (TRL) read as method {method}")
         return method, "sigmoid"
     if loss_type in ("sigmoid", "hinge") and simpo_repo:

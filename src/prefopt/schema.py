@@ -1,5 +1,5 @@
-"""The canonical keys: prefopt's own sections of a config as dataclasses, and how a written value
-is read as a key's type.
+"""The canonical keys: prefopt's own sections of a config as dataclasses, how a written value is
+read as a key's type (`_coerce`, `_build`) and written back plain (`_plain`).
 
     ModelArgs · DataArgs (of DatasetSource) · ObjectiveArgs · RunArgs   (+ transformers'
     TrainingArguments, joined in `config.Config`)
