@@ -266,14 +266,7 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
         trainer.restore(plan.resume)
     result = trainer.train(resume_from_checkpoint=plan.resume)
     if trainer.stop_at_step is not None:
-        name = signal.Signals(stop.signum).name
-        step = trainer.state.global_step
-        complete = runs.complete_checkpoints(out)
-        where = (f"{complete[-1]} is complete" if complete and complete[-1].name == f"checkpoint-{step}" else
-                 f"its checkpoint could not be written; the last complete one is {complete[-1]}" if complete else
-                 "no checkpoint could be written")
-        raise Stopped(stop.signum, f"stopped by {name} at step {step}: {where}. Run the same command again to "
-                                   "continue.")
+        raise _stopped(stop.signum, trainer.state.global_step, out)
     eval_metrics = None
     if prepared.eval is not None:
         # the schedule may already have evaluated at the final step; don't do it twice
@@ -296,6 +289,16 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
     trainer.accelerator.wait_for_everyone()
     log(summary(trainer, result, time.time() - start, out, adapter=hasattr(model, "peft_config")))
     return RunResult(out, result.metrics, eval_metrics, trainer)
+
+
+def _stopped(signum: int, step: int, out: Path) -> Stopped:
+    """A signal's stop at a step boundary, saying which checkpoint the next run continues from."""
+    complete = runs.complete_checkpoints(out)
+    where = (f"{complete[-1]} is complete" if complete and complete[-1].name == f"checkpoint-{step}" else
+             f"its checkpoint could not be written; the last complete one is {complete[-1]}" if complete else
+             "no checkpoint could be written")
+    return Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: {where}. Run the same "
+                           "command again to continue.")
 
 
 def finished_message(out: Path, step: int | bool) -> str:
