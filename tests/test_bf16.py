@@ -20,7 +20,8 @@ import prefopt.pipeline
 import prefopt.scoring
 from helpers import make_trainer, random_pairs
 from prefopt.cli import main
-from prefopt.collate import collator_for, model_inputs
+from prefopt.attention import install_segmented_sdpa, model_inputs
+from prefopt.collate import collator_for
 from prefopt.config import build_config, load_config
 from prefopt.logprobs import head_transform, per_sequence, token_logps
 from prefopt.tiny import tiny_model
@@ -285,6 +286,7 @@ def forward_scores(model, batch, autocast: bool):
 @pytest.mark.parametrize("weights", ["bfloat16", "float32"])
 @pytest.mark.parametrize("arch, attn", ARCH_ATTN)
 def test_sequence_logps_under_bf16_are_as_close_to_fp32_as_padded(arch, attn, weights, tmp_path):
+    install_segmented_sdpa()  # as the pipeline does for packed rows on SDPA
     pairs = random_pairs(6, seed=4, max_prompt=14, max_completion=14)  # longer than the sliding window
     model, reference_model = bf16_model(arch, attn, weights)
     cfg = build_config({"method": "orpo", "output_dir": str(tmp_path)})  # prompt tokens scored too

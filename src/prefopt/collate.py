@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import torch
 
 from .attention import CHOSEN, MASK_TESTED, PROMPT, REJECTED
-from .attention import model_inputs  # noqa: F401  (re-exported: tests/test_bf16.py imports it from here)
 from .config import Config
 
 
