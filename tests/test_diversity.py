@@ -9,7 +9,7 @@ import torch
 from helpers import ROUND_OFF_REL, assert_grads_close, make_trainer, random_pairs, tiny_random_model
 from prefopt.diversity import aligned_pairs
 from prefopt.metrics import MetricSums
-from prefopt.scoring import score_with_diversity
+from prefopt.scoring import FusedHead, ModuleHead, score_with_diversity
 from prefopt.step import DiversityRows, loss, score
 
 
@@ -53,8 +53,9 @@ def reference(model, pairs, weight, alpha):
     return weight * (-alpha * entropy + (1 - alpha) * kl), entropy, kl
 
 
+@pytest.mark.parametrize("scorer", ["fused", "module"])
 @pytest.mark.parametrize("layout", ["padded", "shared", "packed"])
-def test_values_and_gradients_equal_a_full_logits_reference(tmp_path, layout):
+def test_values_and_gradients_equal_a_full_logits_reference(tmp_path, layout, scorer):
     pairs = random_pairs(5, seed=3, max_completion=8)
     w, a = 0.7, 0.3
     grads, losses = [], []
@@ -63,7 +64,12 @@ def test_values_and_gradients_equal_a_full_logits_reference(tmp_path, layout):
         trainer = make_trainer(model, {"method": "simpo", "diversity_weight": weight, "diversity_alpha": a},
                                tmp_path / str(weight), layout=layout)
         batch = trainer.data_collator([dict(p) for p in pairs])
-        scores = score(model, batch, trainer.scorer(model))
+        chosen = trainer.scorer(model)
+        assert isinstance(chosen, FusedHead) and chosen.diversity == bool(weight)  # a plain Linear head: fused
+        if scorer == "module" and weight:
+            chosen = ModuleHead(**{k: getattr(chosen, k) for k in ("unwrapped", "chunk", "transform", "aux", "diversity")},
+                                why="test")
+        scores = score(model, batch, chosen)
         step = loss(scores, trainer.step_objective)
         total = step.loss
         if weight == 0.0:
@@ -84,3 +90,33 @@ def test_values_and_gradients_equal_a_full_logits_reference(tmp_path, layout):
     assert measured["diversity/entropy"] == pytest.approx(entropy.item(), rel=ROUND_OFF_REL)
     assert measured["diversity/kl"] == pytest.approx(kl.item(), rel=0, abs=ROUND_OFF_REL * entropy.item())
     assert_grads_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 64])
+def test_the_fused_kernel_equals_the_module_chunks(chunk):
+    """The diversity term's fused kernel against the checkpointed module path on the same rows:
+    log-probs, entropy, KL and the gradients of h, W and b, for chunks that split the pairs."""
+    torch.manual_seed(0)
+    N, H, V = 23, 8, 37
+    head = torch.nn.Linear(H, V, bias=True)
+    h = torch.randn(N, H, requires_grad=True)
+    target = torch.randint(0, V, (N,))
+    rows = DiversityRows(pairs_c=torch.tensor([0, 2, 4, 6, 8, 10]), pairs_r=torch.tensor([13, 15, 17, 19, 21, 22]),
+                         chosen=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]))
+    weights = torch.randn(N)  # an uneven weight per log-prob, so every row's gradient differs
+    results = []
+    for fused in (True, False):
+        head.zero_grad()
+        h.grad = None
+        if fused:
+            from prefopt.logprobs import fused_diversity_scores
+            tok = fused_diversity_scores(h, target, rows.pairs_c, rows.pairs_r, rows.chosen, head, chunk)
+        else:
+            tok = score_with_diversity(h, target, rows, head, None, chunk)
+        (tok.logps * weights).sum().add(0.3 * tok.entropy_sum - 0.7 * tok.kl_sum).backward()
+        results.append((tok.logps.detach(), tok.mean_logits, tok.entropy_sum.detach(), tok.kl_sum.detach(),
+                        h.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()))
+    # the same float32 sums in another order: ROUND_OFF_REL of the size of the terms summed (tests/helpers.py)
+    for a, b in zip(*results):
+        scale = max(a.abs().max().item(), 1.0)
+        torch.testing.assert_close(a, b, rtol=0, atol=ROUND_OFF_REL * scale)

@@ -116,6 +116,118 @@ class _FusedHeadLogps(torch.autograd.Function):
                 grad_b.to(bias.dtype) if need_b else None, None, None)
 
 
+def diversity_groups(N: int, pairs_c: Tensor, pairs_r: Tensor, chosen: Tensor, chunk: int, device):
+    """The scored rows in chunks for the diversity term: (rows, aligned pairs k, entropy wanted)
+    per chunk. Pair chunks hold k chosen rows then their k rejected rows (so KL sees both), then
+    the other chosen completion rows (entropy only), then the rest (log-probs only)."""
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    step = max(1, chunk // 2)
+    groups = []
+    for s in range(0, len(pairs_c), step):
+        c, r = pairs_c[s : s + step], pairs_r[s : s + step]
+        groups.append((torch.cat([c, r]), len(c), True))
+        done[c], done[r] = True, True
+    single = chosen[~done[chosen]]
+    done[single] = True
+    rest = torch.nonzero(~done).squeeze(1)
+    groups += [(single[s : s + chunk], 0, True) for s in range(0, len(single), chunk)]
+    groups += [(rest[s : s + chunk], 0, False) for s in range(0, len(rest), chunk)]
+    return groups
+
+
+class _FusedHeadDiversity(torch.autograd.Function):
+    """`_FusedHeadLogps` with the diversity term's sums from the same chunks: log p(target) at N
+    positions, Σ H(p) over the chosen completion rows and Σ KL(p_r ‖ p_c) over the aligned pairs.
+    Forward keeps the [N] log-sum-exps only; backward recomputes each chunk's logits once and forms
+    the logits' gradient of all three terms:
+
+        d log p(t)/dz = onehot(t) − p      dH/dz = −p ⊙ (log p + H)
+        dKL/dz_r = p_r ⊙ (log p_r − log p_c − KL)      dKL/dz_c = p_c − p_r
+    """
+
+    @staticmethod
+    def forward(ctx, h, target, weight, bias, groups, gather=nullcontext):
+        N = h.shape[0]
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        logp_t = torch.empty(N, dtype=torch.float32, device=h.device)
+        entropy = torch.zeros((), dtype=torch.float32, device=h.device)
+        kl = torch.zeros((), dtype=torch.float32, device=h.device)
+        with gather():
+            for rows, k, with_entropy in groups:
+                logp = F.linear(h[rows], weight, bias).float()
+                lse[rows] = torch.logsumexp(logp, dim=-1)
+                logp.sub_(lse[rows][:, None])  # the log-softmax, in place
+                logp_t[rows] = logp.gather(1, target[rows, None]).squeeze(1)
+                if with_entropy:
+                    p = logp.exp()
+                    H = -(p * logp).sum(-1)
+                    entropy += H.sum() if k == 0 else H[:k].sum()
+                    if k:
+                        kl += (p[k:] * (logp[k:] - logp[:k])).sum()
+        ctx.save_for_backward(h, target, lse)
+        ctx.weight, ctx.bias, ctx.groups, ctx.gather = weight, bias, groups, gather
+        device = h.device.type
+        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        return logp_t, entropy, kl
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy, g_kl):
+        h, target, lse = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
+        need_h, _, need_w, need_b, _, _ = ctx.needs_input_grad
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
+        g_e = 0.0 if g_entropy is None else g_entropy.float()
+        g_k = 0.0 if g_kl is None else g_kl.float()
+        device, enabled, dtype = ctx.autocast
+        with ctx.gather(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            for rows, k, with_entropy in ctx.groups:
+                h_c = h[rows]
+                logp = F.linear(h_c, weight, bias).float().sub_(lse[rows][:, None])
+                p = logp.exp()
+                g = g_logp[rows]
+                grad = p * -g[:, None]
+                grad[torch.arange(len(rows), device=grad.device), target[rows]] += g
+                if with_entropy:
+                    e = slice(0, k) if k else slice(None)
+                    H = -(p[e] * logp[e]).sum(-1, keepdim=True)
+                    grad[e] -= g_e * p[e] * (logp[e] + H)
+                    if k:
+                        diff = logp[k:] - logp[:k]
+                        divergence = (p[k:] * diff).sum(-1, keepdim=True)
+                        grad[k:] += g_k * p[k:] * (diff - divergence)
+                        grad[:k] += g_k * (p[:k] - p[k:])
+                if need_h:
+                    grad_h[rows] = (grad.to(h.dtype) @ weight).to(h.dtype)
+                if need_w:
+                    grad_w.addmm_(grad.t(), h_c.float())
+                if need_b:
+                    grad_b += grad.sum(0)
+        return (grad_h, None, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None, None)
+
+
+def fused_diversity_scores(h: Tensor, target: Tensor, pairs_c: Tensor, pairs_r: Tensor, chosen: Tensor,
+                           head: torch.nn.Module, chunk: int) -> TokenScores:
+    """Log-probs, mean logits and the diversity term's sums of the N scored rows `h` ([N, H], in
+    the head's dtype) through a plain Linear head, fused (see `_FusedHeadDiversity`)."""
+    gather = _gather(head)
+    groups = diversity_groups(h.shape[0], pairs_c, pairs_r, chosen, chunk, h.device)
+    logps, entropy, kl = _FusedHeadDiversity.apply(h, target, head.weight, head.bias, groups, gather)
+    return TokenScores(logps, _mean_logits(h, head, gather), entropy, kl)
+
+
+def _mean_logits(h: Tensor, head: torch.nn.Module, gather) -> Tensor:
+    with torch.no_grad(), gather():
+        # mean over the vocabulary of h·W_vᵀ + b_v is h·mean(W) + mean(b): no [N, V] pass
+        means = h.float() @ head.weight.float().mean(0)
+        if head.bias is not None:
+            means += head.bias.float().mean()
+    return means
+
+
 def fusable(head: torch.nn.Module, transform) -> bool:
     """Whether the fused path may read the head's weight directly (see the module docstring).
 
@@ -201,12 +313,7 @@ def token_logps(
     if fused:
         gather = _gather(head)
         logps = _FusedHeadLogps.apply(h, score_target, head.weight, head.bias, chunk, gather)
-        with torch.no_grad(), gather():
-            # mean over the vocabulary of h·W_vᵀ + b_v is h·mean(W) + mean(b): no [N, V] pass
-            means = h.float() @ head.weight.float().mean(0)
-            if head.bias is not None:
-                means += head.bias.float().mean()
-        return TokenScores(logps, means)
+        return TokenScores(logps, _mean_logits(h, head, gather))
     logps, means = [], []
     for start in range(0, h.shape[0], chunk):
         lp, m = run_chunk(_score_chunk, h[start : start + chunk], score_target[start : start + chunk], head, transform)

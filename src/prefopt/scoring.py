@@ -1,15 +1,18 @@
 """How the model's LM head scores a batch: one interface (`step.Scorer`), three implementations,
 chosen once per run by `choose_scorer` and named in one log line.
 
-- `FusedHead`: a plain `nn.Linear` head read directly by the fused chunked kernel
-  (`logprobs._FusedHeadLogps`: only log-sum-exps kept, logits recomputed in backward). A frozen head
-  that ZeRO-3 partitions qualifies: the kernel gathers it around forward and backward.
+- `FusedHead`: a plain `nn.Linear` head read directly by the fused chunked kernels
+  (`logprobs._FusedHeadLogps`, and `_FusedHeadDiversity` with the diversity term: only log-sum-exps
+  kept, logits recomputed once in backward). A frozen head that ZeRO-3 partitions qualifies: the
+  kernels gather it around forward and backward.
 - `ModuleHead`: the head called as a module inside `torch.utils.checkpoint`, chunk by chunk, for
   heads that must be: a trainable ZeRO-3 head (its hooks gather it and take its gradient), FSDP (a
   sharded weight), LoRA or quantized heads (the module is not a Linear), soft-capped or scaled
-  logits (`logprobs.head_transform`). It is also the scorer of the diversity term: its chunks hold
-  each aligned chosen/rejected pair together and yield log-probs, entropy and KL from the logits
-  formed once (the fused kernel keeps no logits, so the term always runs here).
+  logits (`logprobs.head_transform`).
+
+With the diversity term, FusedHead and ModuleHead take the same chunks (`logprobs.diversity_groups`:
+each aligned chosen/rejected pair in one chunk) and yield log-probs, entropy and KL from each
+chunk's logits, formed once.
 - `OwnHead`: a tied head under FSDP cannot be a unit apart from the embeddings, so the model's
   own head call computes the scored columns (`logits_to_keep` = those columns): [rows, columns, V]
   logits exist at once, the one path without chunking. Entropy and KL come from those logits.
@@ -24,8 +27,8 @@ import torch
 
 from .attention import model_inputs
 from .diversity import entropy, kl
-from .logprobs import (TokenScores, chunk_size_for, frozen_zero3_copy, fusable, head_transform, logps_from_logits,
-                       run_chunk, scored_hidden, token_logps)
+from .logprobs import (TokenScores, chunk_size_for, diversity_groups, frozen_zero3_copy, fusable, fused_diversity_scores,
+                       head_transform, logps_from_logits, run_chunk, scored_hidden, token_logps)
 from .step import DiversityRows
 
 Tensor = torch.Tensor
@@ -84,6 +87,10 @@ class ModuleHead(_Scorer):
         if rows is None:
             tok = token_logps(hidden, batch["score_index"], batch["score_target"], head, self.transform, self.chunk,
                               fused=self.fused)
+        elif self.fused:
+            h = scored_hidden(hidden, batch["score_index"], head)
+            tok = fused_diversity_scores(h, batch["score_target"], rows.pairs_c, rows.pairs_r, rows.chosen, head,
+                                         self.chunk)
         else:
             h = scored_hidden(hidden, batch["score_index"], head)
             tok = score_with_diversity(h, batch["score_target"], rows, frozen_zero3_copy(head) or head, self.transform,
@@ -92,11 +99,11 @@ class ModuleHead(_Scorer):
 
 
 class FusedHead(ModuleHead):
-    fused = True  # (never asked for the diversity term: choose_scorer gives that to ModuleHead)
+    fused = True
 
     @property
     def name(self) -> str:
-        return f"fused LM head, {self.chunk} positions per chunk"
+        return f"fused LM head, {self.chunk} positions per chunk" + (" (with the diversity term)" if self.diversity else "")
 
 
 class OwnHead(_Scorer):
@@ -127,8 +134,6 @@ def choose_scorer(unwrapped, *, fsdp: bool, tied_under_fsdp: bool, diversity: bo
     head = unwrapped.get_output_embeddings()
     if tied_under_fsdp:
         return OwnHead(**common, why="a head tied to the embeddings under FSDP")
-    if diversity:
-        return ModuleHead(**common, why="the diversity term's entropy and KL")
     if fsdp:
         return ModuleHead(**common, why="FSDP shards the head")
     if fusable(head, transform):
@@ -139,27 +144,21 @@ def choose_scorer(unwrapped, *, fsdp: bool, tied_under_fsdp: bool, diversity: bo
     return ModuleHead(**common, why=why)
 
 
-# -- the diversity term's chunks ---------------------------------------------------------------
+# -- the diversity term's chunks, through the head module ---------------------------------------
 
 
-def _rows(h: Tensor, target: Tensor, head, transform) -> tuple[Tensor, Tensor, Tensor]:
-    """log p(target), mean logit and the log-softmax of each row (one head matmul)."""
+def _group_chunk(h: Tensor, target: Tensor, k: int, with_entropy: bool, head, transform):
+    """One chunk of `logprobs.diversity_groups`: log p(target) and the mean logit of each row, Σ
+    entropy (of the first k rows, the chosen side of the aligned pairs, or of all rows when k = 0)
+    and Σ KL(p_r ‖ p_c) of the k pairs — from one head matmul."""
     z = head(h).float()
     if transform is not None:
         z = transform(z)
     logp = torch.log_softmax(z, dim=-1)
-    return logp.gather(-1, target[:, None]).squeeze(-1), z.detach().mean(-1), logp
-
-
-def _pair_chunk(h_c, t_c, h_r, t_r, head, transform):
-    lp_c, m_c, logp_c = _rows(h_c, t_c, head, transform)
-    lp_r, m_r, logp_r = _rows(h_r, t_r, head, transform)
-    return lp_c, m_c, lp_r, m_r, entropy(logp_c), kl(logp_r, logp_c)
-
-
-def _single_chunk(h, t, head, transform):
-    lp, m, logp = _rows(h, t, head, transform)
-    return lp, m, entropy(logp)
+    zero = logp.new_zeros(())
+    ent = entropy(logp[:k] if k else logp).sum() if with_entropy else zero
+    div = kl(logp[k:], logp[:k]).sum() if k else zero
+    return logp.gather(-1, target[:, None]).squeeze(-1), z.detach().mean(-1), ent, div
 
 
 def score_with_diversity(h: Tensor, target: Tensor, rows: DiversityRows, head, transform, chunk: int) -> TokenScores:
@@ -170,23 +169,8 @@ def score_with_diversity(h: Tensor, target: Tensor, rows: DiversityRows, head, t
     logps = h.new_zeros(N, dtype=torch.float32)
     means = h.new_zeros(N, dtype=torch.float32)
     total_h, total_kl = h.new_zeros((), dtype=torch.float32), h.new_zeros((), dtype=torch.float32)
-    run = lambda f, *a: run_chunk(f, *a, head, transform)  # noqa: E731
-    done = torch.zeros(N, dtype=torch.bool, device=h.device)
-    step = max(1, chunk // 2)
-    for s in range(0, len(rows.pairs_c), step):
-        c, r = rows.pairs_c[s : s + step], rows.pairs_r[s : s + step]
-        lp_c, m_c, lp_r, m_r, e, k = run(_pair_chunk, h[c], target[c], h[r], target[r])
-        logps, means = logps.index_put((c,), lp_c).index_put((r,), lp_r), means.index_put((c,), m_c).index_put((r,), m_r)
-        total_h, total_kl = total_h + e.sum(), total_kl + k.sum()
-        done[c], done[r] = True, True
-    single = rows.chosen[~done[rows.chosen]]
-    rest = torch.nonzero(~done).squeeze(1)  # the rows not in a pair and not chosen: no entropy needed
-    rest = rest[~torch.isin(rest, single)]
-    for group, with_entropy in ((single, True), (rest, False)):
-        for s in range(0, len(group), chunk):
-            part = group[s : s + chunk]
-            lp, m, e = run(_single_chunk, h[part], target[part])
-            logps, means = logps.index_put((part,), lp), means.index_put((part,), m)
-            if with_entropy:
-                total_h = total_h + e.sum()
+    for part, k, with_entropy in diversity_groups(N, rows.pairs_c, rows.pairs_r, rows.chosen, chunk, h.device):
+        lp, m, e, d = run_chunk(_group_chunk, h[part], target[part], k, with_entropy, head, transform)
+        logps, means = logps.index_put((part,), lp), means.index_put((part,), m)
+        total_h, total_kl = total_h + e, total_kl + d
     return TokenScores(logps, means, total_h, total_kl)
