@@ -96,24 +96,40 @@ class _FusedHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, h, target, weight, bias, lse, grad_logp):
-        need_h, _, need_w, need_b, _, _ = ctx.needs_input_grad
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grads = _HeadGrads(ctx.needs_input_grad, h, weight, bias)
         for s in range(0, h.shape[0], ctx.chunk):
             h_c, g = h[s : s + ctx.chunk], grad_logp[s : s + ctx.chunk].float()
             z = F.linear(h_c, weight, bias).float()
             # d log p(t) / dz = onehot(t) − softmax(z); scaled by the incoming gradient, in place
             z.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g[:, None])
             z[torch.arange(z.shape[0], device=z.device), target[s : s + ctx.chunk]] += g
-            if need_h:
-                grad_h[s : s + ctx.chunk] = (z.to(h.dtype) @ weight).to(h.dtype)
-            if need_w:
-                grad_w.addmm_(z.t(), h_c.float())
-            if need_b:
-                grad_b += z.sum(0)
-        return (grad_h, None, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None)
+            grads.add(slice(s, s + ctx.chunk), h_c, z)
+        return grads.result()
+
+
+class _HeadGrads:
+    """The gradients of h, W and b (those autograd asks for), accumulated chunk by chunk from each
+    chunk's gradient of the logits; `result` is a fused function's backward return value."""
+
+    def __init__(self, needs_input_grad, h: Tensor, weight: Tensor, bias: Tensor | None):
+        need_h, _, need_w, need_b, *_ = needs_input_grad
+        self.h, self.weight, self.bias, self.extra = h, weight, bias, len(needs_input_grad) - 4
+        self.grad_h = torch.empty_like(h) if need_h else None
+        self.grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        self.grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+
+    def add(self, rows, h_c: Tensor, z_grad: Tensor):
+        if self.grad_h is not None:
+            self.grad_h[rows] = (z_grad.to(self.h.dtype) @ self.weight).to(self.h.dtype)
+        if self.grad_w is not None:
+            self.grad_w.addmm_(z_grad.t(), h_c.float())
+        if self.grad_b is not None:
+            self.grad_b += z_grad.sum(0)
+
+    def result(self) -> tuple:
+        w = self.grad_w.to(self.weight.dtype) if self.grad_w is not None else None
+        b = self.grad_b.to(self.bias.dtype) if self.grad_b is not None else None
+        return (self.grad_h, None, w, b) + (None,) * self.extra
 
 
 def diversity_groups(N: int, pairs_c: Tensor, pairs_r: Tensor, chosen: Tensor, chunk: int, device):
@@ -174,10 +190,7 @@ class _FusedHeadDiversity(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy, g_kl):
         h, target, lse = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
-        need_h, _, need_w, need_b, _, _ = ctx.needs_input_grad
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grads = _HeadGrads(ctx.needs_input_grad, h, weight, bias)
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
         g_e = 0.0 if g_entropy is None else g_entropy.float()
         g_k = 0.0 if g_kl is None else g_kl.float()
@@ -199,14 +212,8 @@ class _FusedHeadDiversity(torch.autograd.Function):
                         divergence = (p[k:] * diff).sum(-1, keepdim=True)
                         grad[k:] += g_k * p[k:] * (diff - divergence)
                         grad[:k] += g_k * (p[:k] - p[k:])
-                if need_h:
-                    grad_h[rows] = (grad.to(h.dtype) @ weight).to(h.dtype)
-                if need_w:
-                    grad_w.addmm_(grad.t(), h_c.float())
-                if need_b:
-                    grad_b += grad.sum(0)
-        return (grad_h, None, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None)
+                grads.add(rows, h_c, grad)
+        return grads.result()
 
 
 def fused_diversity_scores(h: Tensor, target: Tensor, pairs_c: Tensor, pairs_r: Tensor, chosen: Tensor,
