@@ -51,7 +51,7 @@ class PreferenceTrainer(Trainer):
         self._pending_resume = None
         self.stop_at_step, self._saved_at_step = None, None  # a signal's stop (stopping.py)
         self._loss_sum_before, self._steps_before = 0.0, 0  # what a resumed run did before its checkpoint
-        self.add_callback(_ApplyResume(self))
+        self.callback_handler.callbacks.insert(0, _TrainBegins(self))
         self.add_callback(FiniteGuard(self))
 
     # -- the Trainer's private state, read and written here only -------------------------------------
@@ -79,7 +79,7 @@ class PreferenceTrainer(Trainer):
                 tied_under_fsdp=self._tied_under_fsdp, diversity=bool(o.diversity_weight),
                 chunk=self.objective.logprob_chunk_size, aux=bool(o.aux_coef))
             if self._announce is not None and self.is_world_process_zero():
-                self._announce(f"scoring: {self._scorer.name}")
+                self._announce(f"prefopt: scoring: {self._scorer.name}")
         return self._scorer
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -301,11 +301,15 @@ class FiniteGuard(TrainerCallback):
             raise tr._non_finite(state.global_step + 1, "loss" if not loss_ok else "gradient", rows)
 
 
-class _ApplyResume(TrainerCallback):
+class _TrainBegins(TrainerCallback):
+    """When training begins (the model wrapped and, under ZeRO-3, partitioned): the scorer chosen and
+    said — before the progress bar starts, this being the first callback — and a resume's state put back."""
+
     def __init__(self, trainer: "PreferenceTrainer"):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.scorer(self.trainer.model_wrapped)
         self.trainer._apply_resume()
         if state.is_world_process_zero and Path(args.output_dir).is_dir():
             record_written(Path(args.output_dir))  # what the trackers created (runs/) is the run's
