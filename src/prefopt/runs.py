@@ -2,10 +2,10 @@
 
     output_dir/
       .prefopt.lock              held (flock) by the one run using the folder; a killed run's lock ends with it
-      prefopt_run.json           what this run wrote here, the data it trains on, whether it finished
+      prefopt_run.json           what this run wrote here, the data it trains on, whether it finished (manifest.py)
       prefopt_config.yaml        the resolved config of the run that owns this folder
       metrics.jsonl              one line per log
-      checkpoint-N/              written by the Trainer; complete once COMPLETE (with checksums) is in it
+      checkpoint-N/              written by the Trainer; complete once COMPLETE (with checksums) is in it (checkpoints.py)
 
 Running the same command again resumes from the last *complete, intact* checkpoint, as the SimPO
 repo's scripts do; `resume_from_checkpoint: PATH` picks one. A finished run is left untouched:
@@ -24,26 +24,25 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
 import yaml
 
+from .checkpoints import (ASIDE, COMPLETE, checkpoints, complete_checkpoints, damage, has_optimizer_state,
+                          is_checkpoint_name, is_complete, is_ours, logged_lines, state_step, step, write_atomic)
 from .config import Config, resolved_dict
 from .errors import PrefoptError
+from .manifest import (CONFIG_FILE, LOCK, METRICS_FILE, RUN_FILES, data_changes, owned, read_manifest,
+                       start_manifest, top_names)
 
-COMPLETE = "prefopt_checkpoint_complete"
-WRITING = "prefopt_checkpoint_writing"  # in a checkpoint prefopt is writing; replaced by COMPLETE
-ASIDE = ".set-aside"  # suffix of a checkpoint of ours that a resume skipped or went back past
-CONFIG_FILE = "prefopt_config.yaml"
-METRICS_FILE = "metrics.jsonl"
-MANIFEST = "prefopt_run.json"
-LOCK = ".prefopt.lock"
+# Re-exported for the modules that reach them through `runs` (pipeline.py, trainer.py)
+from .checkpoints import mark_complete, rotate, start_writing  # noqa: F401
+from .manifest import begin_final_save, data_fingerprint, record_written  # noqa: F401
+
 # Keys that change how a run is watched or launched, not what it computes
 NOT_IDENTITY = {
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "local_rank", "run_name", "project",
@@ -58,111 +57,6 @@ NOT_IDENTITY = {
 }
 # Keys that say how long to train: a larger value continues a run from its last checkpoint
 LENGTH = ("max_steps", "num_train_epochs")
-# What a run may write at the top of output_dir. A file of these names that this run did not write
-# is refused at the start (the run would overwrite it); overwrite_output_dir deletes only the ones
-# the run recorded in its manifest.
-RUN_FILES = ("metrics.jsonl", "prefopt_config.yaml", "data_report.json", "training_args.bin", "config.json",
-             "generation_config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
-             "adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
-             "trainer_state.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "plots", "runs",
-             MANIFEST)
-ASIDE_NAME = re.compile(rf"checkpoint-\d+{re.escape(ASIDE)}(-\d+)?")
-
-
-def _is_run_file(name: str) -> bool:
-    return any(Path(name).match(pattern) for pattern in RUN_FILES)
-
-
-# -- checkpoints -----------------------------------------------------------------------------
-
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """`checkpoint-N` folders, by step."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=_step)
-
-
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[1])
-
-
-def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / COMPLETE).is_file()
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete `checkpoint-N` folders, by step."""
-    return [c for c in checkpoints(output_dir) if is_complete(c)]
-
-
-def is_ours(checkpoint: Path) -> bool:
-    """Written (or being written) by prefopt: only these are ever removed or rotated out."""
-    return (checkpoint / COMPLETE).is_file() or (checkpoint / WRITING).is_file()
-
-
-def start_writing(checkpoint: Path):
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    (checkpoint / COMPLETE).unlink(missing_ok=True)  # rewriting a folder resumed from earlier
-    (checkpoint / WRITING).write_text("")
-
-
-def file_hash(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (COMPLETE, WRITING))
-
-
-def mark_complete(checkpoint: Path):
-    """The size and hash of every file, then the mark (written whole, then renamed into place)."""
-    files = {str(p.relative_to(checkpoint)): [p.stat().st_size, file_hash(p)] for p in _files(checkpoint)}
-    _write_atomic(checkpoint / COMPLETE, json.dumps({"step": _step(checkpoint), "files": files}, indent=0) + "\n")
-    (checkpoint / WRITING).unlink(missing_ok=True)
-
-
-def damage(checkpoint: Path) -> str | None:
-    """What is wrong with a complete checkpoint (a file missing, cut short or changed), or None."""
-    try:
-        mark = json.loads((checkpoint / COMPLETE).read_text() or "{}") if is_complete(checkpoint) else {}
-    except (OSError, json.JSONDecodeError):
-        return f"its mark {checkpoint / COMPLETE} is unreadable"
-    for name, (size, digest) in (mark.get("files") or {}).items():
-        path = checkpoint / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size:,} bytes, {size:,} when written"
-        if file_hash(path) != digest:
-            return f"{path} changed since it was written (checksum differs)"
-    try:  # a mark from before checksums: at least the state must read
-        json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return f"{checkpoint / 'trainer_state.json'} is missing or unreadable"
-    return None
-
-
-def has_optimizer_state(checkpoint: Path) -> bool:
-    """The Trainer's optimizer.pt, DeepSpeed's global_stepN/, or FSDP's optimizer.bin /
-    optimizer_0/ (distributed checkpoint) / optimizer_0_rank*.bin."""
-    return any((checkpoint / "optimizer.pt").is_file() or any(checkpoint.glob(pattern))
-               for pattern in ("global_step*", "optimizer.bin", "optimizer_*"))
-
-
-def rotate(output_dir: str | Path, limit: int | None, keep: str | None = None):
-    """Keep the newest `limit` complete checkpoints prefopt wrote (and `keep`, the best one); delete
-    older ones. Folders prefopt did not write are never touched, whatever their names."""
-    if not limit or limit <= 0:
-        return
-    ours = [p for p in checkpoints(output_dir) if is_complete(p)]
-    kept = set(ours[-limit:]) | {p for p in ours if keep and Path(keep).resolve() == p.resolve()}
-    for path in ours:
-        if path not in kept:
-            shutil.rmtree(path)
 
 
 # -- the folder's lock ------------------------------------------------------------------------
@@ -264,19 +158,6 @@ class Plan:
     finished_step: int | None = None
 
 
-def read_manifest(out: Path) -> dict:
-    try:
-        return json.loads((out / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _resume_asked(cfg: Config) -> str | bool | None:
     """`resume_from_checkpoint`: a path, True (HF/TRL's `true`; YAML `yes`), or None (`false`, `no`)."""
     asked = cfg.training.resume_from_checkpoint
@@ -292,30 +173,15 @@ def _resume_asked(cfg: Config) -> str | bool | None:
 def plan(cfg: Config) -> Plan:
     """Read output_dir and decide: finished, resume from where, or start afresh. Reads only."""
     out = Path(cfg.training.output_dir)
-    p = Plan(out=out)
     check_place(cfg)
     asked = _resume_asked(cfg)
     manifest = read_manifest(out)
     if cfg.run.overwrite_output_dir:
-        if asked:
-            raise PrefoptError("overwrite_output_dir and resume_from_checkpoint both set: keep one.")
-        p.remove = _owned(out, manifest)
-        p.notes.append(f"prefopt: overwrite_output_dir: removing the earlier run's files in {out}"
-                       if p.remove else "")
-        p.notes = [n for n in p.notes if n]
-        _check_collisions(out, set(p.remove))
-        return p
-    changed, length_changed = _config_changes(cfg, out)
-    if changed:
-        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
-        raise PrefoptError(
-            f"output_dir {out} holds a run with a different config ({shown}). Use a new output_dir, or "
-            "set overwrite_output_dir: true (--overwrite_output_dir true) to delete that run and start afresh."
-        )
+        return _plan_overwrite(out, manifest, asked)
+    p = Plan(out=out)
+    length_changed = _length_changes(cfg, out)
     legacy = (out / CONFIG_FILE).is_file() and not manifest  # written by prefopt before manifests
-    p.manifest = manifest or ({"files": _top_names(_owned(out, {}))} if legacy else {})
-    if cfg.training.max_steps > 0:  # max_steps decides the length: num_train_epochs changes nothing
-        length_changed.pop("num_train_epochs", None)
+    p.manifest = manifest or ({"files": top_names(owned(out, {}))} if legacy else {})
     finished = manifest.get("finished") or (legacy and _legacy_finished(out))
     if finished and not length_changed:
         p.finished = True
@@ -323,72 +189,121 @@ def plan(cfg: Config) -> Plan:
         return p
     found = checkpoints(out)
     marked = [c for c in found if is_complete(c)]
-    newest = _step(marked[-1]) if marked else -1
+    _remove_cut_short(p, found, marked, asked, legacy)
+    _check_collisions(out, set(owned(out, p.manifest)) | set(p.remove))
+    if asked not in (None, True):
+        resume = _named_resume(asked, out, marked)
+    else:
+        resume = _newest_resumable(p, found, marked, asked, finished)
+    if resume is not None:
+        _plan_resume(p, cfg, resume, marked, length_changed)
+    return p
+
+
+def _plan_overwrite(out: Path, manifest: dict, asked) -> Plan:
+    """overwrite_output_dir: delete what the earlier run wrote (and only that), start afresh."""
+    if asked:
+        raise PrefoptError("overwrite_output_dir and resume_from_checkpoint both set: keep one.")
+    p = Plan(out=out, remove=owned(out, manifest))
+    if p.remove:
+        p.notes.append(f"prefopt: overwrite_output_dir: removing the earlier run's files in {out}")
+    _check_collisions(out, set(p.remove))
+    return p
+
+
+def _length_changes(cfg: Config, out: Path) -> dict:
+    """Refuse a folder whose run has another config; the length keys that differ, {key: (old, new)}."""
+    changed, length_changed = _config_changes(cfg, out)
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise PrefoptError(
+            f"output_dir {out} holds a run with a different config ({shown}). Use a new output_dir, or "
+            "set overwrite_output_dir: true (--overwrite_output_dir true) to delete that run and start afresh."
+        )
+    if cfg.training.max_steps > 0:  # max_steps decides the length: num_train_epochs changes nothing
+        length_changed.pop("num_train_epochs", None)
+    return length_changed
+
+
+def _remove_cut_short(p: Plan, found: list[Path], marked: list[Path], asked, legacy: bool):
+    """Plan to remove our checkpoints that a stopped run was writing."""
+    newest = step(marked[-1]) if marked else -1
     for path in found:  # only a checkpoint newer than the newest complete one can have been cut short
-        if (is_ours(path) or legacy) and not is_complete(path) and _step(path) > newest:
+        if (is_ours(path) or legacy) and not is_complete(path) and step(path) > newest:
             if asked not in (None, True) and path.resolve() == Path(asked).resolve():
                 raise PrefoptError(f"resume_from_checkpoint: {path} was cut short while being written (it has no "
                                    f"completion mark). Complete ones: {[c.name for c in marked] or 'none'}.")
             p.remove.append(path)
             p.notes.append(f"prefopt: removing {path}: it was being written when the run stopped")
-    _check_collisions(out, set(_owned(out, p.manifest)) | set(p.remove))
-    if asked not in (None, True):
-        resume = Path(asked)
-        if not (resume / "trainer_state.json").is_file():
-            raise PrefoptError(f"resume_from_checkpoint: {asked} is not a checkpoint folder (no trainer_state.json); "
-                               f"complete ones in {out}: {[c.name for c in marked] or 'none'}.")
-        problem = damage(resume) if is_complete(resume) else None
-        if problem:
-            raise PrefoptError(f"resume_from_checkpoint: {resume} is damaged: {problem}. Name another checkpoint.")
-        _check_resumable(resume, marked)
-    else:
-        candidates = marked or [c for c in found if (c / "trainer_state.json").is_file() and not is_ours(c)]
-        resume, skipped = None, []
-        for c in reversed(candidates):
-            problem = damage(c)
-            if problem is None and not has_optimizer_state(c):
-                problem = "it holds no optimizer state (save_only_model)"
-            if problem is None:
-                resume = c
-                break
-            skipped.append(f"{c.name}: {problem}")
-            p.notes.append(f"prefopt: warning: {c} cannot be resumed from: {problem}.")
-        if candidates and resume is None:
-            raise PrefoptError(f"no checkpoint in {out} can be resumed from ({'; '.join(skipped)}). Start afresh "
-                               "(--overwrite_output_dir true, or a new output_dir).")
-        if asked and resume is None:
-            raise PrefoptError(f"resume_from_checkpoint: true, but {out} holds no complete checkpoint.")
-        if finished and resume is None:
-            raise PrefoptError(
-                f"{out} holds a finished run with no checkpoint to continue from (save_strategy: no). To train "
-                f"further, start a new run from its model: --model_name_or_path {out} --output_dir NEW_DIR.")
-    if resume is not None:
-        step = _state_step(resume)
-        before, now = p.manifest.get("processes"), cfg.training.world_size
-        if before not in (None, now):
-            raise PrefoptError(
-                f"the run in {out} was trained on {before} processes and this start has {now}: the global batch "
-                f"would change ({before} × {cfg.training.per_device_train_batch_size} × "
-                f"{cfg.training.gradient_accumulation_steps} → {now} × ...), and the data order with it. Launch it "
-                "on as many processes as before, or start afresh (--overwrite_output_dir true, or a new output_dir).")
-        # checkpoints of ours past the resume point are written again as training gets there; moved
-        # aside (not deleted) so rotation can never keep them over the new ones
-        for c in marked:
-            if _step(c) > step and c.resolve() != resume.resolve():
-                aside = c.with_name(f"{c.name}{ASIDE}")
-                p.move_aside.append((c, aside))
-                p.notes.append(f"prefopt: moving {c} aside to {aside}: the run continues from {resume.name} "
-                               "(delete it when you no longer need it)")
-        for key, (old, new) in length_changed.items():
-            p.notes.append(f"prefopt: {key} {old} → {new}: continuing the run from {resume}")
-        if "max_steps" in length_changed and 0 < cfg.training.max_steps <= step:
-            raise PrefoptError(f"max_steps {cfg.training.max_steps}: the run in {out} is already at step {step} "
-                               f"({resume}); give a larger max_steps to train further.")
-        p.notes.append(f"prefopt: resuming from {resume}")
-        p.resume = str(resume)
-        p.keep_lines = _logged_lines(resume)
-        p.fresh = False
-    return p
+
+
+def _named_resume(asked: str, out: Path, marked: list[Path]) -> Path:
+    """`resume_from_checkpoint: PATH`, refused unless it is an intact checkpoint with optimizer state."""
+    resume = Path(asked)
+    if not (resume / "trainer_state.json").is_file():
+        raise PrefoptError(f"resume_from_checkpoint: {asked} is not a checkpoint folder (no trainer_state.json); "
+                           f"complete ones in {out}: {[c.name for c in marked] or 'none'}.")
+    problem = damage(resume) if is_complete(resume) else None
+    if problem:
+        raise PrefoptError(f"resume_from_checkpoint: {resume} is damaged: {problem}. Name another checkpoint.")
+    _check_resumable(resume, marked)
+    return resume
+
+
+def _newest_resumable(p: Plan, found: list[Path], marked: list[Path], asked, finished) -> Path | None:
+    """The newest complete, intact checkpoint with optimizer state (the ones skipped noted), or
+    None for a run with nothing to resume, which then starts afresh."""
+    out = p.out
+    candidates = marked or [c for c in found if (c / "trainer_state.json").is_file() and not is_ours(c)]
+    resume, skipped = None, []
+    for c in reversed(candidates):
+        problem = damage(c)
+        if problem is None and not has_optimizer_state(c):
+            problem = "it holds no optimizer state (save_only_model)"
+        if problem is None:
+            resume = c
+            break
+        skipped.append(f"{c.name}: {problem}")
+        p.notes.append(f"prefopt: warning: {c} cannot be resumed from: {problem}.")
+    if candidates and resume is None:
+        raise PrefoptError(f"no checkpoint in {out} can be resumed from ({'; '.join(skipped)}). Start afresh "
+                           "(--overwrite_output_dir true, or a new output_dir).")
+    if asked and resume is None:
+        raise PrefoptError(f"resume_from_checkpoint: true, but {out} holds no complete checkpoint.")
+    if finished and resume is None:
+        raise PrefoptError(
+            f"{out} holds a finished run with no checkpoint to continue from (save_strategy: no). To train "
+            f"further, start a new run from its model: --model_name_or_path {out} --output_dir NEW_DIR.")
+    return resume
+
+
+def _plan_resume(p: Plan, cfg: Config, resume: Path, marked: list[Path], length_changed: dict):
+    """Continue from `resume`: on as many processes as before, our later checkpoints moved aside."""
+    out, at = p.out, state_step(resume)
+    before, now = p.manifest.get("processes"), cfg.training.world_size
+    if before not in (None, now):
+        raise PrefoptError(
+            f"the run in {out} was trained on {before} processes and this start has {now}: the global batch "
+            f"would change ({before} × {cfg.training.per_device_train_batch_size} × "
+            f"{cfg.training.gradient_accumulation_steps} → {now} × ...), and the data order with it. Launch it "
+            "on as many processes as before, or start afresh (--overwrite_output_dir true, or a new output_dir).")
+    # checkpoints of ours past the resume point are written again as training gets there; moved
+    # aside (not deleted) so rotation can never keep them over the new ones
+    for c in marked:
+        if step(c) > at and c.resolve() != resume.resolve():
+            aside = c.with_name(f"{c.name}{ASIDE}")
+            p.move_aside.append((c, aside))
+            p.notes.append(f"prefopt: moving {c} aside to {aside}: the run continues from {resume.name} "
+                           "(delete it when you no longer need it)")
+    for key, (old, new) in length_changed.items():
+        p.notes.append(f"prefopt: {key} {old} → {new}: continuing the run from {resume}")
+    if "max_steps" in length_changed and 0 < cfg.training.max_steps <= at:
+        raise PrefoptError(f"max_steps {cfg.training.max_steps}: the run in {out} is already at step {at} "
+                           f"({resume}); give a larger max_steps to train further.")
+    p.notes.append(f"prefopt: resuming from {resume}")
+    p.resume = str(resume)
+    p.keep_lines = logged_lines(resume)
+    p.fresh = False
 
 
 def _legacy_finished(out: Path) -> int | bool:
@@ -435,57 +350,21 @@ def _check_model_not_inside(cfg: Config, out: Path):
     if model == root:
         raise PrefoptError(f"output_dir {out} is the model being trained from (model_name_or_path): the final "
                            "save would overwrite it. Choose another output_dir.")
-    if root in model.parents and (re.fullmatch(r"checkpoint-\d+", model.relative_to(root).parts[0])
-                                  or ASIDE_NAME.fullmatch(model.relative_to(root).parts[0])):
+    if root in model.parents and is_checkpoint_name(model.relative_to(root).parts[0]):
         raise PrefoptError(f"model_name_or_path {cfg.model.model_name_or_path} is a checkpoint inside output_dir "
                            f"{out}, which this run may rotate out or overwrite. Copy it elsewhere, or use another "
                            "output_dir.")
 
 
-def _owned(out: Path, manifest: dict) -> list[Path]:
-    """What the run in `out` wrote: its checkpoints and the files its manifest lists (for a run
-    from before manifests: the run files present, except a README.md that may be the user's)."""
-    if not out.is_dir():
-        return []
-    found = [c for c in checkpoints(out) if is_ours(c)] + sorted(
-        c for c in out.glob(f"checkpoint-*{ASIDE}*") if ASIDE_NAME.fullmatch(c.name) and c.is_dir())
-    if manifest:
-        names = set(manifest.get("files", []))
-        if manifest.get("saving_from") is not None:  # a final save was cut short: what it wrote is ours
-            names |= {p.name for p in out.iterdir()} - set(manifest["saving_from"]) - set(manifest.get("foreign", []))
-            names -= {LOCK}
-            names = {n for n in names if not re.fullmatch(rf"checkpoint-\d+({ASIDE})?", n)}
-    elif (out / CONFIG_FILE).is_file():
-        names = {p.name for pattern in RUN_FILES for p in out.glob(pattern)} - {"README.md"}
-    else:
-        names = set()
-    return found + sorted(out / n for n in names if (out / n).exists() or (out / n).is_symlink())
-
-
-def _top_names(paths: list[Path]) -> list[str]:
-    """The names among `paths` that are files or folders of the run itself, not checkpoints."""
-    return sorted(p.name for p in paths if not re.fullmatch(r"checkpoint-\d+", p.name) and not ASIDE_NAME.fullmatch(p.name))
-
-
-def _check_collisions(out: Path, owned: set[Path]):
+def _check_collisions(out: Path, owned_: set[Path]):
     """Refuse to start where the run would overwrite or rotate out something it did not write."""
     if not out.is_dir():
         return
-    clash = sorted(p.name for pattern in RUN_FILES for p in out.glob(pattern) if p not in owned)
-    clash += [c.name for c in checkpoints(out) if c not in owned and not (c / "trainer_state.json").is_file()]
+    clash = sorted(p.name for pattern in RUN_FILES for p in out.glob(pattern) if p not in owned_)
+    clash += [c.name for c in checkpoints(out) if c not in owned_ and not (c / "trainer_state.json").is_file()]
     if clash:
         raise PrefoptError(f"output_dir {out} holds {', '.join(clash)}, which this run did not write and would "
                            "overwrite. Move them, or choose another output_dir.")
-
-
-def _state_step(checkpoint: Path) -> int:
-    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-
-
-def _logged_lines(checkpoint: Path) -> int:
-    """How many metrics.jsonl lines had been written when the checkpoint was: one per entry of the
-    Trainer's log history, which the checkpoint holds."""
-    return len(json.loads((checkpoint / "trainer_state.json").read_text()).get("log_history", []))
 
 
 def _config_changes(cfg: Config, out: Path) -> tuple[list[str], dict]:
@@ -513,31 +392,27 @@ def _plain(value):
     return yaml.safe_load(yaml.safe_dump(value))
 
 
-def data_changes(plan_: Plan, fingerprint: dict) -> list[str]:
-    """What differs between the data a resumed run trained on and the data prepared now."""
-    old = plan_.manifest.get("data")
-    if plan_.fresh or not old:
-        return []
-    changed = [f"{name} changed" for name in sorted(set(old.get("files", {})) | set(fingerprint["files"]))
-               if old.get("files", {}).get(name) != fingerprint["files"].get(name)]
-    for split in ("train", "eval"):
-        if old.get(split) != fingerprint.get(split):
-            changed.append(f"the {split} split's token ids differ ({old.get(split + '_pairs')} → "
-                           f"{fingerprint.get(split + '_pairs')} pairs)")
-    return changed
+# -- carrying it out -------------------------------------------------------------------------------
 
-
-def commit(plan_: Plan, data_fingerprint: dict, processes: int, log=print):
+def commit(plan_: Plan, fingerprint: dict, processes: int, log=print):
     """Carry out the plan (main process only): remove what is ours and cut short, move damaged
-    checkpoints aside, cut metrics.jsonl back to the checkpoint, and start the manifest."""
+    checkpoints aside, cut metrics.jsonl back to the checkpoint, and start the manifest. `fingerprint`
+    is `data_fingerprint` of the data prepared now: a resume on other data is refused."""
     out = plan_.out
-    changed = data_changes(plan_, data_fingerprint)
+    changed = [] if plan_.fresh else data_changes(plan_.manifest.get("data"), fingerprint)
     if changed:
         raise PrefoptError(
             f"the data changed since {plan_.resume} was written: {'; '.join(changed)}. Resuming would continue the "
             f"run on other data. Restore the data, or start afresh (--overwrite_output_dir true, or a new output_dir).")
     for line in plan_.notes:
         log(line)
+    _remove_and_set_aside(plan_)
+    out.mkdir(parents=True, exist_ok=True)
+    trim_metrics(out, 0 if plan_.fresh else plan_.keep_lines)
+    start_manifest(out, plan_.manifest, fingerprint, processes)
+
+
+def _remove_and_set_aside(plan_: Plan):
     for path in plan_.remove:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -549,43 +424,6 @@ def commit(plan_: Plan, data_fingerprint: dict, processes: int, log=print):
             dst, n = src.with_name(f"{src.name}{ASIDE}-{n}"), n + 1
         (src / COMPLETE).unlink(missing_ok=True)
         src.rename(dst)
-    out.mkdir(parents=True, exist_ok=True)
-    trim_metrics(out, 0 if plan_.fresh else plan_.keep_lines)
-    manifest = dict(plan_.manifest)
-    names = set(_top_names(_owned(out, manifest))) | {MANIFEST, CONFIG_FILE, METRICS_FILE, "data_report.json"}
-    # whatever else is here now is the user's, also what they put here since the run first started
-    foreign = {p.name for p in out.iterdir() if p.name not in names and p.name != LOCK
-               and not re.fullmatch(r"checkpoint-\d+", p.name) and not ASIDE_NAME.fullmatch(p.name)}
-    manifest.update({"files": sorted(names), "data": data_fingerprint, "finished": None, "saving_from": None,
-                     "foreign": sorted(foreign | set(manifest.get("foreign", []))), "processes": processes})
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-
-
-def record_written(out: Path, finished_step: int | None = None):
-    """Add what this run has written at the top of output_dir to its manifest (everything new but
-    the user's own files, recorded as `foreign` when the run started); mark it finished."""
-    manifest = read_manifest(out)
-    if not manifest:  # not a folder prefopt's pipeline set up (a Trainer built in Python)
-        return
-    foreign = set(manifest.get("foreign", [])) | {LOCK}
-    present = {p.name for p in out.iterdir() if not re.fullmatch(r"checkpoint-\d+|.*\.tmp", p.name)
-               and not ASIDE_NAME.fullmatch(p.name)}
-    # the run's own: files of the names it writes, and whatever the final save added
-    saved = present - set(manifest.get("saving_from") or present)
-    manifest["files"] = sorted(set(manifest.get("files", [])) | ({n for n in present if _is_run_file(n)} | saved)
-                               - foreign)
-    manifest["saving_from"] = None
-    if finished_step is not None:
-        manifest["finished"] = {"step": finished_step}
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-
-
-def begin_final_save(out: Path):
-    """Note what the folder holds before the final save: if the save is cut short, what appeared
-    since is the save's (and so prefopt's to overwrite or delete)."""
-    manifest = read_manifest(out)
-    manifest["saving_from"] = sorted(p.name for p in out.iterdir())
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def trim_metrics(output_dir: str | Path, lines: int):
@@ -604,31 +442,4 @@ def trim_metrics(output_dir: str | Path, lines: int):
             continue
         kept.append(line + "\n")
     if len(kept) != lines or path.read_text() != "".join(kept):
-        _write_atomic(path, "".join(kept[:lines]))
-
-
-def data_fingerprint(cfg: Config, prepared) -> dict:
-    """What the run trains on: a hash of every local data file named in the config, and of the
-    token ids of each split as prepared (so a changed tokenizer, template or option shows too)."""
-    files = {}
-    for source in cfg.data.train_datasets + cfg.data.eval_datasets:
-        root = Path(source.path).expanduser()
-        paths = [root] if root.is_file() else sorted(
-            p for p in root.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(root).parts))
-        for path in paths if root.exists() else []:
-            files[str(path)] = file_hash(path)
-    out = {"files": files}
-    for split, ds in (("train", prepared.train), ("eval", prepared.eval)):
-        out[split], out[split + "_pairs"] = (_token_hash(ds), len(ds)) if ds is not None else (None, 0)
-    return out
-
-
-def _token_hash(ds) -> str:
-    import pyarrow.compute as pc
-
-    h = xxhash.xxh3_128()
-    for batch in ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).with_format("arrow").iter(4096):
-        for column in batch.columns:
-            h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
-            h.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).tobytes())
-    return h.hexdigest()
+        write_atomic(path, "".join(kept[:lines]))
