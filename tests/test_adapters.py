@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from helpers import ROUND_OFF_REL
 from prefopt.cli import main
 from prefopt.config import build_config
-from prefopt.demo import make_rows, task_corpus
+from prefopt.demo import task_corpus
 from prefopt.errors import PrefoptError
 from prefopt.models import check_saved
 from prefopt.pipeline import train
@@ -21,20 +21,17 @@ from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    chat_tok = train_tokenizer(task_corpus(), vocab_size=300)
-    save_tiny(tiny_model("llama", chat_tok, seed=0), chat_tok, root / "instruct")
+def ws(workspace):
+    """ws/model: an instruct model (ChatML template); ws/data: chat pairs; ws/base: a base model."""
+    root = workspace("adapters", {"train": (8, 0)}, chat=True).root
     # a "base" model: no chat template and no <|im_start|>/<|im_end|> in its vocabulary
     base_tok = train_tokenizer(task_corpus(), vocab_size=300, chat_template=None)
     save_tiny(tiny_model("llama", base_tok, seed=0), base_tok, root / "base")
-    (root / "chat").mkdir()
-    (root / "chat" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(8, 0, chat=True)))
     return root
 
 
-def run(ws, out, model="instruct", **keys):
-    values = {"model_name_or_path": str(ws / model), "dataset_mixer": {str(ws / "chat"): 1.0},
+def run(ws, out, model="model", **keys):
+    values = {"model_name_or_path": str(ws / model), "dataset_mixer": {str(ws / "data"): 1.0},
               "dataset_splits": ["train"], "method": "cpo_simpo", "learning_rate": 2e-2, "max_steps": 5,
               "per_device_train_batch_size": 8, "logging_steps": 1, "output_dir": str(out), "report_to": "none",
               "save_strategy": "no", "use_peft": True, "lora_r": 4, "lora_alpha": 8, "seed": 1, **keys}
@@ -54,7 +51,7 @@ def assert_merged_close(merged, adapter):
 
 @pytest.mark.parametrize("use_peft", [True, False])
 def test_gradient_checkpointing_changes_memory_not_numbers(ws, tmp_path, use_peft):
-    start = AutoModelForCausalLM.from_pretrained(ws / "instruct").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(ws / "model").state_dict()
     plain = run(ws, tmp_path / "plain", use_peft=use_peft)
     ckpt = run(ws, tmp_path / "ckpt", use_peft=use_peft, gradient_checkpointing=True)
     inner = ckpt.trainer.model.get_base_model() if use_peft else ckpt.trainer.model
@@ -121,7 +118,7 @@ def test_an_existing_adapter_is_continued_or_merged_only_when_asked(ws, tmp_path
 
     ids = torch.tensor([[3, 40, 41, 42, 43, 44]])
     with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(ws / "instruct")
+        base = AutoModelForCausalLM.from_pretrained(ws / "model")
         saved = PeftModel.from_pretrained(base, first)(ids).logits
 
     cont = run(ws, tmp_path / "cont", model=first, existing_adapter="continue", max_steps=1, learning_rate=0.0)
@@ -146,15 +143,15 @@ def test_wrong_target_modules_name_the_model_layers(ws, tmp_path):
 
 
 def test_merge_refusals(ws, tmp_path, capsys):
-    assert main(["merge", str(ws / "instruct"), "--output", str(tmp_path / "m")]) == 2
+    assert main(["merge", str(ws / "model"), "--output", str(tmp_path / "m")]) == 2
     assert "holds no adapter_config.json" in capsys.readouterr().err
-    assert main(["merge", str(ws / "instruct")]) == 2
+    assert main(["merge", str(ws / "model")]) == 2
     assert "usage: prefopt merge" in capsys.readouterr().err
 
     adapter = tmp_path / "adapter"
     run(ws, adapter, max_steps=1)
     quantised = tmp_path / "quantised"
-    shutil.copytree(ws / "instruct", quantised)
+    shutil.copytree(ws / "model", quantised)
     config = json.loads((quantised / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (quantised / "config.json").write_text(json.dumps(config))
@@ -165,7 +162,7 @@ def test_merge_refusals(ws, tmp_path, capsys):
 
 def test_check_saved_fails_loudly_on_an_incomplete_model(ws, tmp_path):
     full = tmp_path / "full"
-    shutil.copytree(ws / "instruct", full)
+    shutil.copytree(ws / "model", full)
     assert check_saved(full) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(full).parameters())
     from safetensors.torch import load_file, save_file
 
@@ -197,7 +194,7 @@ def test_check_saved_reads_moe_experts_as_saved_and_only_this_runs_files(ws, tmp
 
     adapter = tmp_path / "adapter"
     run(ws, adapter, max_steps=1)
-    shutil.copy(ws / "instruct" / "model.safetensors", adapter / "model.safetensors")  # a stray full model
+    shutil.copy(ws / "model" / "model.safetensors", adapter / "model.safetensors")  # a stray full model
     n = check_saved(adapter)
     assert n < 50_000  # the adapter's own tensors only
     with pytest.raises(PrefoptError, match="no .safetensors weights were written"):

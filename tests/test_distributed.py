@@ -12,30 +12,31 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import (AFTER_ADAM_REL, ROUND_OFF_REL, assert_adam_weights_close, assert_logged_close, demo_workspace,
-                     free_port)
+from helpers import AFTER_ADAM_REL, ROUND_OFF_REL, assert_adam_weights_close, assert_logged_close, free_port
 from prefopt.tiny import save_tiny, tiny_model
+
+# The run compared across process counts (tests/test_multinode.py runs it across nodes)
+SPLITS = {"train": (32, 0), "test": (12, 1)}
+RUN = dict(
+    method="cpo_simpo",  # a preference term and an NLL term normalised by token count
+    learning_rate=5e-3,
+    max_steps=4,
+    gradient_accumulation_steps=2,
+    logging_steps=1,
+    eval_strategy="steps",
+    eval_steps=2,
+    per_device_eval_batch_size=3,
+    report_to="none",
+    seed=5,
+)
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    tok = demo_workspace(
-        root, {"train": (32, 0), "test": (12, 1)},
-        method="cpo_simpo",  # a preference term and an NLL term normalised by token count
-        learning_rate=5e-3,
-        max_steps=4,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=2,
-        per_device_eval_batch_size=3,
-        save_strategy="no",
-        report_to="none",
-        seed=5,
-    )
-    save_tiny(tiny_model("llama", tok, seed=0, tie_word_embeddings=True), tok, root / "tied")
-    return root
+def ws(workspace):
+    built = workspace("dist", SPLITS, **RUN, save_strategy="no")
+    tok = built.tokenizer
+    save_tiny(tiny_model("llama", tok, seed=0, tie_word_embeddings=True), tok, built.root / "tied")
+    return built.root
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,17 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import demo_workspace, free_port
+from helpers import free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TIMING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalproc")
-    demo_workspace(
-        root, {"train": (8, 0), "test": (15, 1)},  # 15: divides by neither 2 × 2 nor 2 × 8
+def ws(workspace):
+    return workspace(
+        "evalproc", {"train": (8, 0), "test": (15, 1)},  # 15: divides by neither 2 × 2 nor 2 × 8
         method="cpo_simpo",  # an NLL term: eval_loss normalised over all held-out tokens
         max_steps=1,
         per_device_train_batch_size=2,
@@ -32,8 +31,7 @@ def ws(tmp_path_factory):
         save_strategy="no",
         report_to="none",
         seed=1,
-    )
-    return root
+    ).root
 
 
 def _launch(n: int) -> list[str]:

@@ -17,8 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from helpers import demo_workspace
-from prefopt.runs import COMPLETE, checkpoints
+from prefopt.checkpoints import COMPLETE, checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "fault_worker.py")
@@ -28,24 +27,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    demo_workspace(
-        root, {"train": (24, 0), "test": (6, 1)},
-        method="cpo_simpo",
-        learning_rate=5e-3,
+def ws(workspace):
+    return workspace(
+        "faults", {"train": (24, 0), "test": (6, 1)}, method="cpo_simpo", learning_rate=5e-3, seed=3,
         max_steps=8,  # ends mid-epoch (24 pairs, 4 per step)
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=3,  # does not divide max_steps: the final evaluation comes after the loop
-        save_steps=2,
-        save_total_limit=2,
-        report_to="none",
-        seed=3,
-    )
-    return root
+        per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1, report_to="none",
+        eval_strategy="steps", eval_steps=3,  # does not divide max_steps: the final evaluation comes after the loop
+        save_steps=2, save_total_limit=2,
+    ).root
 
 
 def run(ws, out, *extra, fault=None, wait=True, cwd=None):
@@ -454,7 +443,7 @@ def test_resume_refusals_name_the_checkpoint(ws, tmp_path):
 
 
 def test_every_sharding_backends_optimizer_state_counts(tmp_path):
-    from prefopt.runs import has_optimizer_state
+    from prefopt.checkpoints import has_optimizer_state
 
     for name, folder in (("optimizer.pt", False), ("optimizer.bin", False), ("optimizer_0", True),
                          ("optimizer_0_rank0.bin", False), ("global_step4", True)):

@@ -24,36 +24,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import demo_workspace, free_port
-from prefopt.runs import COMPLETE
+from helpers import free_port
+from prefopt.checkpoints import COMPLETE
+from test_distributed import RUN, SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = 2
-LR = 5e-3
+LR = RUN["learning_rate"]
 # values that depend on the wall clock, not on the computation
 TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
           "eval_samples_per_second", "eval_steps_per_second"}
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    """The shared file system: model, data and config."""
-    root = tmp_path_factory.mktemp("multinode")
-    demo_workspace(
-        root, {"train": (32, 0), "test": (12, 1)},
-        method="cpo_simpo",  # a preference term and an NLL term normalised by token count
-        learning_rate=LR,
-        max_steps=4,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=2,
-        per_device_eval_batch_size=3,
-        save_steps=2,  # checkpoints too: their files are among those written once
-        report_to="none",
-        seed=5,
-    )
-    return root
+def ws(workspace):
+    """The shared file system: model, data and config (the run tests/test_distributed.py compares)."""
+    # checkpoints too: their files are among those written once
+    return workspace("multinode", SPLITS, **RUN, save_steps=2).root
 
 
 def node_env(node: Path) -> dict:

@@ -14,11 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import AFTER_ADAM_REL, assert_adam_weights_close, assert_logged_close, demo_workspace, free_port
+from helpers import AFTER_ADAM_REL, assert_adam_weights_close, assert_logged_close, free_port
 from prefopt.config import build_config
 from prefopt.errors import PrefoptError
 from prefopt.pipeline import train
-from prefopt.runs import COMPLETE, checkpoints
+from prefopt.checkpoints import COMPLETE, checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 # values that depend on wall-clock time, not on the computation
@@ -27,24 +27,15 @@ TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second",
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    demo_workspace(
-        root, {"train": (24, 0), "test": (8, 1)},
-        method="cpo_simpo",
-        learning_rate=5e-3,
+def ws(workspace):
+    return workspace(
+        "resume", {"train": (24, 0), "test": (8, 1)}, method="cpo_simpo", learning_rate=5e-3, seed=11,
         max_steps=8,  # 2 epochs of 24 pairs at 6 per step: resuming crosses an epoch boundary
-        per_device_train_batch_size=3,
-        gradient_accumulation_steps=2,
+        per_device_train_batch_size=3, gradient_accumulation_steps=2, report_to="none",
         logging_steps=3,  # logs straddle checkpoints: what was measured but not logged must survive too
-        eval_strategy="steps",
-        eval_steps=4,
-        save_steps=2,
-        save_total_limit=1,  # rotation must never leave nothing complete to resume from
-        report_to="none",
-        seed=11,
-    )
-    return root
+        eval_strategy="steps", eval_steps=4,
+        save_steps=2, save_total_limit=1,  # rotation must never leave nothing complete to resume from
+    ).root
 
 
 def _train(ws, out, kill: str | None = None, processes: int = 1, *extra: str):
@@ -141,10 +132,10 @@ def test_an_output_dir_holding_another_run_is_refused(ws, tmp_path, capsys):
 def _nan_run(ws, tmp_path, monkeypatch, what: str):
     from prefopt.trainer import PreferenceTrainer
 
-    original = PreferenceTrainer._loss
+    original = PreferenceTrainer._step
 
-    def poisoned(self, model, batch, split, counts):
-        loss = original(self, model, batch, split, counts)
+    def poisoned(self, model, batch, split, counts, keep=None):
+        loss = original(self, model, batch, split, counts, keep)
         if split == "train" and self.state.global_step == 2:
             if what == "loss":
                 return loss * float("nan")
@@ -153,7 +144,7 @@ def _nan_run(ws, tmp_path, monkeypatch, what: str):
             return loss + 0 * torch.sqrt(zero)  # the loss stays finite; d√x at 0 is inf, times 0: NaN
         return loss
 
-    monkeypatch.setattr(PreferenceTrainer, "_loss", poisoned)
+    monkeypatch.setattr(PreferenceTrainer, "_step", poisoned)
     out = tmp_path / what
     cfg = build_config({**yaml.safe_load((ws / "config.yaml").read_text()), "output_dir": str(out),
                         "save_steps": 1, "save_total_limit": None})

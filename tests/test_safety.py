@@ -7,32 +7,28 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from prefopt.cli import main
 from prefopt.config import ModelArgs, build_config, load_config
-from prefopt.demo import make_rows, task_corpus
 from prefopt.errors import PrefoptError
 from prefopt.models import load_model, load_tokenizer
-from prefopt.tiny import tiny_model, train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def pickled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safety")
-    tok = train_tokenizer(task_corpus(), vocab_size=300)
-    model = tiny_model("llama", tok, seed=0)
-    (root / "model").mkdir()
-    model.config.save_pretrained(root / "model")
-    torch.save(model.state_dict(), root / "model" / "pytorch_model.bin")  # pickle only
-    tok.save_pretrained(root / "model")
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(8, 0)))
-    return root
+def pickled(workspace):
+    """The tiny workspace with its model's weights as pickle only (pytorch_model.bin)."""
+    ws = workspace("safety", {"train": (8, 0)})
+    safetensors = ws.model / "model.safetensors"
+    torch.save(load_file(safetensors), ws.model / "pytorch_model.bin")
+    safetensors.unlink()
+    return ws.root
 
 
 def test_pickle_only_weights_need_an_explicit_opt_in(pickled, capsys):
     assert not list((pickled / "model").glob("*.safetensors"))
     args = ["train", "--model_name_or_path", str(pickled / "model"), "--dataset_mixer",
-            json.dumps({str(pickled / "train.jsonl"): 1.0}), "--method", "simpo", "--max_steps", "1",
+            json.dumps({str(pickled / "data" / "train.jsonl"): 1.0}), "--method", "simpo", "--max_steps", "1",
             "--report_to", "none", "--output_dir", str(pickled / "out")]
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -9,8 +9,6 @@ import pytest
 
 from prefopt.cli import main
 from prefopt.config import load_config
-from prefopt.demo import make_rows, task_corpus
-from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
 
 SEEDS = Path(__file__).parent / "fixtures" / "seed_configs"
 TRAINS = ["phi3-mini4k-cpo-simpo.yaml", "mistral-7b-base-simpo.yaml", "llama3-8b-instruct-simpo.yaml",
@@ -21,29 +19,19 @@ REFUSES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tok = train_tokenizer(task_corpus(), vocab_size=300)
-    return save_tiny(tiny_model("llama", tok), tok, tmp_path_factory.mktemp("seedmodel") / "m")
-
-
-def local_data(root: Path, splits) -> Path:
-    """A folder with one jsonl per split the config names (train_prefs.jsonl, test.jsonl, ...)."""
-    folder = root / "data"
-    folder.mkdir()
-    for i, split in enumerate(splits):
-        rows = make_rows(16, seed=i, chat=True)
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+def local(workspace, cfg):
+    """The tiny model, and chat pairs in one jsonl per split the config names (train_prefs.jsonl,
+    test.jsonl, ...)."""
+    splits = [s.split for s in cfg.data.train_datasets + cfg.data.eval_datasets]
+    return workspace("seed", {split: (16, i) for i, split in enumerate(splits)}, chat=True)
 
 
 @pytest.mark.parametrize("name", TRAINS)
-def test_seed_config_trains_with_model_and_data_overrides(name, model_dir, tmp_path, monkeypatch):
+def test_seed_config_trains_with_model_and_data_overrides(name, workspace, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the seeds' relative output_dirs land here
     cfg = load_config(SEEDS / name)
-    splits = [s.split for s in cfg.data.train_datasets + cfg.data.eval_datasets]
-    data = local_data(tmp_path, splits)
-    argv = ["train", str(SEEDS / name), "--model_name_or_path", str(model_dir), "--dataset_mixer", f"{{{data}: 1.0}}"]
+    ws = local(workspace, cfg)
+    argv = ["train", str(SEEDS / name), "--model_name_or_path", str(ws.model), "--dataset_mixer", f"{{{ws.data}: 1.0}}"]
     assert main(argv) == 0
     out = tmp_path / cfg.training.output_dir
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -61,13 +49,13 @@ def test_seed_config_that_needs_more_stops_before_loading(name, tmp_path, monkey
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_the_diversity_seed_trains_with_its_term(model_dir, tmp_path, monkeypatch):
+def test_the_diversity_seed_trains_with_its_term(workspace, tmp_path, monkeypatch):
     """(Its report_to wandb is refused above when wandb is not installed; without a tracker it trains.)"""
     monkeypatch.chdir(tmp_path)
     name = "elyza-llama3-diversity-simpo.yaml"
     cfg = load_config(SEEDS / name)
-    data = local_data(tmp_path, [s.split for s in cfg.data.train_datasets + cfg.data.eval_datasets])
-    argv = ["train", str(SEEDS / name), "--model_name_or_path", str(model_dir), "--dataset_mixer", f"{{{data}: 1.0}}",
+    ws = local(workspace, cfg)
+    argv = ["train", str(SEEDS / name), "--model_name_or_path", str(ws.model), "--dataset_mixer", f"{{{ws.data}: 1.0}}",
             "--report_to", "none", "--max_steps", "2", "--logging_steps", "1"]
     assert main(argv) == 0
     lines = [json.loads(l) for l in (tmp_path / cfg.training.output_dir / "metrics.jsonl").read_text().splitlines()]
