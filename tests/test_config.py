@@ -461,3 +461,21 @@ def test_csv_text_columns_are_read_as_text(tmp_path):
     train, _ = load_raw(load_config(write(tmp_path, f"method: simpo\ndataset_name: {path}")).data, seed=0)
     assert [(r["prompt"], r["chosen"], r["rejected"]) for r in train] == [
         ("Say zero", "0", "1"), ("Say seven", "007", "7"), ("Say NA", "NA", "N/A")]
+
+
+def test_explain_rows_keep_their_order_and_each_method_its_refusals():
+    # scale and margins, then the NLL rows, then α and ε — as before the hyperparameters became generic
+    rows = [line.split("  ")[1].strip() for line in explain(build_config({"method": "cpo_simpo"})).splitlines()[3:10]]
+    assert rows == ["β", "γ (absolute)", "γ/β", "NLL weight", "log-probs", "AlphaPO α", "label smoothing ε"]
+    # the first refusal is alpha's, then label smoothing's (the old order of the checks)
+    with pytest.raises(PrefoptError, match="orpo has no reward-shape parameter; remove alpha"):
+        build_config({"method": "orpo", "alpha": 0.5, "label_smoothing": 0.1})
+    # RePO's margin is gamma: the RePO repository's own spelling gets a message that says so
+    with pytest.raises(PrefoptError, match="repo's only hyperparameter is the absolute margin gamma"):
+        build_config({"method": "repo", "gamma_beta_ratio": 0.6})
+    with pytest.raises(PrefoptError, match="simper has no β; remove beta"):
+        build_config({"method": "simper", "beta": 2.0})
+    # null means "the method's default" for the hyperparameters that have one, not for ε
+    assert build_config({"method": "simpo", "beta": None}).objective.beta == 2.0
+    with pytest.raises(PrefoptError, match="label_smoothing must be in"):
+        build_config({"method": "simpo", "label_smoothing": None})

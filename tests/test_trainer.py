@@ -127,3 +127,25 @@ def test_scoring_through_the_models_own_head_equals_the_chunked_head(tmp_path, a
     assert len(g0) > 5
     assert_grads_close(g1, g0)
     assert_logged_close(m0, m1, m0.keys(), ROUND_OFF_REL)
+
+
+def test_prompt_tokens_enter_the_nll_only_where_the_method_spans_the_prompt(tmp_path):
+    """A collator that scores the prompt's tokens too changes nothing for an NLL over the chosen
+    completion (cpo_simpo); ORPO's NLL spans them."""
+    from prefopt.collate import PaddedCollator
+    from prefopt.step import loss, score
+
+    pairs = [dict(p) for p in random_pairs(4, seed=5)]
+    nll = {}
+    for method in ("cpo_simpo", "orpo"):
+        model = tiny_random_model("llama", seed=1)
+        trainer = make_trainer(model, {"method": method}, tmp_path / method)
+        for with_prompt in (False, True):
+            batch = PaddedCollator(pad_token_id=0, score_prompt=with_prompt)(pairs)
+            step = loss(score(model, batch, trainer.scorer(model)), trainer.step_objective)
+            nll[method, with_prompt] = (step.nll.item(), int(step.nll_tokens))
+    assert nll["cpo_simpo", True] == nll["cpo_simpo", False]
+    completion_tokens = sum(len(p["chosen_ids"]) for p in pairs)
+    prompt_tokens = sum(len(p["prompt_ids"]) - 1 for p in pairs)  # the first prompt token is never predicted
+    assert nll["orpo", False][1] == completion_tokens
+    assert nll["orpo", True][1] == completion_tokens + prompt_tokens

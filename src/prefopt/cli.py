@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == "0":
             print("prefopt: interrupted (Ctrl-C).", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`prefopt config explain | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's flush at exit is quiet
+        return 141  # as a shell reports a command ended by SIGPIPE
 
 
 if __name__ == "__main__":

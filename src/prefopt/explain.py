@@ -43,16 +43,17 @@ def explain(cfg: Config) -> str:
         ("formula", loss_formula(cfg)),
     ]
     allowed = takes(o.method, o.loss_type)
+    hyper = {True: [], False: []}  # scale and margins first, then the NLL rows, then the rest
     for name, f in HYPERPARAMETERS.items():
         if name not in allowed:
             continue
         if name == "gamma_beta_ratio":  # the margin as the paper states it too
-            rows.append(("γ (absolute)", f"{o.gamma_beta_ratio * o.beta:g}"))
-        rows.append((spec.labels.get(name, f.metadata["label"]), f"{getattr(o, name):g}"))
-    rows += [
+            hyper[True].append(("γ (absolute)", f"{o.gamma_beta_ratio * o.beta:g}"))
+        hyper[f.metadata["main"]].append((spec.labels.get(name, f.metadata["label"]), f"{getattr(o, name):g}"))
+    rows += hyper[True] + [
         ("NLL weight", f"{o.nll_weight:g}" + (f" (over {spec.nll_span})" if o.nll_weight else " (no NLL term)")),
         ("log-probs", f"{cfg.reduction} over completion tokens"),
-    ]
+    ] + hyper[False]
     if o.diversity_weight:
         rows.append(("diversity", f"weight {o.diversity_weight:g}, alpha {o.diversity_alpha:g}"))
     m, d, t = cfg.model, cfg.data, cfg.training

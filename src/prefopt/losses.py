@@ -46,33 +46,36 @@ class Pairs:
 
 def _hyper(default: float, help: str, label: str, low: float | None = 0.0, low_open: bool = False,
            high: float | None = None, high_open: bool = False, note: str = "",
-           refusal: str = "{method} does not use {name}; remove it.") -> field:
+           refusal: str = "{method} does not use {name}; remove it.", main: bool = False, nullable: bool = True) -> field:
     """A hyperparameter: `label` is its row in `config explain`; `default` is its neutral value (what a method that does not take it uses);
     `low`/`high` its range and `note` what config's value check adds to its message; `refusal`
-    what a user who sets it for a method that does not take it is told."""
+    what a user who sets it for a method that does not take it is told (a method may say it better:
+    `Method.refusals`). `main`: shown before the NLL rows in `config explain` (scale and margins);
+    `nullable`: whether `null` means "the method's default" (else it is refused as a value)."""
     return field(default=default, metadata=dict(help=help, label=label, low=low, low_open=low_open, high=high,
-                                                high_open=high_open, note=note, refusal=refusal))
+                                                high_open=high_open, note=note, refusal=refusal, main=main,
+                                                nullable=nullable))
 
 
 @dataclass(frozen=True)
 class Hyper:
     """The objective's hyperparameters, under the papers' names."""
 
-    beta: float = _hyper(1.0, "β: reward scale (λ for ORPO).", "β", low_open=True,
+    beta: float = _hyper(1.0, "β: reward scale (λ for ORPO).", "β", low_open=True, main=True,
                          refusal="{method} has no β; remove beta.")
     gamma_beta_ratio: float = _hyper(
-        0.0, "γ/β: target margin over β (SimPO family).", "γ/β", note="0: no target margin",
+        0.0, "γ/β: target margin over β (SimPO family).", "γ/β", note="0: no target margin", main=True,
         refusal="{method} has no target margin; remove gamma_beta_ratio/simpo_gamma or use simpo.")
-    label_smoothing: float = _hyper(
-        0.0, "ε: assumed label-noise rate (sigmoid).", "label smoothing ε", high=0.5, high_open=True,
-        note="at 0.5 chosen and rejected would count the same",
-        refusal="label_smoothing applies to the sigmoid loss only; remove it or use loss_type sigmoid.")
+    gamma: float = _hyper(0.0, "γ: absolute target margin of mean log-probs (RePO).", "γ", note="0: no margin",
+                          main=True, refusal="{method} takes no absolute margin gamma; remove it (SimPO's margin "
+                                             "is gamma_beta_ratio).")
     alpha: float = _hyper(0.0, "AlphaPO reward shape α (0: log-prob reward).", "AlphaPO α", low=None,
                           note="AlphaPO's reward shape; 0: the log-prob reward",
                           refusal="{method} has no reward-shape parameter; remove alpha.")
-    gamma: float = _hyper(0.0, "γ: absolute target margin of mean log-probs (RePO).", "γ", note="0: no margin",
-                          refusal="{method} takes no absolute margin gamma; remove it (SimPO's margin is "
-                                  "gamma_beta_ratio).")
+    label_smoothing: float = _hyper(
+        0.0, "ε: assumed label-noise rate (sigmoid).", "label smoothing ε", high=0.5, high_open=True,
+        note="at 0.5 chosen and rejected would count the same", nullable=False,
+        refusal="label_smoothing applies to the sigmoid loss only; remove it or use loss_type sigmoid.")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -261,6 +264,7 @@ class Method:
     nll_span: str  # what the NLL term covers when nll_weight > 0: "completion" | "prompt+completion"
     defaults: dict[str, float] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)  # a hyperparameter's name in this method's paper
+    refusals: dict[str, str] = field(default_factory=dict)  # what a user who sets one it does not take is told
     # the published recipes' ranges, for the warnings before training (None: no advice)
     full_lr: tuple[float, float] | None = None  # learning rate for full fine-tuning
     beta_range: tuple[float, float] | None = None
@@ -315,7 +319,10 @@ METHODS: dict[str, Method] = {
     # γ = 0.6: the authors' released Llama-3-8B-Instruct recipe (their SimPO-derived trainer reads it
     # from gamma_beta_ratio as the absolute margin; β there only scales the logged rewards).
     "repo": Method("RePO (ReLU on the mean log-prob margin)", "arXiv 2503.07426", losses={"repo": "mean"},
-                   nll_span="completion", defaults={"gamma": 0.6, "nll_weight": 0.0}),
+                   nll_span="completion", defaults={"gamma": 0.6, "nll_weight": 0.0},
+                   refusals={name: f"repo's only hyperparameter is the absolute margin gamma; remove {name} (the "
+                                   "RePO repository's configs give that margin as gamma_beta_ratio: write it as "
+                                   "gamma)." for name in ("beta", "gamma_beta_ratio")}),
 }
 
 
@@ -332,6 +339,8 @@ def _check_tables():
             ignored = m.takes - LOSSES[shape].uses
             assert not ignored, f"METHODS[{name!r}] takes {sorted(ignored)}, which loss {shape!r} ignores"
         assert set(m.labels) <= m.takes, f"METHODS[{name!r}].labels names a hyperparameter it does not take"
+        assert not set(m.refusals) & m.takes, f"METHODS[{name!r}].refusals names a hyperparameter it takes"
+        assert set(m.refusals) <= set(HYPERPARAMETERS), f"METHODS[{name!r}].refusals names an unknown key"
 
 
 _check_tables()

@@ -54,7 +54,7 @@ class MetricSums:
         self.add(split, "logits/rejected", scores.logit_sum[K:].sum(), tokens[K:].sum())
         # TRL's nll_loss is the NLL term's value: 0 when the method has no NLL term.
         if step.nll is not None:
-            self.add(split, "nll_loss", scores.nll_sum, scores.nll_tokens)
+            self.add(split, "nll_loss", step.nll_sum, step.nll_tokens)
         else:
             self.add(split, "nll_loss", torch.zeros(()), 1)
         if scores.aux_loss is not None:

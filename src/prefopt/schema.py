@@ -125,6 +125,7 @@ def _objective_fields() -> list:
     the method's default, or the neutral value where the method does not take it), and the terms
     composed around the preference loss."""
     hyper = [(f.name, float | None, field(default=None, metadata={"help": f.metadata["help"]}))
+             if f.metadata["nullable"] else (f.name, float, field(default=f.default, metadata={"help": f.metadata["help"]}))
              for f in dataclasses.fields(Hyper)]
     return [
         ("method", str | None, field(default=None, metadata={"help": ", ".join(METHODS) + "."})),

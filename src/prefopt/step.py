@@ -39,6 +39,7 @@ class Objective:
     hyper: Hyper
     reduction: str  # "mean" or "sum" of log-probs over completion tokens
     nll_weight: float
+    nll_over_prompt: bool  # the NLL term spans the chosen prompt's tokens too (ORPO)
     diversity_weight: float = 0.0
     diversity_alpha: float = 0.0
     aux_coef: float = 0.0  # the MoE router's load-balancing weight (0: no router loss)
@@ -47,8 +48,9 @@ class Objective:
     def of(cls, objective, aux_coef: float = 0.0) -> "Objective":
         """From a resolved `config.ObjectiveArgs` (and the model's router weight)."""
         o = objective
-        return cls(loss=LOSSES[o.loss_type], hyper=Hyper.from_objective(o),
-                   reduction=METHODS[o.method].losses[o.loss_type], nll_weight=o.nll_weight,
+        method = METHODS[o.method]
+        return cls(loss=LOSSES[o.loss_type], hyper=Hyper.from_objective(o), reduction=method.losses[o.loss_type],
+                   nll_weight=o.nll_weight, nll_over_prompt=method.nll_span == "prompt+completion",
                    diversity_weight=o.diversity_weight, diversity_alpha=o.diversity_alpha, aux_coef=aux_coef)
 
 
@@ -75,21 +77,21 @@ class Counts:
         return cls.from_tensor(torch.stack([c.as_tensor(device) for c in counts]).sum(0))
 
     @classmethod
-    def of(cls, scores: "Scores") -> "Counts":
+    def of(cls, scores: "Scores", objective: Objective) -> "Counts":
         """One micro-batch's own counts (evaluation, a direct call): the micro-batch is the whole step."""
-        return cls(scores.pairs, scores.nll_tokens, scores.entropy_tokens, scores.kl_positions)
+        return cls(scores.pairs, scores.nll(objective.nll_over_prompt)[1], scores.entropy_tokens, scores.kl_positions)
 
 
-def nll_positions(batch: dict) -> Tensor:
-    """The scored positions of the NLL term: every scored position of a chosen sequence. (The
-    collator scores prompt tokens only when the objective's NLL term spans the prompt, ORPO's.)"""
-    return batch["score_seq"] < len(batch["row"])
+def nll_positions(batch: dict, over_prompt: bool) -> Tensor:
+    """The scored positions of the NLL term: a chosen sequence's completion tokens, and its prompt's
+    where the term spans the prompt (the collator scores prompt tokens only then)."""
+    return (batch["score_seq"] < len(batch["row"])) & (batch["score_is_completion"] | over_prompt)
 
 
 def count(batch: dict, objective: Objective) -> Counts:
     """One micro-batch's share of the optimizer step's normalisers."""
     div = diversity_counts(batch) if objective.diversity_weight else (0, 0)
-    return Counts(len(batch["row"]), int(nll_positions(batch).sum()), *div)
+    return Counts(len(batch["row"]), int(nll_positions(batch, objective.nll_over_prompt).sum()), *div)
 
 
 @dataclass
@@ -100,8 +102,7 @@ class Scores:
     logp_sum: Tensor  # [2K] Σ log p over each completion's tokens, differentiable
     tokens: Tensor  # [2K] completion tokens of each sequence
     logit_sum: Tensor  # [2K] Σ over its completion tokens of the mean logit over the vocabulary, detached
-    nll_sum: Tensor  # () −Σ log p over the NLL positions of the kept pairs
-    nll_tokens: Tensor  # () how many
+    nll_sums: dict  # over_prompt (False, True) → (−Σ log p over the NLL positions of the kept pairs, how many)
     aux_loss: Tensor | None = None  # the MoE router's load-balancing loss of the forward
     entropy_sum: Tensor | None = None  # Σ entropy over the chosen completion positions (diversity term)
     kl_sum: Tensor | None = None  # Σ KL(p_rejected ‖ p_chosen) over the aligned positions
@@ -111,6 +112,10 @@ class Scores:
     @property
     def pairs(self) -> int:
         return self.logp_sum.shape[0] // 2
+
+    def nll(self, over_prompt: bool) -> tuple[Tensor, Tensor]:
+        """The NLL sum and its positions: over the chosen completions, or with their prompts too."""
+        return self.nll_sums[over_prompt]
 
 
 @dataclass(frozen=True)
@@ -147,13 +152,14 @@ def score(model, batch: dict, scorer: Scorer, keep: int | None = None) -> Scores
     tok, aux = scorer(model, batch, rows)
     logp_sum, tokens = per_sequence(tok.logps, seq, completion, 2 * B)
     logit_sum, _ = per_sequence(tok.mean_logits, seq, completion, 2 * B)
-    nll_mask = nll_positions(batch)
+    nll_sums = {}
+    for over_prompt in (False, True):
+        mask = nll_positions(batch, over_prompt) & (seq < keep)
+        nll_sums[over_prompt] = -(tok.logps * mask).sum(), mask.sum()
     if keep < B:
-        nll_mask = nll_mask & (seq < keep)
         live = torch.cat([torch.arange(keep), B + torch.arange(keep)]).to(logp_sum.device)
         logp_sum, tokens, logit_sum = logp_sum[live], tokens[live], logit_sum[live]
-    return Scores(logp_sum=logp_sum, tokens=tokens.detach(), logit_sum=logit_sum, nll_sum=-(tok.logps * nll_mask).sum(),
-                  nll_tokens=nll_mask.sum(), aux_loss=aux, entropy_sum=tok.entropy_sum, kl_sum=tok.kl_sum,
+    return Scores(logp_sum=logp_sum, tokens=tokens.detach(), logit_sum=logit_sum, nll_sums=nll_sums, aux_loss=aux, entropy_sum=tok.entropy_sum, kl_sum=tok.kl_sum,
                   entropy_tokens=len(rows.chosen) if tok.entropy_sum is not None else 0,
                   kl_positions=len(rows.pairs_c) if tok.entropy_sum is not None else 0)
 
@@ -169,6 +175,8 @@ class Step:
     rejected_rewards: Tensor
     extras: dict  # the loss's own per-pair metrics
     nll: Tensor | None  # the NLL term's value (None: the objective has none)
+    nll_sum: Tensor  # () −Σ log p over this micro-batch's NLL positions (the objective's span)
+    nll_tokens: Tensor  # () how many
 
 
 def _mean(total, n) -> Tensor:
@@ -181,8 +189,9 @@ def loss(scores: Scores, objective: Objective, counts: Counts | None = None) -> 
     logps = scores.logp_sum / scores.tokens.clamp(min=1) if o.reduction == "mean" else scores.logp_sum
     pairs = Pairs(logps[:K], logps[K:], scores.tokens[:K], scores.tokens[K:])
     losses, chosen_rewards, rejected_rewards, extras = o.loss.fn(pairs, o.hyper)
-    counts = Counts.of(scores) if counts is None else counts
-    nll = _mean(scores.nll_sum, counts.nll_tokens) if o.nll_weight else None
+    counts = Counts.of(scores, o) if counts is None else counts
+    nll_sum, nll_tokens = scores.nll(o.nll_over_prompt)
+    nll = _mean(nll_sum, counts.nll_tokens) if o.nll_weight else None
     total = losses.sum() / counts.pairs + (o.nll_weight * nll if o.nll_weight else 0.0)
     if scores.aux_loss is not None:
         total = total + o.aux_coef * scores.aux_loss * (K / counts.pairs)
@@ -190,7 +199,7 @@ def loss(scores: Scores, objective: Objective, counts: Counts | None = None) -> 
         a = o.diversity_alpha
         total = total + o.diversity_weight * (-a * _mean(scores.entropy_sum, counts.div_tokens)
                                               + (1 - a) * _mean(scores.kl_sum, counts.div_positions))
-    return Step(total, losses, pairs, chosen_rewards, rejected_rewards, extras, nll)
+    return Step(total, losses, pairs, chosen_rewards, rejected_rewards, extras, nll, nll_sum, nll_tokens)
 
 
 def logged_losses(logs: dict, prefix: str, objective: Objective, split: str):

@@ -51,7 +51,8 @@ class PreferenceTrainer(Trainer):
         self._pending_resume = None
         self.stop_at_step, self._saved_at_step = None, None  # a signal's stop (stopping.py)
         self._loss_sum_before, self._steps_before = 0.0, 0  # what a resumed run did before its checkpoint
-        self.callback_handler.callbacks.insert(0, _TrainBegins(self))
+        self.callback_handler.callbacks.insert(0, _ChooseScorer(self))
+        self.add_callback(_ApplyResume(self))
         self.add_callback(FiniteGuard(self))
 
     # -- the Trainer's private state, read and written here only -------------------------------------
@@ -84,8 +85,8 @@ class PreferenceTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        counts = Counts.total([count(b, self.step_objective) for b in batches], device)
-        counts = Counts.from_tensor(self.accelerator.reduce(counts.as_tensor(device), reduction="sum"))
+        counts = Counts.total([count(b, self.step_objective) for b in batches]).as_tensor(device)  # one copy
+        counts = Counts.from_tensor(self.accelerator.reduce(counts, reduction="sum"))
         return batches, counts  # reaches compute_loss as `num_items_in_batch`
 
     def _step(self, model, batch, split: str, counts: Counts | None, keep: int | None = None):
@@ -97,7 +98,8 @@ class PreferenceTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # DDP/DeepSpeed/FSDP average gradients over processes; the factor turns that mean back into the
         # sum over all pairs, which the step's global counts then normalise.
-        loss_ = self.accelerator.num_processes * self._step(model, inputs, "train", num_items_in_batch)
+        world = self.accelerator.num_processes if num_items_in_batch is not None else 1  # a direct call: its own step
+        loss_ = world * self._step(model, inputs, "train", num_items_in_batch)
         self._step_rows.extend(zip(inputs["source"], inputs["row"]))
         if self.is_deepspeed_enabled:  # DeepSpeed steps inside backward: judge the loss before it
             if not torch.isfinite(loss_.detach()):
@@ -188,7 +190,7 @@ class PreferenceTrainer(Trainer):
         Trainer's running loss and the last logged step; and the loss sum logged so far (for the
         whole run's train_loss)."""
         private = self._private_state()
-        running = private["tr_loss"].detach() / self.accelerator.num_processes
+        running = private["tr_loss"].detach().double() / self.accelerator.num_processes
         sums, (tr_loss,) = self.metrics.state(lambda t: self.accelerator.reduce(t, reduction="sum"), self.args.device,
                                               [running])
         return {"metric_sums": sums, "tr_loss": tr_loss, "last_logged": private["last_logged"],
@@ -301,15 +303,25 @@ class FiniteGuard(TrainerCallback):
             raise tr._non_finite(state.global_step + 1, "loss" if not loss_ok else "gradient", rows)
 
 
-class _TrainBegins(TrainerCallback):
-    """When training begins (the model wrapped and, under ZeRO-3, partitioned): the scorer chosen and
-    said — before the progress bar starts, this being the first callback — and a resume's state put back."""
+class _ChooseScorer(TrainerCallback):
+    """When training begins (the model wrapped and, under ZeRO-3, partitioned), the scorer is chosen
+    and said — the first callback, so before the progress bar starts."""
 
     def __init__(self, trainer: "PreferenceTrainer"):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.scorer(self.trainer.model_wrapped)
+
+
+class _ApplyResume(TrainerCallback):
+    """After the trackers' own on_train_begin (so what they created is recorded as the run's): a
+    resume's state put back."""
+
+    def __init__(self, trainer: "PreferenceTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._apply_resume()
         if state.is_world_process_zero and Path(args.output_dir).is_dir():
             record_written(Path(args.output_dir))  # what the trackers created (runs/) is the run's
