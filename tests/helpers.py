@@ -157,26 +157,3 @@ def assert_adam_weights_close(reference: dict, other: dict, lr: float, steps: in
         moved = sum(int(((w - start[name]).abs() > 100 * bulk).sum()) for name, w in reference.items())
         assert moved > sum(w.numel() for w in reference.values()) / 2
 
-
-def demo_workspace(root, splits: dict[str, tuple[int, int]], **config):
-    """A tiny Llama with a tokenizer trained on the demo task (root/model), demo pairs as
-    root/data/<split>.jsonl ({split: (pairs, seed)}), and root/config.yaml training on them; the
-    tokenizer is returned for more models."""
-    import json
-    from pathlib import Path
-
-    import yaml
-
-    from prefopt.demo import make_rows, task_corpus
-    from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
-
-    root = Path(root)
-    tok = train_tokenizer(task_corpus(), vocab_size=300)
-    save_tiny(tiny_model("llama", tok, seed=0), tok, root / "model")
-    (root / "data").mkdir()
-    for split, (n, seed) in splits.items():
-        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
-    config = {"model_name_or_path": str(root / "model"), "dataset_mixer": {str(root / "data"): 1.0},
-              "dataset_splits": list(splits), **config}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    return tok

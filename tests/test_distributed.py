@@ -135,9 +135,9 @@ def test_accelerate_deepspeed_configs_run(ws, single, tmp_path, config, stage):
 
 @pytest.mark.parametrize("diversity", [False, True])
 def test_lora_with_checkpointing_under_zero3_equals_one_process(ws, tmp_path, diversity):
-    """A frozen head partitioned by ZeRO-3 is gathered by the fused head path itself (called as a
-    module inside a checkpoint, ZeRO-3 did not gather it again for the recompute); the diversity
-    path recomputes its chunks from a gathered copy."""
+    """A frozen head partitioned by ZeRO-3 is gathered by the fused head kernels themselves (called
+    as a module inside a checkpoint, ZeRO-3 did not gather it again for the recompute), the diversity
+    term's kernel included."""
     (ws / "ds_zero3.json").write_text(json.dumps(ZERO3))
     lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--gradient_checkpointing", "true"]
     if diversity:

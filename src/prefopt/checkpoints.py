@@ -4,7 +4,8 @@ and which to rotate out.
     checkpoint-N/
       prefopt_checkpoint_writing     while prefopt writes it (the Trainer's save is under way)
       prefopt_checkpoint_complete    once every process has written it: {"step": N, "files": {name: [size, xxh3]}}
-    checkpoint-N.set-aside[-k]/      one of ours that a resume went back past (never deleted by prefopt)
+    checkpoint-N.set-aside[-k]/      one of ours that a resume skipped (damaged, no optimizer state) or went back past
+                                   (never deleted by prefopt)
 
 A checkpoint is complete only once its mark is in place, so a run killed while saving leaves a
 folder without one; the sizes and hashes in the mark show a checkpoint damaged later. Folders

@@ -1,6 +1,6 @@
 """Configuration: one flat YAML plus `--key value` overrides → composed dataclasses.
 
-    cfg = load_config("configs/simpo.yaml", ["--beta", "2.5"])
+    cfg = load_config("configs/simpo-llama3-8b-instruct.yaml", ["--beta", "2.5"])
     print(explain(cfg))
 
 The YAML may be written in any of the dialects users already have — TRL `CPOConfig`/
@@ -12,6 +12,7 @@ key (with the nearest valid one suggested). Training keys are `transformers.Trai
 
 `build_config` reads a mapping in this order, each step in its own module:
 
+    here                       unknown keys refused, the nearest valid one suggested
     dialects.check_spellings   two names of one key, or two forms of the data, refused
     values.check_values        every number read as its type and checked against its range
     dialects.canonical         other tools' spellings → canonical keys (one table, `SPELLINGS`)
@@ -23,8 +24,8 @@ key (with the nearest valid one suggested). Training keys are `transformers.Trai
                                the rules between keys (`_validate`)
 
 `yamlfile` reads the text (UTF-8, three refusals of its own) and `explain` shows and saves the
-result. The names other modules import from here (the dataclasses, `explain`, `resolved_dict`,
-`save_resolved`, `OBJECTIVE_KEYS`) are re-exported.
+result. The names other modules import from here (the dataclasses, `explain`, `loss_formula`,
+`resolved_dict`, `save_resolved`, `OBJECTIVE_KEYS`) are re-exported.
 """
 
 import dataclasses
@@ -144,6 +145,10 @@ def _resolve_objective(where: str, obj: ObjectiveArgs) -> ObjectiveArgs:
     if method is None and loss_type is None:
         _fail(where, f"no objective given: set method to one of {', '.join(METHODS)}.")
     if method is None:
+        owners = [name for name, m in METHODS.items() if loss_type in m.losses]
+        if owners:  # a shape of prefopt's own that no other tool's spelling names
+            _fail(where, f"loss_type {loss_type!r} is the loss of method {' or '.join(owners)}: set method "
+                         f"({owners[0]}) too.")
         _fail(where, f"loss_type {loss_type!r} is not known; use sigmoid, hinge or ipo, or set method "
                      f"to one of {', '.join(METHODS)}.")
     if method not in METHODS:

@@ -21,9 +21,11 @@ What minimising it does to the policy:
 
 This module holds the mathematics only: which positions pair up (`aligned_pairs`), how many the
 optimizer step's means divide by (`counts`), and the two terms of a row of log-probabilities
-(`entropy`, `kl`). The scorer (`scoring.ModuleHead`, `scoring.OwnHead`) forms every position's
-logits once — in chunks that keep each aligned pair together, recomputed in backward — and applies
-them: no [batch, seq, vocab] tensor, no second forward.
+(`entropy`, `kl`). The scorers apply them: `scoring.ModuleHead` (checkpointed chunks that keep each
+aligned pair together, recomputed in backward) and `scoring.OwnHead` (the model's own logits) call
+`entropy` and `kl`; `scoring.FusedHead` forms the same sums and their gradients inside
+`logprobs._FusedHeadDiversity`, from the same chunks (`logprobs.diversity_groups`). No
+[batch, seq, vocab] tensor, no second forward.
 """
 
 import torch

@@ -1,6 +1,6 @@
 """Judge a trained model: preference metrics on held-out pairs, and what it generates.
 
-    prefopt eval --model DIR --data FILE_OR_FOLDER [--split test] [--model DIR2 ...]
+    prefopt eval --model DIR [--model DIR2 ...] [--data FILE_OR_FOLDER [--split test]]
                  [--prompts FILE] [--reward_model DIR] [--output report.json] [--alpaca_eval DIR]
     prefopt generate --model DIR [--prompt TEXT ... | --prompts FILE] [--output FILE]   (none: chat)
 
@@ -68,7 +68,7 @@ def preference_metrics(model_dir: str, data: str, split: str, objective: dict, b
             "len_rejected": []}
     with torch.no_grad():
         for batch in tqdm(trainer.get_eval_dataloader(Dataset.from_list(list(pairs))), desc="scoring pairs"):
-            batch = trainer._prepare_inputs(batch)
+            batch = trainer.on_device(batch)
             # under several processes: this process's share, without the sampler's padding duplicates
             scores = score(model, batch, trainer.scorer(model), trainer.eval_pairs_kept(len(batch["row"])))
             result = loss(scores, trainer.step_objective)

@@ -5,9 +5,9 @@
 datasets keys a map by the mapped function alone, not by the helpers it calls, so a changed
 helper would silently reuse columns computed by older code (a run in a folder tokenized by older
 code failed on a missing column). The key is the input's fingerprint, the source of every data
-module and the map's own options. The data modules (`DATA_MODULES`) are every prefopt module that
-`data` imports, directly or through another, except `config` (its values enter the keys as
-options) and `errors`; `tests/test_data.py` fails when one is missing from the list.
+module and the map's own options. The data modules (`DATA_MODULES`) are every prefopt module reached
+from `data` by following its imports, without following `config` (its values enter the keys as
+options) or `errors`; `tests/test_data.py` fails when one is missing from the list.
 """
 
 import hashlib

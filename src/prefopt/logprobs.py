@@ -1,8 +1,8 @@
 """Log-probs of the scored tokens, through the LM head in chunks: the [B, T, V] logits never exist.
 
     hidden = model(..., output_hidden_states=True, logits_to_keep=1).hidden_states[-1]   # [R, T, H]
-    tok = token_logps(hidden, batch["score_index"], batch["score_target"], head, head_fn)
-    seq = per_sequence(tok.logps, batch["score_seq"], mask, num_seqs)                   # [S]
+    tok = token_logps(hidden, batch["score_index"], batch["score_target"], head, transform, chunk)
+    sums, counts = per_sequence(tok.logps, batch["score_seq"], mask, num_seqs)          # [S] each
 
 Only the N positions a loss needs go through the head, `chunk` at a time; each chunk's logits are
 formed in fp32, reduced to one log-prob and dropped. Backward recomputes them chunk by chunk, so
@@ -15,6 +15,9 @@ extra head matmul. Two implementations of the same function:
 - `torch.utils.checkpoint` around the head *module*, for heads that must be called as modules:
   ZeRO-3 gathers partitioned weights in the module's hooks, LoRA or quantization replace the
   linear, and Gemma-2's soft-cap is a non-linear step after it.
+- With the diversity term, the same two forms over `diversity_groups`' chunks (each aligned
+  chosen/rejected pair in one chunk): `_FusedHeadDiversity` and `scoring.score_with_diversity`,
+  which also return Σ entropy and Σ KL.
 """
 
 from contextlib import nullcontext

@@ -9,11 +9,11 @@ says — and the completion token counts) and the objective's hyperparameters as
 
 all [B], unreduced, in float32; the rewards (and extras, logged under their names) are
 detached. `step.loss` composes the total in its one place: Σ losses / pairs + nll_weight · NLL
-(+ the MoE and diversity terms); nothing here knows about batches, tokens positions or models.
+(+ the MoE and diversity terms); nothing here knows about batches, token positions or models.
 
-`Hyper` is the one list of hyperparameters: each field carries its help text, its symbol, its
-range and its neutral value, and `config` builds the keys, the range checks and `explain`'s rows
-from it. `METHODS` says, per method, the loss shapes it allows (with their reduction) and, in one
+`Hyper` is the one list of hyperparameters: each field carries its help text, its label, its
+range, its refusal and its neutral value; `schema` builds the keys, `values` the range checks,
+`config` the resolution and `explain` its rows from it. `METHODS` says, per method, the loss shapes it allows (with their reduction) and, in one
 dict, the hyperparameters it takes with their published defaults; what a method does not take is
 held at its neutral value, and a user who sets it is refused. Both tables are checked at import.
 
@@ -315,14 +315,16 @@ METHODS: dict[str, Method] = {
         labels={"beta": "λ (beta)"},
     ),
     "simper": Method("SimPER (inverse-perplexity preference, no hyperparameters)", "arXiv 2502.00883",
-                     losses={"simper": "mean"}, nll_span="completion", defaults={"nll_weight": 0.0}),
+                     losses={"simper": "mean"}, nll_span="completion", defaults={"nll_weight": 0.0},
+                     refusals={"label_smoothing": "simper has no label smoothing; remove label_smoothing."}),
     # γ = 0.6: the authors' released Llama-3-8B-Instruct recipe (their SimPO-derived trainer reads it
     # from gamma_beta_ratio as the absolute margin; β there only scales the logged rewards).
     "repo": Method("RePO (ReLU on the mean log-prob margin)", "arXiv 2503.07426", losses={"repo": "mean"},
                    nll_span="completion", defaults={"gamma": 0.6, "nll_weight": 0.0},
-                   refusals={name: f"repo's only hyperparameter is the absolute margin gamma; remove {name} (the "
-                                   "RePO repository's configs give that margin as gamma_beta_ratio: write it as "
-                                   "gamma)." for name in ("beta", "gamma_beta_ratio")}),
+                   refusals={**{name: f"repo's only hyperparameter is the absolute margin gamma; remove {name} (the "
+                                      "RePO repository's configs give that margin as gamma_beta_ratio: write it "
+                                      "as gamma)." for name in ("beta", "gamma_beta_ratio")},
+                             "label_smoothing": "repo has no label smoothing; remove label_smoothing."}),
 }
 
 

@@ -1,6 +1,6 @@
 """One training run, top to bottom: config → data → model → Trainer → saved model and reports.
 
-    prefopt train configs/simpo-llama.yaml --output_dir runs/a
+    prefopt train configs/simpo-llama3-8b-instruct.yaml --output_dir runs/a
 
 Data is loaded, checked and tokenized before any weights load, so a bad row costs seconds,
 not the minutes of loading a 7B model.
@@ -19,11 +19,11 @@ from accelerate.utils import DistributedType
 from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
 
+from . import checkpoints, manifest, runs
 from . import data as data_mod
 from .attention import install_segmented_sdpa
 from .collate import choose_layout, collator_for
 from .config import Config, explain, save_resolved
-from . import runs
 from .errors import PrefoptError, Stopped
 from .guidance import GuidanceCallback, before_training
 from .models import check_adapter_start, check_saved, check_weights_format, load_model, load_tokenizer
@@ -176,7 +176,7 @@ def check_shared(out: Path, t):
     if t.world_size == 1 or t.save_strategy == "no":
         return
     seen = [None] * t.world_size
-    torch.distributed.all_gather_object(seen, (socket.gethostname(), (out / runs.LOCK).is_file()))
+    torch.distributed.all_gather_object(seen, (socket.gethostname(), (out / manifest.LOCK).is_file()))
     blind = [f"process {rank} on {host}" for rank, (host, sees) in enumerate(seen) if not sees]
     if blind:
         raise PrefoptError(
@@ -225,7 +225,7 @@ def train(cfg: Config, log=print) -> RunResult:
     except Exception as e:
         if not runs.is_file_system_error(e):
             raise
-        complete = runs.complete_checkpoints(out)
+        complete = checkpoints.complete_checkpoints(out)
         raise runs.file_system_error(e, out, "write the run's files", str(complete[-1]) if complete else None
                                      ) from None
     finally:
@@ -246,12 +246,12 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
         prepared = data_mod.prepare(cfg, tokenizer)
 
     def commit():  # the first change to output_dir: the data is good and the plan stands
-        runs.commit(plan, runs.data_fingerprint(cfg, prepared), t.world_size, log)
+        runs.commit(plan, manifest.data_fingerprint(cfg, prepared), t.world_size, log)
         if lock.unsupported:
             log(f"prefopt: warning: {out}'s file system does not lock files ({lock.unsupported}): a second run "
                 "started on this output_dir at the same time would not be stopped.")
         lock.record_holder()
-        save_resolved(cfg, out / runs.CONFIG_FILE)
+        save_resolved(cfg, out / manifest.CONFIG_FILE)
         data_mod.write_report(prepared.report, out)
 
     _on_main(commit, main_process)
@@ -274,7 +274,7 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
                 if "eval_loss" in line and line["step"] == result.global_step]
         eval_metrics = done[0] if done else trainer.evaluate()
     if trainer.is_world_process_zero():
-        runs.begin_final_save(out)
+        manifest.begin_final_save(out)
     trainer.save_model(t.output_dir)
     if trainer.is_world_process_zero():
         model.generation_config.save_pretrained(t.output_dir)
@@ -285,7 +285,7 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
             log(f"prefopt: plots of {', '.join(p.removesuffix('.png') for p in plots)} in {out / 'plots'}")
         except PrefoptError as e:  # nothing logged yet (max_steps below logging_steps): the run still succeeded
             log(f"prefopt: no plots: {e}")
-        runs.record_written(out, finished_step=trainer.state.global_step)
+        manifest.record_written(out, finished_step=trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
     log(summary(trainer, result, time.time() - start, out, adapter=hasattr(model, "peft_config")))
     return RunResult(out, result.metrics, eval_metrics, trainer)
@@ -293,7 +293,7 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
 
 def _stopped(signum: int, step: int, out: Path) -> Stopped:
     """A signal's stop at a step boundary, saying which checkpoint the next run continues from."""
-    complete = runs.complete_checkpoints(out)
+    complete = checkpoints.complete_checkpoints(out)
     where = (f"{complete[-1]} is complete" if complete and complete[-1].name == f"checkpoint-{step}" else
              f"its checkpoint could not be written; the last complete one is {complete[-1]}" if complete else
              "no checkpoint could be written")
@@ -303,7 +303,7 @@ def _stopped(signum: int, step: int, out: Path) -> Stopped:
 
 def finished_message(out: Path, step: int | bool) -> str:
     """What to say when the command of a finished run is run again."""
-    complete = runs.complete_checkpoints(out)
+    complete = checkpoints.complete_checkpoints(out)
     further = (f"To train further, run it with a larger max_steps (or num_train_epochs): it continues from "
                f"{complete[-1].name}." if complete else
                f"To train further, start a new run from its model (--model_name_or_path {out} with a new output_dir); "

@@ -39,9 +39,6 @@ from .errors import PrefoptError
 from .manifest import (CONFIG_FILE, LOCK, METRICS_FILE, RUN_FILES, data_changes, owned, read_manifest,
                        start_manifest, top_names)
 
-# Re-exported for the modules that reach them through `runs` (pipeline.py, trainer.py)
-from .checkpoints import mark_complete, rotate, start_writing  # noqa: F401
-from .manifest import begin_final_save, data_fingerprint, record_written  # noqa: F401
 
 # Keys that change how a run is watched or launched, not what it computes
 NOT_IDENTITY = {

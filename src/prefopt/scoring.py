@@ -9,13 +9,14 @@ chosen once per run by `choose_scorer` and named in one log line.
   heads that must be: a trainable ZeRO-3 head (its hooks gather it and take its gradient), FSDP (a
   sharded weight), LoRA or quantized heads (the module is not a Linear), soft-capped or scaled
   logits (`logprobs.head_transform`).
-
-With the diversity term, FusedHead and ModuleHead take the same chunks (`logprobs.diversity_groups`:
-each aligned chosen/rejected pair in one chunk) and yield log-probs, entropy and KL from each
-chunk's logits, formed once.
 - `OwnHead`: a tied head under FSDP cannot be a unit apart from the embeddings, so the model's
   own head call computes the scored columns (`logits_to_keep` = those columns): [rows, columns, V]
   logits exist at once, the one path without chunking. Entropy and KL come from those logits.
+
+With the diversity term, FusedHead (`logprobs._FusedHeadDiversity`) and ModuleHead
+(`score_with_diversity`) take the same chunks (`logprobs.diversity_groups`: each aligned
+chosen/rejected pair in one chunk) and yield log-probs, entropy and KL from each chunk's logits,
+formed once.
 
 Each returns `logprobs.TokenScores` for the batch's scored positions and the forward's MoE router
 loss. The model is always called as the wrapped module (DDP/DeepSpeed/FSDP hooks run as usual).

@@ -46,7 +46,7 @@ class Objective:
 
     @classmethod
     def of(cls, objective, aux_coef: float = 0.0) -> "Objective":
-        """From a resolved `config.ObjectiveArgs` (and the model's router weight)."""
+        """From a resolved `schema.ObjectiveArgs` (and the model's router weight)."""
         o = objective
         method = METHODS[o.method]
         return cls(loss=LOSSES[o.loss_type], hyper=Hyper.from_objective(o), reduction=method.losses[o.loss_type],

@@ -2,7 +2,7 @@
 
     kept, marks = tokenize(ds, tokenizer, cfg.data)
 
-Rows keep TRL 1.16's conventions (`CPOTrainer.tokenize_row`, DESIGN decision 5), so the same
+Rows keep TRL 1.16's conventions (`CPOTrainer.tokenize_row`, kept on purpose), so the same
 inputs give the same token ids: conversations are rendered with the generation prompt
 (`templates.render`), so the assistant header is part of the prompt; prompt and
 prompt+completion are tokenized together; BOS once at the start, EOS after each completion unless

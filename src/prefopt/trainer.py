@@ -5,7 +5,8 @@ this class only adapts its hooks: `get_batch_samples` counts the optimizer step'
 (`step.count`, summed over processes), `compute_loss` and `prediction_step` score and compose
 (`step.score`, `step.loss`) and record the metrics (`metrics.MetricSums`), `log` adds the
 reduced metrics to the logged line, and the checkpoint hooks make a checkpoint complete and
-resumable exactly (`runs`). The scorer is chosen once, at the first step (`scoring.choose_scorer`).
+resumable exactly (`checkpoints`, `manifest`). The scorer (`scoring.choose_scorer`) is chosen once,
+when training begins (`_ChooseScorer`, the first callback; outside training at its first use).
 
 Every read or write of the Trainer's private attributes is in `_private_state` and
 `_set_private_state`. Every logged line is also appended to `output_dir/metrics.jsonl`.
@@ -20,7 +21,8 @@ from transformers import Trainer, TrainerCallback
 
 from .errors import PrefoptError
 from .metrics import MetricSums
-from .runs import mark_complete, record_written, rotate, start_writing
+from .checkpoints import mark_complete, rotate, start_writing
+from .manifest import record_written
 from .scoring import choose_scorer, prepare_head_for_fsdp
 from .step import Counts, Objective, count, logged_losses, loss, score
 
@@ -32,7 +34,7 @@ class PreferenceTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, objective, log=None, **kwargs):
-        """`objective`: the resolved `config.ObjectiveArgs`; `log`: where the scorer chosen is said
+        """`objective`: the resolved `schema.ObjectiveArgs`; `log`: where the scorer chosen is said
         (None: not said)."""
         super().__init__(*args, **kwargs)
         self.objective = objective
@@ -121,8 +123,12 @@ class PreferenceTrainer(Trainer):
             "or a degenerate row. The last checkpoint in output_dir is intact; no final model was written."
         )
 
+    def on_device(self, batch: dict) -> dict:
+        """A collated batch with its tensors on this process's device (the Trainer's own placement)."""
+        return self._prepare_inputs(batch)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = self.on_device(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss_ = self._step(model, inputs, "eval", None, self.eval_pairs_kept(len(inputs["row"])))
         return loss_.detach(), None, None

@@ -1,7 +1,7 @@
 """Reading a config's text: a YAML file (UTF-8, PyYAML's safe loader with three refusals of its
 own) and `--key value` overrides.
 
-    raw = read_yaml("configs/simpo.yaml")              # a mapping, or a PrefoptError naming the line
+    raw = read_yaml("configs/simpo-llama3-8b-instruct.yaml")              # a mapping, or a PrefoptError naming the line
     overrides = parse_overrides(["--beta", "2.5"])     # {"beta": 2.5}
 
 The loader refuses a key given twice (YAML would keep the last), aliases expanding past
