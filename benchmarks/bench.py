@@ -476,13 +476,15 @@ def run_prefopt(spec: dict, probe, out_dir: str) -> dict:
         instrument(trainer, probe, "prefopt")
         seen["collator"] = type(trainer.data_collator.inner).__name__
         seen["pack"] = getattr(trainer.data_collator.inner, "pack", None)
-        seen["chunk"] = trainer.chunk
+        seen["trainer"] = trainer
         seen["attn_implementation"] = model.config._attn_implementation
         return trainer
 
     pipeline.build_trainer = build_trainer
     cfg = build_config(raw, where="bench")
     pipeline.train(cfg)
+    trainer = seen["trainer"]
+    seen["chunk"] = trainer.scorer(trainer.model_wrapped).chunk  # chosen when training began
     report = json.loads((Path(out_dir) / "data_report.json").read_text())
     layout = "packed" if seen.get("pack") else ("shared" if seen.get("pack") is False else "padded")
     return {"attn_implementation": seen.get("attn_implementation"), "layout": layout,
