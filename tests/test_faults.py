@@ -1,11 +1,12 @@
 """What a cluster and its users do to a run, done for real: signals (SIGTERM, SIGINT) to a running
 process, two runs in one folder, a full or read-only file system (a small tmpfs mounted for the
-test), damaged checkpoints, a finished run's command run again, the user's own files beside the
-run. In each case nothing of the user's is lost, nothing wrong is trained without a word, and the
-message is one line naming the path and the fix — never a traceback."""
+test), damaged checkpoints, a finished run's command run again, a run shorter than its logging
+interval, a run of the previous version resumed. In each case nothing of the user's is lost,
+nothing wrong is trained without a word, and the message is one line naming the path and the fix —
+never a traceback. The user's own files beside the run, the model trained from and the refusals to
+resume are test_faults_files.py."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,77 +15,27 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
+from faults_helpers import (
+    ENV,
+    WORKER,
+    assert_same_run,
+    fault_workspace,
+    kill_after,
+    ok,
+    refused,
+    run,
+    snapshot,
+    trajectory,
+    wait_for_step,
+)
 from prefopt.checkpoints import COMPLETE, checkpoints
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = str(ROOT / "tests" / "fault_worker.py")
-TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
-          "eval_samples_per_second", "eval_steps_per_second", "total_flos"}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
 def ws(workspace):
-    return workspace(
-        "faults", {"train": (24, 0), "test": (6, 1)}, method="cpo_simpo", learning_rate=5e-3, seed=3,
-        max_steps=8,  # ends mid-epoch (24 pairs, 4 per step)
-        per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1, report_to="none",
-        eval_strategy="steps", eval_steps=3,  # does not divide max_steps: the final evaluation comes after the loop
-        save_steps=2, save_total_limit=2,
-    ).root
-
-
-def run(ws, out, *extra, fault=None, wait=True, cwd=None):
-    cmd = ([sys.executable, WORKER] if fault else [sys.executable, "-m", "prefopt"]) + [
-        "train", str(ws / "config.yaml"), "--output_dir", str(out), *extra]
-    env = {**ENV, "PREFOPT_FAULT": fault} if fault else ENV
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=cwd or ws)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=cwd or ws)
-
-
-def ok(done):
-    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
-    return done
-
-
-def refused(done, *words):
-    assert done.returncode == 2, done.stdout[-1500:] + done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    for word in words:
-        assert word in done.stderr, done.stderr[-3000:]
-    return done.stderr
-
-
-def trajectory(out: Path) -> list[dict]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
-
-
-def assert_same_run(reference: Path, out: Path):
-    """Same logged lines (every value) and the same final weights as the reference run. The
-    resumed run repeats the reference's arithmetic in one process with the same thread count, data
-    order and RNG state (restored from the checkpoint), so the values agree to float32 round-off of
-    a reloaded optimizer state (they are in practice bit-identical)."""
-    a, b = trajectory(reference), trajectory(out)
-    assert [x["step"] for x in b] == [x["step"] for x in a]
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), (x["step"], key)
-    w1, w2 = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-6, atol=1e-7)
-
-
-def snapshot(folder: Path) -> dict:
-    """Every file under `folder`: its bytes and modification time."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return fault_workspace(workspace)
 
 
 @pytest.fixture(scope="module")
@@ -92,29 +43,6 @@ def reference(ws):
     out = ws / "reference"
     ok(run(ws, out))
     return out
-
-
-def wait_for_step(out: Path, proc, step: int, timeout=300):
-    """Until metrics.jsonl shows a train line at `step` or later."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        path = out / "metrics.jsonl"
-        if path.is_file():
-            steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.endswith("}")]
-            if steps and max(steps) >= step:
-                return
-        time.sleep(0.02)
-    raise AssertionError("the run did not get there")
-
-
-def kill_after(ws, out: Path, step: int):
-    """A run SIGKILLed (nothing saved, nothing flushed) after `step`, held there so that nothing
-    after it can have been written."""
-    killed = run(ws, out, fault=f"hold:{step}:{out}.never", wait=False)
-    wait_for_step(out, killed, step)
-    killed.kill()
-    killed.wait()
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -182,68 +110,6 @@ def test_one_run_per_output_dir_at_a_time(ws, reference, tmp_path):
     assert_same_run(reference, out)  # the first run's lines, once each
 
 
-def test_only_what_the_run_wrote_is_deleted_or_rotated(ws, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "checkpoint-2-keep").mkdir()
-    (out / "checkpoint-2-keep" / "notes.txt").write_text("mine")
-    (out / "notes.txt").write_text("mine too")
-    ok(run(ws, out))
-    assert [p.name for p in checkpoints(out)] == ["checkpoint-6", "checkpoint-8"]  # save_total_limit 2
-    assert (out / "checkpoint-2-keep" / "notes.txt").read_text() == "mine"
-    ok(run(ws, out, "--overwrite_output_dir", "true", "--max_steps", "2"))
-    assert (out / "notes.txt").read_text() == "mine too" and (out / "checkpoint-2-keep").is_dir()
-    assert [p.name for p in checkpoints(out)] == ["checkpoint-2"]
-    # a file of the user's where the run would write its own is refused, not overwritten
-    (out / "README.md").write_text("my notes")
-    refused(run(ws, out, "--overwrite_output_dir", "true"), "README.md", "did not write")
-    assert (out / "README.md").read_text() == "my notes"
-
-
-def test_the_model_trained_from_is_never_the_output(ws, tmp_path):
-    import shutil
-
-    model = tmp_path / "model"
-    shutil.copytree(ws / "model", model)
-    before = snapshot(model)
-    refused(run(ws, model, "--model_name_or_path", str(model), "--overwrite_output_dir", "true"),
-            "is the model being trained from")
-    assert snapshot(model) == before
-
-
-def test_resume_on_changed_data_is_refused_and_nothing_changes(ws, tmp_path):
-    out = tmp_path / "run"
-    ok(run(ws, out, "--max_steps", "4"))
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("train.jsonl", "test.jsonl"):
-        (data / name).write_text((ws / "data" / name).read_text())
-    edited = dict(yaml.safe_load((ws / "config.yaml").read_text()), dataset_mixer={str(data): 1.0})
-    # a run killed after checkpoint-2: the finished mark is taken off by hand
-    manifest = json.loads((out / "prefopt_run.json").read_text())
-    manifest["finished"] = None
-    (out / "prefopt_run.json").write_text(json.dumps(manifest))
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(edited))
-    # same data at a new path: the config differs (that is refused by the config check)
-    before = snapshot(out)
-    done = subprocess.run([sys.executable, "-m", "prefopt", "train", str(tmp_path / "c.yaml"), "--output_dir",
-                           str(out), "--max_steps", "4"], env=ENV, capture_output=True, text=True, timeout=600)
-    refused(done, "different config")
-    assert snapshot(out) == before
-    # the same file, edited
-    rows = (ws / "data" / "train.jsonl").read_text().splitlines()
-    original = (ws / "data" / "train.jsonl").read_text()
-    try:
-        (ws / "data" / "train.jsonl").write_text("\n".join(rows[:-1] + [rows[0]]) + "\n")
-        refused(run(ws, out, "--max_steps", "4"), "the data changed since", "train.jsonl changed")
-        assert snapshot(out) == before
-        (ws / "data" / "train.jsonl").write_text('{"prompt": 1}\n')  # no longer valid
-        refused(run(ws, out, "--max_steps", "4"))
-        assert snapshot(out) == before
-    finally:
-        (ws / "data" / "train.jsonl").write_text(original)
-
-
 @pytest.mark.parametrize("damage", ["zeroed", "truncated", "state"])
 def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(ws, reference, tmp_path, damage):
     out = tmp_path / "run"
@@ -275,13 +141,6 @@ def test_a_checkpoint_without_optimizer_state_falls_back_to_the_one_before(ws, r
     assert f"{out / 'checkpoint-6'} cannot be resumed from: {out / 'checkpoint-6' / 'optimizer.pt'} is missing" in again.stdout
     assert f"resuming from {out / 'checkpoint-4'}" in again.stdout
     assert_same_run(reference, out)
-
-
-def test_resume_from_checkpoint_true_is_the_hf_spelling(ws, tmp_path):
-    out = tmp_path / "run"
-    kill_after(ws, out, 5)
-    again = ok(run(ws, out, "--resume_from_checkpoint", "true"))
-    assert f"resuming from {out / 'checkpoint-4'}" in again.stdout
 
 
 @pytest.fixture
@@ -319,22 +178,6 @@ def test_file_system_mistakes_are_one_message(ws, tmp_path, small_disk):
     out = tmp_path / "run"
     (out / "metrics.jsonl").mkdir(parents=True)
     refused(run(ws, out), "metrics.jsonl")
-
-
-def test_a_damaged_model_folder_is_refused_before_loading(ws, tmp_path):
-    import shutil
-
-    model = tmp_path / "model"
-    shutil.copytree(ws / "model", model)
-    data = (model / "model.safetensors").read_bytes()
-    (model / "model.safetensors").write_bytes(data[:-1000])
-    refused(run(ws, tmp_path / "a", "--model_name_or_path", str(model)), "model.safetensors: it is cut short",
-            "Copy or download it again")
-    (model / "model.safetensors").write_bytes(data)
-    for p in model.glob("tokenizer*"):
-        p.unlink()
-    refused(run(ws, tmp_path / "b", "--model_name_or_path", str(model)), "holds no tokenizer files",
-            "tokenizer_name_or_path")
 
 
 def test_fewer_steps_than_logging_steps_still_succeeds(ws, tmp_path):
@@ -379,16 +222,6 @@ def test_a_signal_in_the_last_step_lets_the_run_finish(ws, reference, tmp_path):
     assert_same_run(reference, out)
 
 
-def test_the_users_files_added_between_starts_survive_an_overwrite(ws, tmp_path):
-    out = tmp_path / "run"
-    ok(run(ws, out, "--max_steps", "2"))
-    (out / "notes.txt").write_text("written after the first start")
-    ok(run(ws, out, "--max_steps", "4"))  # continues
-    (out / "eval.json").write_text("{}")  # e.g. prefopt eval --output, after the run
-    ok(run(ws, out, "--overwrite_output_dir", "true", "--max_steps", "2"))
-    assert (out / "notes.txt").is_file() and (out / "eval.json").is_file()
-
-
 def _as_written_by_the_previous_version(out: Path):
     """What prefopt wrote before manifests and checksums: marks {"step": N}, no prefopt_run.json,
     no lock, no writing marks."""
@@ -418,38 +251,3 @@ def test_runs_of_the_previous_version_resume_and_stay_finished(ws, reference, tm
     again = ok(run(ws, out))
     assert f"removing {out / 'checkpoint-8'}" in again.stdout and f"resuming from {out / 'checkpoint-6'}" in again.stdout
     assert_same_run(reference, out)
-
-
-def test_resume_refusals_name_the_checkpoint(ws, tmp_path):
-    out = tmp_path / "run"
-    kill_after(ws, out, 5)
-    (out / "checkpoint-6").mkdir(exist_ok=True)
-    (out / "checkpoint-6" / "prefopt_checkpoint_writing").write_text("")
-    (out / "checkpoint-6" / "trainer_state.json").write_text((out / "checkpoint-4" / "trainer_state.json").read_text())
-    before = snapshot(out)
-    refused(run(ws, out, "--resume_from_checkpoint", str(out / "checkpoint-6")), "was cut short while being written")
-    manifest = json.loads((out / "prefopt_run.json").read_text())
-    (out / "prefopt_run.json").write_text(json.dumps({**manifest, "processes": 2}))
-    refused(run(ws, out), "was trained on 2 processes and this start has 1", "as many processes as before")
-    (out / "prefopt_run.json").write_text(json.dumps(manifest))
-    assert snapshot(out) == {**before, "prefopt_run.json": snapshot(out)["prefopt_run.json"]}
-    aside = out / "checkpoint-8.set-aside"
-    import shutil
-
-    shutil.copytree(ws / "model", aside)
-    refused(run(ws, out, "--model_name_or_path", str(aside), "--overwrite_output_dir", "true"),
-            "is a checkpoint inside output_dir")
-    assert (aside / "model.safetensors").is_file()
-
-
-def test_every_sharding_backends_optimizer_state_counts(tmp_path):
-    from prefopt.checkpoints import has_optimizer_state
-
-    for name, folder in (("optimizer.pt", False), ("optimizer.bin", False), ("optimizer_0", True),
-                         ("optimizer_0_rank0.bin", False), ("global_step4", True)):
-        c = tmp_path / name / "checkpoint-4"
-        c.mkdir(parents=True)
-        (c / name).mkdir() if folder else (c / name).write_bytes(b"x")
-        assert has_optimizer_state(c), name
-    (tmp_path / "none").mkdir()
-    assert not has_optimizer_state(tmp_path / "none")
