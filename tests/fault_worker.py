@@ -1,4 +1,4 @@
-"""`prefopt train ...` with a fault made to happen at a chosen moment, for tests/test_faults.py.
+"""`prefopt train ...` with a fault made to happen at a chosen moment, for tests/test_faults*.py.
 
     PREFOPT_FAULT=slow:0.2 python tests/fault_worker.py train CONFIG.yaml ...  # each micro-batch takes 0.2 s longer
     PREFOPT_FAULT=hold:7:FILE ...              # from step 8 on (after step 7), waits until FILE exists

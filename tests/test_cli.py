@@ -150,7 +150,7 @@ def test_quantization_refused_on_cpu_before_loading(tmp_path, capsys):
 
 def test_config_errors_from_a_real_process_are_one_line(tmp_path):
     """`python -m prefopt`, as a user runs it: a key given twice and a UTF-16 file exit 2 with one
-    line on stderr and no traceback (the in-process cases: tests/test_config.py)."""
+    line on stderr and no traceback (the in-process cases: tests/test_config_yaml.py)."""
     def explain(content: bytes) -> subprocess.CompletedProcess:
         (tmp_path / "c.yaml").write_bytes(content)
         return subprocess.run([sys.executable, "-m", "prefopt", "config", "explain", str(tmp_path / "c.yaml")],

@@ -7,7 +7,7 @@ helper would silently reuse columns computed by older code (a run in a folder to
 code failed on a missing column). The key is the input's fingerprint, the source of every data
 module and the map's own options. The data modules (`DATA_MODULES`) are every prefopt module reached
 from `data` by following its imports, without following `config` (its values enter the keys as
-options) or `errors`; `tests/test_data.py` fails when one is missing from the list.
+options) or `errors`; `tests/test_data_prepare.py` fails when one is missing from the list.
 """
 
 import hashlib
