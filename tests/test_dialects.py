@@ -133,3 +133,33 @@ def test_use_flash_attention_2(raw, attn):
 def test_the_table_imports_no_transformers():
     code = "import sys, prefopt.dialects, prefopt.schema; assert 'transformers' not in sys.modules, 'transformers'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# The SimPO repository's early recipes (as the CPO_SIMPO repository keeps them): `beta` + an absolute
+# `gamma`, no method, run with SimPO's sigmoid loss on mean log-probs. Written here in that dialect.
+CPO_SIMPO_RECIPES = [
+    ({"beta": 2.5, "gamma": 1.4, "learning_rate": 1e-6}, "simpo", 1.4 / 2.5),
+    ({"beta": 2.0, "gamma": 1.0, "loss_type": "hinge"}, "simpo", 0.5),
+    ({"method": "cpo_simpo", "beta": 10.0, "gamma": 5.4}, "cpo_simpo", 0.54),
+    ({"method": "alphapo", "gamma": 1.0}, "alphapo", 0.5),  # β the method's default, 2
+]
+
+
+@pytest.mark.parametrize("raw, method, ratio", CPO_SIMPO_RECIPES)
+def test_an_absolute_gamma_with_simpo_is_the_simpo_repositorys_margin(raw, method, ratio, tmp_path):
+    cfg = build_config({**raw, "output_dir": str(tmp_path)})
+    o = cfg.objective
+    assert (o.method, o.gamma) == (method, 0.0)
+    assert o.gamma_beta_ratio == pytest.approx(ratio, rel=1e-12)  # γ/β: one division
+    assert any(f"gamma {raw['gamma']:g} (absolute" in n for n in cfg.notes)
+    resolved = resolved_dict(cfg)
+    assert resolved_dict(build_config(resolved)) == resolved  # prefopt_config.yaml reads back the same
+
+
+def test_gamma_stays_repos_and_a_second_margin_is_refused():
+    assert build_config({"method": "repo", "gamma": 0.5}).objective.gamma == 0.5
+    for second in ({"gamma_beta_ratio": 0.5}, {"simpo_gamma": 1.0, "loss_type": "simpo"}):
+        with pytest.raises(PrefoptError, match="'gamma' and '(gamma_beta_ratio|simpo_gamma)' both give the target"):
+            build_config({"beta": 2.0, "gamma": 1.0, **second})
+    with pytest.raises(PrefoptError, match="cpo takes no absolute margin gamma"):
+        build_config({"method": "cpo", "gamma": 1.0})

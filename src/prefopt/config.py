@@ -112,7 +112,7 @@ def build_config(raw: dict, where: str = "config") -> Config:
     model = _build(where, ModelArgs, sections["model"])
     data = _build(where, DataArgs, sections["data"])
     data.train_datasets, data.eval_datasets = train, evals
-    objective = read_objective(_build(where, ObjectiveArgs, sections["objective"]), raw, later, notes)
+    objective = read_objective(_build(where, ObjectiveArgs, sections["objective"]), raw, later, notes, where)
     objective = _resolve_objective(where, objective)
     training, forced = _training(where, sections["training"], notes)
     _validate(where, model, data, objective, training)

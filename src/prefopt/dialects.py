@@ -151,7 +151,7 @@ SIMPO_FAMILY = ("simpo", "cpo_simpo", "alphapo")
 SIMPO_REPO_MARKERS = ("gamma_beta_ratio",)
 
 
-def read_objective(obj, raw: dict, later: dict, notes: list[str]):
+def read_objective(obj, raw: dict, later: dict, notes: list[str], where: str = "config"):
     """The objective in canonical terms where another key changes what method, loss_type or a
     hyperparameter means. `obj`: the ObjectiveArgs built from `raw` (canonical keys, from
     `canonical`); `later`: the spellings it set apart. The rules, applied here and nowhere else:
@@ -166,6 +166,11 @@ def read_objective(obj, raw: dict, later: dict, notes: list[str]):
     3. Otherwise `loss_type: sigmoid|hinge|ipo` without a method is TRL CPOConfig's: cpo.
     4. TRL's `simpo_gamma` is the absolute margin γ: gamma_beta_ratio = simpo_gamma / β, with β
        as resolved (given, else the method's default).
+    5. `gamma` is RePO's absolute margin, and also the absolute γ of the SimPO repository's early
+       recipes (kept by the CPO_SIMPO repository: `beta` + `gamma`, no method): without a method
+       it marks a SimPO-repository config as `gamma_beta_ratio` does (rule 2), and with a
+       SimPO-family method it is read as gamma_beta_ratio = gamma / β, like rule 4. Given with
+       `gamma_beta_ratio` or `simpo_gamma` it is a second margin, refused.
 
     (use_flash_attention_2 needs no other key: its conversion is the table's.) What stays unknown
     here (no method, an unknown one) is for `config` to refuse.
@@ -176,6 +181,8 @@ def read_objective(obj, raw: dict, later: dict, notes: list[str]):
     obj = dataclasses.replace(obj, method=method, loss_type=loss_type)
     if method not in METHODS:
         return obj
+    if method in SIMPO_FAMILY and obj.gamma not in (None, 0.0):  # (0: a resolved config's neutral value)
+        obj = _absolute_gamma(obj, raw, later, notes, where)
     for spelling, value in later.items():
         s = BY_SPELLING[spelling]
         converted = s.convert(value, _resolved(obj, s.needs))
@@ -190,7 +197,7 @@ def _method(obj, raw: dict, notes: list[str]) -> tuple[str | None, str | None]:
     method, loss_type = obj.method, obj.loss_type
     if method is not None:
         return method, loss_type
-    simpo_repo = any(k in raw for k in SIMPO_REPO_MARKERS)
+    simpo_repo = any(k in raw for k in SIMPO_REPO_MARKERS) or obj.gamma not in (None, 0.0)  # rules 2 and 5
     if loss_type in TRL_METHOD_LOSSES:
         method = loss_type
         if loss_type == "simpo" and obj.nll_weight is not None and obj.nll_weight > 0:
@@ -207,6 +214,18 @@ def _method(obj, raw: dict, notes: list[str]) -> tuple[str | None, str | None]:
         notes.append("SimPO-repository keys without a method: SimPO")
         return "simpo", loss_type
     return None, loss_type
+
+
+def _absolute_gamma(obj, raw: dict, later: dict, notes: list[str], where: str):
+    """Rule 5 with a SimPO-family method: `gamma` is the absolute margin γ, read as γ/β."""
+    other = [k for k in ("gamma_beta_ratio", "simpo_gamma") if k in raw or k in later]
+    if other:
+        _fail(where, f"'gamma' and {other[0]!r} both give the target margin (gamma absolute, {other[0]} "
+                     f"{'over β' if other[0] == 'gamma_beta_ratio' else 'absolute'}); keep one of them.")
+    beta = _resolved(obj, "beta")
+    ratio = obj.gamma / beta
+    notes.append(f"gamma {obj.gamma:g} (absolute, SimPO repository recipes) read as gamma_beta_ratio {ratio:g}")
+    return dataclasses.replace(obj, gamma=None, gamma_beta_ratio=ratio)
 
 
 def _resolved(obj, name: str) -> float:
