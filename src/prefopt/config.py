@@ -171,8 +171,7 @@ def _resolve_hyper(where: str, obj: ObjectiveArgs, method: str, loss_type: str) 
     for name, f in HYPERPARAMETERS.items():
         if name not in allowed and given[name] is not None and given[name] != f.default:
             _fail(where, spec.refusals.get(name, f.metadata["refusal"]).format(method=method, name=name))
-    return {name: float(spec.defaults.get(name, f.default) if given[name] is None else given[name])
-            for name, f in HYPERPARAMETERS.items()}
+    return {name: spec.value(name, given[name]) for name in HYPERPARAMETERS}
 
 
 # ---------------------------------------------------------------------------------------------

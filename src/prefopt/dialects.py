@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .losses import HYPERPARAMETERS, METHODS
+from .losses import METHODS
 from .schema import _coerce, _fail
 
 
@@ -230,5 +230,4 @@ def _absolute_gamma(obj, raw: dict, later: dict, notes: list[str], where: str):
 
 def _resolved(obj, name: str) -> float:
     """A hyperparameter as it will be resolved: given, else the method's default, else neutral."""
-    given = getattr(obj, name)
-    return METHODS[obj.method].defaults.get(name, HYPERPARAMETERS[name].default) if given is None else given
+    return METHODS[obj.method].value(name, getattr(obj, name))

@@ -274,6 +274,10 @@ class Method:
         """The hyperparameters a user may set for this method."""
         return frozenset(self.defaults) - {"nll_weight"}
 
+    def value(self, name: str, given: float | None) -> float:
+        """A hyperparameter as it resolves for this method: as given, else its default here, else neutral."""
+        return float(self.defaults.get(name, HYPERPARAMETERS[name].default) if given is None else given)
+
     @property
     def margin(self) -> bool:  # accepts a target margin γ/β
         return "gamma_beta_ratio" in self.takes
