@@ -291,8 +291,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefopt: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
     rank = os.environ.get("RANK", "0")  # under a launcher, say which process it was
+    had_group = _process_group_open()
     try:
-        return command(argv[1:])
+        return _run(command, argv[1:], rank)
+    finally:
+        if not had_group and _process_group_open():
+            sys.modules["torch"].distributed.destroy_process_group()
+
+
+def _process_group_open() -> bool:
+    """Whether a torch.distributed process group is open. One a command started is closed before
+    the interpreter exits: left open, gloo's threads are torn down at exit and a process that ended
+    cleanly (0, or 2 on a PrefoptError) aborted now and then instead ("terminate called without an
+    active exception", exit -6 under torchrun)."""
+    torch = sys.modules.get("torch")  # imported by the command if it needed a process group
+    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _run(command, args: list[str], rank: str) -> int:
+    try:
+        return command(args)
     except _Exit as e:
         return e.status
     except PrefoptError as e:
