@@ -36,12 +36,14 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from .dataforms import read_data
-from .dialects import canonical, check_spellings, merge_overrides, read_objective
+from .dialects import canonical, check_spellings, dialect_of, merge_overrides, read_objective, tool_differences
 from .explain import explain, loss_formula, resolved_dict, save_resolved  # re-exported
 from .losses import HYPERPARAMETERS, METHODS, takes
 from .schema import (  # DatasetSource re-exported
-    TRAINING_DEFAULTS, DataArgs, DatasetSource, ModelArgs, ObjectiveArgs, RunArgs, _build, _coerce, _fail, _plain)
-from .values import DATA_KEYS, MODEL_KEYS, OBJECTIVE_KEYS, RUN_KEYS, VALID_KEYS, check_values
+    TRAINING_DEFAULTS, DataArgs, DatasetSource, ModelArgs, ObjectiveArgs, RunArgs, _base_types, _build, _coerce, _fail,
+    _plain)
+from .recipes import dpo_loss, likely_method, not_preference_recipe
+from .values import DATA_KEYS, FIELD_TYPES, MODEL_KEYS, OBJECTIVE_KEYS, RUN_KEYS, VALID_KEYS, check_values
 from .yamlfile import parse_overrides, read_yaml
 
 
@@ -55,6 +57,7 @@ class Config:
     source: str | None = None  # the YAML file, for messages
     forced: set[str] = field(default_factory=set)  # training keys set for this machine, not by the user
     notes: list[str] = field(default_factory=list)  # how dialect keys were read
+    differs: list[str] = field(default_factory=list)  # values the config's own tool would not have trained
 
     @property
     def method(self):
@@ -78,7 +81,7 @@ def _suggest_from(word, options) -> str:
 def _refuse_unknown(where: str, raw: dict, message: str):
     for key in raw:
         if key not in VALID_KEYS:
-            _fail(where, message.format(key) + _suggest(key))
+            _fail(where, not_preference_recipe(raw) or message.format(key) + _suggest(key))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,11 +95,29 @@ def load_config(path: str | None, argv: list[str] | None = None) -> Config:
     if path:
         check_spellings(str(path), raw)
         _refuse_unknown(str(path), raw, "unknown key '{}'.")
-    overrides = parse_overrides(argv or [])
+    overrides = _negated_flags(parse_overrides(argv or []))
     check_spellings("command line", overrides)
     _refuse_unknown("command line", overrides, "unknown option '--{}'.")
     check_values("command line", overrides)  # here, so that a bad value is blamed on the command line
     return build_config(merge_overrides(raw, overrides), where)
+
+
+def _negated_flags(overrides: dict) -> dict:
+    """HfArgumentParser's `--no_<flag>` for a true/false key: `--no_disable_dropout` is
+    `--disable_dropout false`. (A key whose own name starts with no_ keeps its meaning.)"""
+    out = {}
+    for key, value in overrides.items():
+        flag = key[3:]
+        if key.startswith("no_") and key not in VALID_KEYS and flag in VALID_KEYS and _is_flag(flag):
+            if value is not True:
+                _fail("command line", f"--{key} takes no value (it sets {flag} to false); got {value!r}.")
+            key, value = flag, False
+        out[key] = value
+    return out
+
+
+def _is_flag(key: str) -> bool:
+    return _base_types(FIELD_TYPES[key]) <= {bool, type(None)}
 
 
 def build_config(raw: dict, where: str = "config") -> Config:
@@ -105,6 +126,7 @@ def build_config(raw: dict, where: str = "config") -> Config:
     _refuse_unknown(where, raw, "unknown key '{}'.")
     check_spellings(where, raw)
     check_values(where, raw)
+    written = dict(raw)  # as spelled, before other tools' names are read as prefopt's
     raw, later, notes = canonical(where, raw)
     train, evals, data_notes = read_data(where, raw)
     notes += data_notes
@@ -112,13 +134,14 @@ def build_config(raw: dict, where: str = "config") -> Config:
     model = _build(where, ModelArgs, sections["model"])
     data = _build(where, DataArgs, sections["data"])
     data.train_datasets, data.eval_datasets = train, evals
-    objective = read_objective(_build(where, ObjectiveArgs, sections["objective"]), raw, later, notes, where)
-    objective = _resolve_objective(where, objective)
+    given, from_trl = read_objective(_build(where, ObjectiveArgs, sections["objective"]), raw, later, notes, where)
+    objective = _resolve_objective(where, given, written)
+    differs = tool_differences(dialect_of(set(written), from_trl), given, objective)
     training, forced = _training(where, sections["training"], notes)
     _validate(where, model, data, objective, training)
     run = _build(where, RunArgs, sections["run"])
     return Config(model=model, data=data, objective=objective, training=training, run=run, source=where, notes=notes,
-                  forced=forced)
+                  forced=forced, differs=differs)
 
 
 # Which section a canonical key belongs to, in this order; the rest are TrainingArguments'. (Keys
@@ -138,18 +161,19 @@ def _sections(raw: dict) -> dict[str, dict]:
 # Objective
 
 
-def _resolve_objective(where: str, obj: ObjectiveArgs) -> ObjectiveArgs:
+def _resolve_objective(where: str, obj: ObjectiveArgs, written: dict | None = None) -> ObjectiveArgs:
     """Check the method and loss shape (canonical by now: `dialects.read_objective` has read what
-    other tools mean by theirs), then settle every hyperparameter and the NLL weight."""
+    other tools mean by theirs), then settle every hyperparameter and the NLL weight. `written`:
+    the keys as the config spelled them, to name the likely method of a recipe that gives none."""
     method, loss_type = obj.method, obj.loss_type
     if method is None and loss_type is None:
-        _fail(where, f"no objective given: set method to one of {', '.join(METHODS)}.")
+        _fail(where, likely_method(written or {}) or f"no objective given: set method to one of {', '.join(METHODS)}.")
     if method is None:
         owners = [name for name, m in METHODS.items() if loss_type in m.losses]
         if owners:  # a shape of prefopt's own that no other tool's spelling names
             _fail(where, f"loss_type {loss_type!r} is the loss of method {' or '.join(owners)}: set method "
                          f"({owners[0]}) too.")
-        _fail(where, f"loss_type {loss_type!r} is not known; use sigmoid, hinge or ipo, or set method "
+        _fail(where, dpo_loss(loss_type) or f"loss_type {loss_type!r} is not known; use sigmoid, hinge or ipo, or set method "
                      f"to one of {', '.join(METHODS)}.")
     if method not in METHODS:
         _fail(where, f"method {method!r} is not known; use one of {', '.join(METHODS)}.{_suggest_from(method, METHODS)}")

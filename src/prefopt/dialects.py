@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import PrefoptError
 from .losses import METHODS
 from .schema import _coerce, _fail
 
@@ -62,11 +63,56 @@ SPELLINGS: tuple[Spelling, ...] = (
     Spelling("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs", tool="transformers"),
     Spelling("use_flash_attention_2", "attn_implementation", tool="transformers, alignment-handbook", type=bool,
              convert=lambda on: "flash_attention_2" if on else None, note=None),
+    Spelling("hub_model_revision", "hub_revision", tool="alignment-handbook"),
     # TRL's margin is the absolute γ; the canonical key is γ/β, so it waits for the resolved β
+    # (LLaMA-Factory's simpo_gamma is the same absolute margin)
     Spelling("simpo_gamma", "gamma_beta_ratio", tool="TRL", type=float, needs="beta",
              convert=lambda gamma, beta: gamma / beta,
              note="{spelling} {value} (absolute, {tool}) read as {canonical} {converted:g}"),
+    # LLaMA-Factory's reference-free losses (its others are DPO's, which need a reference model)
+    Spelling("pref_loss", "method", tool="LLaMA-Factory", type=str, convert=lambda loss: _pref_loss(loss),
+             note="{spelling} {value} ({tool}) read as {canonical} {converted}"),
+    Spelling("pref_beta", "beta", tool="LLaMA-Factory"),
+    # its ORPO loss holds the SFT term at weight 1, and pref_ftx adds to it: it waits for the method
+    Spelling("pref_ftx", "nll_weight", tool="LLaMA-Factory", type=float, needs="method",
+             convert=lambda ftx, method: ftx + 1.0 if method == "orpo" else ftx,
+             note="{spelling} {value} ({tool}) read as {canonical} {converted:g}"),
 )
+
+# LLaMA-Factory's pref_loss values: its reference-free ones are prefopt methods; the rest are DPO's
+LLAMA_FACTORY_LOSSES = {"simpo": "simpo", "orpo": "orpo"}
+
+
+def _pref_loss(loss) -> str:
+    if loss in LLAMA_FACTORY_LOSSES:
+        return LLAMA_FACTORY_LOSSES[loss]
+    raise PrefoptError(
+        f"{loss!r} is one of LLaMA-Factory's DPO losses, which need a reference model; prefopt trains "
+        f"reference-free objectives: use pref_loss simpo or orpo, or set method to one of {', '.join(METHODS)}.")
+
+
+@dataclass(frozen=True)
+class Inert:
+    """Another tool's key that changes nothing prefopt trains: accepted, said under "read as", and
+    dropped — or refused, where its value asks for something prefopt does not do."""
+
+    key: str
+    tool: str
+    note: str  # formatted with {key}, {value}
+    refuse: Callable[[Any], str | None] = lambda value: None  # the reason a value is refused
+
+
+INERT: tuple[Inert, ...] = (
+    Inert("padding_value", "TRL", "{key} {value} ({tool}) has no effect: masks come from sequence lengths, never "
+                                  "from pad ids"),
+    Inert("label_pad_token_id", "TRL", "{key} {value} ({tool}) has no effect: scored positions come from sequence "
+                                       "lengths, not from a label id"),
+    Inert("is_encoder_decoder", "TRL", "{key} {value} ({tool}): prefopt trains decoder-only causal LMs",
+          refuse=lambda v: ("prefopt trains decoder-only causal LMs (AutoModelForCausalLM); an encoder-decoder model "
+                            "needs another trainer. Remove is_encoder_decoder or set it to false.")
+          if v not in (None, False, "false", "False") else None),
+)
+BY_INERT = {i.key: i for i in INERT}
 BY_SPELLING = {s.spelling: s for s in SPELLINGS}
 RENAMES = {s.spelling: s.canonical for s in SPELLINGS}
 NON_CANONICAL = frozenset(BY_SPELLING)
@@ -93,13 +139,21 @@ DATASET_COMPANIONS = (
     "dataset_test_split",
     "streaming",
 )
-DIALECT_KEYS = set(NON_CANONICAL) | set(DATASET_FORMS) | set(DATASET_COMPANIONS)
+DIALECT_KEYS = set(NON_CANONICAL) | set(DATASET_FORMS) | set(DATASET_COMPANIONS) | set(BY_INERT)
+
+
+# Two names of one key that transformers lets stand together, with a rule for which one counts:
+# warmup_steps above 0 wins over warmup_ratio (transformers 4's get_warmup_steps; version 5 folded
+# the ratio into warmup_steps). Recipes written for it carry both, warmup_steps often 0.
+PRECEDENCE = {"warmup_steps": "warmup_ratio"}
 
 
 def check_spellings(where: str, raw: dict):
     """Refuse two names of one key, or two forms of the data, in one place."""
-    for spellings in ALIASES.values():
+    for canonical_key, spellings in ALIASES.items():
         present = [k for k in spellings if k in raw]
+        if PRECEDENCE.get(canonical_key) and present == [canonical_key, PRECEDENCE[canonical_key]]:
+            continue
         if len(present) > 1:
             _fail(where, f"{' and '.join(repr(k) for k in present)} say the same thing; keep one of them.")
     forms = [k for k in DATASET_FORMS if k in raw]
@@ -127,6 +181,12 @@ def canonical(where: str, raw: dict) -> tuple[dict, dict, list[str]]:
     conversion needs another key's resolved value (simpo_gamma), set apart for `read_objective`;
     and the notes of what was read as what. Values are already checked (`values.check_values`)."""
     out, later, notes = dict(raw), {}, []
+    _warmup_precedence(out, notes)
+    for key in [k for k in out if k in BY_INERT]:
+        inert, value = BY_INERT[key], out.pop(key)
+        if reason := inert.refuse(value):
+            _fail(where, f"{key}: {reason}")
+        notes.append(inert.note.format(key=key, value=value, tool=inert.tool))
     for s in SPELLINGS:
         if s.spelling not in out:
             continue
@@ -136,10 +196,29 @@ def canonical(where: str, raw: dict) -> tuple[dict, dict, list[str]]:
             continue
         if s.type is not None:
             value = _coerce(where, s.spelling, value, s.type)
-        out[s.canonical] = converted = s.convert(value) if s.convert else value
+        try:
+            converted = s.convert(value) if s.convert else value
+        except PrefoptError as e:
+            _fail(where, f"{s.spelling}: {e}")
+        out[s.canonical] = converted
         if note := s.noted(value, converted):
             notes.append(note)
     return out, later, notes
+
+
+def _warmup_precedence(out: dict, notes: list[str]):
+    """warmup_steps and warmup_ratio together: the one transformers would use stays, and it is said."""
+    if "warmup_steps" not in out or "warmup_ratio" not in out:
+        return
+    steps, ratio = out["warmup_steps"], out["warmup_ratio"]
+    if steps:
+        del out["warmup_ratio"]
+        notes.append(f"warmup_steps {steps:g} and warmup_ratio {ratio:g} both given: warmup_steps wins "
+                     "(transformers' rule), warmup_ratio is not used")
+    else:
+        del out["warmup_steps"]
+        notes.append(f"warmup_steps 0 and warmup_ratio {ratio:g} both given: warmup_ratio is used (transformers' "
+                     "rule: warmup_steps counts only above 0)")
 
 
 # TRL CPOConfig's loss_type values that name a SimPO-family method, and those methods
@@ -173,14 +252,15 @@ def read_objective(obj, raw: dict, later: dict, notes: list[str], where: str = "
        `gamma_beta_ratio` or `simpo_gamma` it is a second margin, refused.
 
     (use_flash_attention_2 needs no other key: its conversion is the table's.) What stays unknown
-    here (no method, an unknown one) is for `config` to refuse.
+    here (no method, an unknown one) is for `config` to refuse. Returns the objective and whether
+    TRL's loss_type named its method (rules 1 and 3), for `dialect_of`.
     """
-    method, loss_type = _method(obj, raw, notes)
+    method, loss_type, trl = _method(obj, raw, notes)
     if loss_type in TRL_METHOD_LOSSES and method in SIMPO_FAMILY:
         loss_type = "sigmoid"
     obj = dataclasses.replace(obj, method=method, loss_type=loss_type)
     if method not in METHODS:
-        return obj
+        return obj, trl
     if method in SIMPO_FAMILY and obj.gamma not in (None, 0.0):  # (0: a resolved config's neutral value)
         obj = _absolute_gamma(obj, raw, later, notes, where)
     for spelling, value in later.items():
@@ -189,31 +269,32 @@ def read_objective(obj, raw: dict, later: dict, notes: list[str], where: str = "
         obj = dataclasses.replace(obj, **{s.canonical: converted})
         if note := s.noted(value, converted):
             notes.append(note)
-    return obj
+    return obj, trl
 
 
-def _method(obj, raw: dict, notes: list[str]) -> tuple[str | None, str | None]:
-    """Rules 1-3: the method a loss_type (and the SimPO repository's keys) imply, when none is given."""
+def _method(obj, raw: dict, notes: list[str]) -> tuple[str | None, str | None, bool]:
+    """Rules 1-3: the method a loss_type (and the SimPO repository's keys) imply, when none is given;
+    and whether TRL's loss_type named it (rules 1 and 3: the config relies on TRL's defaults)."""
     method, loss_type = obj.method, obj.loss_type
     if method is not None:
-        return method, loss_type
+        return method, loss_type, False
     simpo_repo = any(k in raw for k in SIMPO_REPO_MARKERS) or obj.gamma not in (None, 0.0)  # rules 2 and 5
     if loss_type in TRL_METHOD_LOSSES:
         method = loss_type
         if loss_type == "simpo" and obj.nll_weight is not None and obj.nll_weight > 0:
             method = "cpo_simpo"
         notes.append(f"loss_type: {loss_type} (TRL) read as method {method}")
-        return method, "sigmoid"
+        return method, "sigmoid", True
     if loss_type in ("sigmoid", "hinge") and simpo_repo:
         notes.append(f"loss_type: {loss_type} with SimPO-repository keys read as SimPO-{loss_type}")
-        return "simpo", loss_type
+        return "simpo", loss_type, False
     if loss_type in ("sigmoid", "hinge", "ipo"):
         notes.append(f"loss_type: {loss_type} (TRL CPOConfig) read as CPO-{loss_type}")
-        return "cpo", loss_type
+        return "cpo", loss_type, True
     if loss_type is None and simpo_repo:
         notes.append("SimPO-repository keys without a method: SimPO")
-        return "simpo", loss_type
-    return None, loss_type
+        return "simpo", loss_type, False
+    return None, loss_type, False
 
 
 def _absolute_gamma(obj, raw: dict, later: dict, notes: list[str], where: str):
@@ -228,6 +309,76 @@ def _absolute_gamma(obj, raw: dict, later: dict, notes: list[str], where: str):
     return dataclasses.replace(obj, gamma=None, gamma_beta_ratio=ratio)
 
 
-def _resolved(obj, name: str) -> float:
-    """A hyperparameter as it will be resolved: given, else the method's default, else neutral."""
+def _resolved(obj, name: str) -> float | str:
+    """A hyperparameter as it will be resolved: given, else the method's default, else neutral (or
+    the method itself, for a spelling whose value depends on it: pref_ftx)."""
+    if name == "method":
+        return obj.method
     return METHODS[obj.method].value(name, getattr(obj, name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Where another tool would have trained other values: its defaults, for a config in its dialect
+
+
+@dataclass(frozen=True)
+class ToolDefaults:
+    """What `tool` trains where its config leaves a hyperparameter unset, in prefopt's terms."""
+
+    tool: str
+    beta: float
+    gamma: float  # the absolute target margin (simpo_gamma)
+    alpha: float  # AlphaPO's reward shape
+    nll_weight: dict[str, float]  # by method: the NLL weight it trains when none is given
+    forced_nll: dict[str, float]  # by method: the NLL weight it trains whatever is given
+
+
+TOOL_DEFAULTS = {
+    # CPOConfig: beta 0.1, simpo_gamma 0.5, cpo_alpha 1.0 (loss_type simpo is CPO-SimPO by default),
+    # alpha 0; loss_type alphapo sets cpo_alpha to 0
+    "TRL": ToolDefaults("TRL 1.16", beta=0.1, gamma=0.5, alpha=0.0, nll_weight={"simpo": 1.0, "cpo": 1.0},
+                        forced_nll={"alphapo": 0.0}),
+    # FinetuningArguments: pref_beta 0.1, simpo_gamma 0.5, pref_ftx 0 (its ORPO keeps its SFT term)
+    "LLaMA-Factory": ToolDefaults("LLaMA-Factory", beta=0.1, gamma=0.5, alpha=0.0,
+                                  nll_weight={"simpo": 0.0, "orpo": 1.0}, forced_nll={}),
+}
+
+
+def dialect_of(written: set[str], method_from_loss_type: bool) -> str | None:
+    """The tool whose defaults a config relies on: LLaMA-Factory when it names its objective with
+    pref_loss, TRL when its method came from TRL's loss_type (rules 1 and 3), else none (prefopt's
+    own `method`, or the SimPO repository's keys, whose defaults are the papers')."""
+    if "pref_loss" in written:
+        return "LLaMA-Factory"
+    return "TRL" if method_from_loss_type else None
+
+
+def tool_differences(tool: str | None, given, resolved) -> list[str]:
+    """Each value `resolved` trains that `tool` would not have, where the config left it to the
+    defaults (`given`: the objective before its defaults were filled in) — printed by `config
+    explain` and at the start of train. prefopt keeps the papers' defaults; this says where that
+    changes the numbers, and how to get the tool's."""
+    if tool is None:
+        return []
+    d, r, method = TOOL_DEFAULTS[tool], resolved, resolved.method
+    name, takes, out = d.tool, METHODS[method].takes, []
+    if "beta" in takes and given.beta is None and r.beta != d.beta:
+        out.append(f"beta {r.beta:g} ({method}'s published default); {name} would train {d.beta:g}: "
+                   f"set beta: {d.beta:g} for its numbers")
+    if "gamma_beta_ratio" in takes and given.gamma_beta_ratio is None and r.gamma_beta_ratio * r.beta != d.gamma:
+        out.append(f"gamma_beta_ratio {r.gamma_beta_ratio:g} (γ {r.gamma_beta_ratio * r.beta:g}, {method}'s "
+                   f"published default); {name} would train simpo_gamma {d.gamma:g} (γ/β {d.gamma / r.beta:g}): "
+                   f"set simpo_gamma: {d.gamma:g} for its numbers")
+    if "alpha" in takes and METHODS[method].reward_shape and given.alpha is None and r.alpha != d.alpha:
+        out.append(f"alpha {r.alpha:g} (AlphaPO's recommended shape); {name} would train alpha {d.alpha:g}"
+                   f"{' (SimPO)' if d.alpha == 0 else ''}: set alpha: {d.alpha:g} for its numbers")
+    tool_nll = d.forced_nll.get(method, d.nll_weight.get(method) if given.nll_weight is None else None)
+    if tool_nll is not None and tool_nll != r.nll_weight:
+        why = "whatever is given" if method in d.forced_nll else "its default"
+        out.append(f"NLL weight {r.nll_weight:g}; {name} would train {tool_nll:g} ({why} for {method}): "
+                   f"{'prefopt keeps the weight given' if method in d.forced_nll else f'set the NLL weight to {tool_nll:g} for its numbers'}")
+    if tool == "LLaMA-Factory" and r.nll_weight:
+        out.append(f"the NLL term: {name} averages each chosen answer's NLL over its own tokens (the answer only), "
+                   f"then over pairs; prefopt averages over every chosen token of the step, as TRL does"
+                   f"{', prompt included for ORPO' if method == 'orpo' else ''}: longer answers weigh more here")
+    return out

@@ -75,6 +75,9 @@ def explain(cfg: Config) -> str:
     if cfg.notes:
         lines.append("  read as:")
         lines += [f"    - {n}" for n in cfg.notes]
+    if cfg.differs:  # the config relies on another tool's defaults; prefopt keeps the papers'
+        lines.append("  not what its own tool would train (prefopt keeps the papers' defaults):")
+        lines += [f"    - {n}" for n in cfg.differs]
     return "\n".join(lines)
 
 
