@@ -4,7 +4,7 @@ logged metrics. Each fires on its case and stays quiet on the papers' recipes.""
 from types import SimpleNamespace
 
 from prefopt.config import build_config
-from prefopt.guidance import GuidanceCallback, before_training
+from prefopt.guidance import TELL_PAIRS, GuidanceCallback, _by_chance, before_training
 
 
 def warnings_for(**keys):
@@ -36,11 +36,13 @@ def test_each_regretted_setting_is_named_with_the_papers_range():
                            world_size=8) == []  # 2 × 4 × 8 processes = 64
 
 
-def _feed(lines):
+def _feed(lines, batch=32, eval_pairs=100):
     said = []
     callback = GuidanceCallback(said.append)
+    args = SimpleNamespace(per_device_train_batch_size=batch, gradient_accumulation_steps=1, world_size=1)
+    loader = SimpleNamespace(dataset=[None] * eval_pairs)
     for step, logs in lines:
-        callback.on_log(None, SimpleNamespace(global_step=step), None, logs=logs)
+        callback.on_log(args, SimpleNamespace(global_step=step), None, logs=logs, eval_dataloader=loader)
     return said
 
 
@@ -50,6 +52,16 @@ def test_a_trivial_tell_is_flagged_once():
     assert len(said) == 1 and "preference accuracy is 0.90 before any training" in said[0]
     assert _feed([(1, {"rewards/accuracies": 0.5, "logps/chosen": -1.0}), (2, {"rewards/accuracies": 0.9})]) == []
     assert "before any training" in _feed([(0, {"eval_rewards/accuracies": 0.85})])[0]  # eval_on_start
+
+
+def test_a_handful_of_pairs_above_0_8_is_chance_not_a_tell():
+    """5 of 5 pairs right happens by chance 1 time in 32; the warning waits for TELL_PAIRS (27) pairs,
+    from which an accuracy above 0.8 comes by chance less than 1 time in 1,000."""
+    assert TELL_PAIRS == 27 and _by_chance(5) == 1 / 32 and _by_chance(26) > 1e-3 > _by_chance(27)
+    assert _feed([(1, {"rewards/accuracies": 1.0})], batch=4) == []  # 4 pairs
+    assert _feed([(0, {"eval_rewards/accuracies": 1.0})], eval_pairs=5) == []
+    assert len(_feed([(0, {"eval_rewards/accuracies": 0.9})], eval_pairs=27)) == 1
+    assert len(_feed([(7, {"rewards/accuracies": 0.9})], batch=4)) == 1  # 7 steps × 4 pairs = 28
 
 
 def test_steadily_falling_chosen_logps_are_flagged():
