@@ -191,3 +191,15 @@ def test_sft_and_dpo_recipes_are_named_as_such(raw, what, tmp_path):
 def test_an_sft_key_in_a_preference_config_is_an_unknown_key_with_a_suggestion(tmp_path):
     assert "unknown key 'max_seq_length'. Did you mean 'max_length'?" in refusal(
         {"method": "simpo", "max_seq_length": 2048}, tmp_path)
+
+
+def test_sft_weight_marks_a_simpo_repository_config_and_its_defaults_are_said(tmp_path):
+    """The SimPO repository's SimPOConfig defaults gamma_beta_ratio to 0.25 and loss_type to sigmoid:
+    its configs may give only sft_weight, a name no other tool has. That is SimPO, not CPO."""
+    cfg = build({"loss_type": "sigmoid", "beta": 2.5, "sft_weight": 0.1}, tmp_path)
+    o = cfg.objective
+    assert (o.method, o.loss_type, o.nll_weight, o.gamma_beta_ratio) == ("simpo", "sigmoid", 0.1, 0.5)
+    assert cfg.differs == ["gamma_beta_ratio 0.5 (γ 1.25, simpo's published default); the SimPO repository would "
+                           "train gamma_beta_ratio 0.25: set gamma_beta_ratio: 0.25 for its numbers"]
+    assert build({"sft_weight": 0.0}, tmp_path).objective.method == "simpo"  # no loss_type: its default, sigmoid
+    assert build({"loss_type": "sigmoid", "cpo_alpha": 0.1}, tmp_path).objective.method == "cpo"  # TRL's name

@@ -134,9 +134,10 @@ def build_config(raw: dict, where: str = "config") -> Config:
     model = _build(where, ModelArgs, sections["model"])
     data = _build(where, DataArgs, sections["data"])
     data.train_datasets, data.eval_datasets = train, evals
-    given, from_trl = read_objective(_build(where, ObjectiveArgs, sections["objective"]), raw, later, notes, where)
+    given, tool = read_objective(_build(where, ObjectiveArgs, sections["objective"]), raw, later, notes, where,
+                                 frozenset(written))
     objective = _resolve_objective(where, given, written)
-    differs = tool_differences(dialect_of(set(written), from_trl), given, objective)
+    differs = tool_differences(dialect_of(set(written), tool), given, objective)
     training, forced = _training(where, sections["training"], notes)
     _validate(where, model, data, objective, training)
     run = _build(where, RunArgs, sections["run"])

@@ -224,24 +224,25 @@ def _warmup_precedence(out: dict, notes: list[str]):
 # TRL CPOConfig's loss_type values that name a SimPO-family method, and those methods
 TRL_METHOD_LOSSES = ("simpo", "alphapo")
 SIMPO_FAMILY = ("simpo", "cpo_simpo", "alphapo")
-# Present, the config is the SimPO repository's. (Its sft_weight was listed too, but it is read as
-# nll_weight before the rules run, so it has never marked one: `loss_type: sigmoid` + `sft_weight`
-# is CPO.)
-SIMPO_REPO_MARKERS = ("gamma_beta_ratio",)
+# Present (as written: sft_weight is read as nll_weight before the rules run), the config is the
+# SimPO repository's: no other tool has these names.
+SIMPO_REPO_MARKERS = ("gamma_beta_ratio", "sft_weight")
 
 
-def read_objective(obj, raw: dict, later: dict, notes: list[str], where: str = "config"):
+def read_objective(obj, raw: dict, later: dict, notes: list[str], where: str = "config",
+                   written: frozenset[str] = frozenset()):
     """The objective in canonical terms where another key changes what method, loss_type or a
     hyperparameter means. `obj`: the ObjectiveArgs built from `raw` (canonical keys, from
-    `canonical`); `later`: the spellings it set apart. The rules, applied here and nowhere else:
+    `canonical`); `later`: the spellings it set apart; `written`: the keys as the config spelled
+    them. The rules, applied here and nowhere else:
 
     1. TRL's `loss_type: simpo|alphapo` without a method names the method: alphapo for alphapo;
        for simpo, cpo_simpo when an NLL weight above 0 is given, else simpo (TRL's cpo_alpha
        defaults to 1.0, which quietly turns "SimPO" into CPO-SimPO; here SimPO means SimPO);
        the loss shape is sigmoid. With a SimPO-family method, `loss_type: simpo|alphapo` is its
        sigmoid loss.
-    2. With the SimPO repository's `gamma_beta_ratio` present, `loss_type: sigmoid|hinge` (or no
-       loss_type) without a method is SimPO's loss, not CPO's.
+    2. With the SimPO repository's `gamma_beta_ratio` or `sft_weight` present, `loss_type:
+       sigmoid|hinge` (or no loss_type) without a method is SimPO's loss, not CPO's.
     3. Otherwise `loss_type: sigmoid|hinge|ipo` without a method is TRL CPOConfig's: cpo.
     4. TRL's `simpo_gamma` is the absolute margin γ: gamma_beta_ratio = simpo_gamma / β, with β
        as resolved (given, else the method's default).
@@ -252,15 +253,16 @@ def read_objective(obj, raw: dict, later: dict, notes: list[str], where: str = "
        `gamma_beta_ratio` or `simpo_gamma` it is a second margin, refused.
 
     (use_flash_attention_2 needs no other key: its conversion is the table's.) What stays unknown
-    here (no method, an unknown one) is for `config` to refuse. Returns the objective and whether
-    TRL's loss_type named its method (rules 1 and 3), for `dialect_of`.
+    here (no method, an unknown one) is for `config` to refuse. Returns the objective and the tool
+    whose defaults the config relies on, where its method came from that tool's keys: "TRL"
+    (rules 1 and 3), "SimPO repository" (rule 2's markers), else None — for `dialect_of`.
     """
-    method, loss_type, trl = _method(obj, raw, notes)
+    method, loss_type, tool = _method(obj, set(raw) | set(written), notes)
     if loss_type in TRL_METHOD_LOSSES and method in SIMPO_FAMILY:
         loss_type = "sigmoid"
     obj = dataclasses.replace(obj, method=method, loss_type=loss_type)
     if method not in METHODS:
-        return obj, trl
+        return obj, tool
     if method in SIMPO_FAMILY and obj.gamma not in (None, 0.0):  # (0: a resolved config's neutral value)
         obj = _absolute_gamma(obj, raw, later, notes, where)
     for spelling, value in later.items():
@@ -269,32 +271,34 @@ def read_objective(obj, raw: dict, later: dict, notes: list[str], where: str = "
         obj = dataclasses.replace(obj, **{s.canonical: converted})
         if note := s.noted(value, converted):
             notes.append(note)
-    return obj, trl
+    return obj, tool
 
 
-def _method(obj, raw: dict, notes: list[str]) -> tuple[str | None, str | None, bool]:
+def _method(obj, keys: set[str], notes: list[str]) -> tuple[str | None, str | None, str | None]:
     """Rules 1-3: the method a loss_type (and the SimPO repository's keys) imply, when none is given;
-    and whether TRL's loss_type named it (rules 1 and 3: the config relies on TRL's defaults)."""
+    and the tool whose defaults the config then relies on."""
     method, loss_type = obj.method, obj.loss_type
     if method is not None:
-        return method, loss_type, False
-    simpo_repo = any(k in raw for k in SIMPO_REPO_MARKERS) or obj.gamma not in (None, 0.0)  # rules 2 and 5
+        return method, loss_type, None
+    marked = any(k in keys for k in SIMPO_REPO_MARKERS)
+    simpo_repo = marked or obj.gamma not in (None, 0.0)  # rules 2 and 5
+    repo_tool = "SimPO repository" if marked else None
     if loss_type in TRL_METHOD_LOSSES:
         method = loss_type
         if loss_type == "simpo" and obj.nll_weight is not None and obj.nll_weight > 0:
             method = "cpo_simpo"
         notes.append(f"loss_type: {loss_type} (TRL) read as method {method}")
-        return method, "sigmoid", True
+        return method, "sigmoid", "TRL"
     if loss_type in ("sigmoid", "hinge") and simpo_repo:
         notes.append(f"loss_type: {loss_type} with SimPO-repository keys read as SimPO-{loss_type}")
-        return "simpo", loss_type, False
+        return "simpo", loss_type, repo_tool
     if loss_type in ("sigmoid", "hinge", "ipo"):
         notes.append(f"loss_type: {loss_type} (TRL CPOConfig) read as CPO-{loss_type}")
-        return "cpo", loss_type, True
+        return "cpo", loss_type, "TRL"
     if loss_type is None and simpo_repo:
         notes.append("SimPO-repository keys without a method: SimPO")
-        return "simpo", loss_type, False
-    return None, loss_type, False
+        return "simpo", loss_type, repo_tool
+    return None, loss_type, None
 
 
 def _absolute_gamma(obj, raw: dict, later: dict, notes: list[str], where: str):
@@ -327,7 +331,8 @@ class ToolDefaults:
 
     tool: str
     beta: float
-    gamma: float  # the absolute target margin (simpo_gamma)
+    gamma: float | None  # the absolute target margin (simpo_gamma), where the tool's default is one
+    gamma_beta_ratio: float | None  # the margin over β, where the tool's default is that
     alpha: float  # AlphaPO's reward shape
     nll_weight: dict[str, float]  # by method: the NLL weight it trains when none is given
     forced_nll: dict[str, float]  # by method: the NLL weight it trains whatever is given
@@ -336,21 +341,21 @@ class ToolDefaults:
 TOOL_DEFAULTS = {
     # CPOConfig: beta 0.1, simpo_gamma 0.5, cpo_alpha 1.0 (loss_type simpo is CPO-SimPO by default),
     # alpha 0; loss_type alphapo sets cpo_alpha to 0
-    "TRL": ToolDefaults("TRL 1.16", beta=0.1, gamma=0.5, alpha=0.0, nll_weight={"simpo": 1.0, "cpo": 1.0},
-                        forced_nll={"alphapo": 0.0}),
+    "TRL": ToolDefaults("TRL 1.16", beta=0.1, gamma=0.5, gamma_beta_ratio=None, alpha=0.0,
+                        nll_weight={"simpo": 1.0, "cpo": 1.0}, forced_nll={"alphapo": 0.0}),
+    # SimPOConfig (scripts/simpo_config.py): beta 2.0, gamma_beta_ratio 0.25, sft_weight 0
+    "SimPO repository": ToolDefaults("the SimPO repository", beta=2.0, gamma=None, gamma_beta_ratio=0.25, alpha=0.0,
+                                     nll_weight={"simpo": 0.0}, forced_nll={}),
     # FinetuningArguments: pref_beta 0.1, simpo_gamma 0.5, pref_ftx 0 (its ORPO keeps its SFT term)
-    "LLaMA-Factory": ToolDefaults("LLaMA-Factory", beta=0.1, gamma=0.5, alpha=0.0,
+    "LLaMA-Factory": ToolDefaults("LLaMA-Factory", beta=0.1, gamma=0.5, gamma_beta_ratio=None, alpha=0.0,
                                   nll_weight={"simpo": 0.0, "orpo": 1.0}, forced_nll={}),
 }
 
 
-def dialect_of(written: set[str], method_from_loss_type: bool) -> str | None:
+def dialect_of(written: set[str], tool: str | None) -> str | None:
     """The tool whose defaults a config relies on: LLaMA-Factory when it names its objective with
-    pref_loss, TRL when its method came from TRL's loss_type (rules 1 and 3), else none (prefopt's
-    own `method`, or the SimPO repository's keys, whose defaults are the papers')."""
-    if "pref_loss" in written:
-        return "LLaMA-Factory"
-    return "TRL" if method_from_loss_type else None
+    pref_loss, else the one `read_objective` found (None: prefopt's own `method`)."""
+    return "LLaMA-Factory" if "pref_loss" in written else tool
 
 
 def tool_differences(tool: str | None, given, resolved) -> list[str]:
@@ -365,10 +370,12 @@ def tool_differences(tool: str | None, given, resolved) -> list[str]:
     if "beta" in takes and given.beta is None and r.beta != d.beta:
         out.append(f"beta {r.beta:g} ({method}'s published default); {name} would train {d.beta:g}: "
                    f"set beta: {d.beta:g} for its numbers")
-    if "gamma_beta_ratio" in takes and given.gamma_beta_ratio is None and r.gamma_beta_ratio * r.beta != d.gamma:
+    ratio = d.gamma_beta_ratio if d.gamma is None else d.gamma / r.beta
+    if "gamma_beta_ratio" in takes and given.gamma_beta_ratio is None and r.gamma_beta_ratio != ratio:
+        theirs = (f"gamma_beta_ratio {ratio:g}" if d.gamma is None else f"simpo_gamma {d.gamma:g} (γ/β {ratio:g})")
+        key = f"gamma_beta_ratio: {ratio:g}" if d.gamma is None else f"simpo_gamma: {d.gamma:g}"
         out.append(f"gamma_beta_ratio {r.gamma_beta_ratio:g} (γ {r.gamma_beta_ratio * r.beta:g}, {method}'s "
-                   f"published default); {name} would train simpo_gamma {d.gamma:g} (γ/β {d.gamma / r.beta:g}): "
-                   f"set simpo_gamma: {d.gamma:g} for its numbers")
+                   f"published default); {name} would train {theirs}: set {key} for its numbers")
     if "alpha" in takes and METHODS[method].reward_shape and given.alpha is None and r.alpha != d.alpha:
         out.append(f"alpha {r.alpha:g} (AlphaPO's recommended shape); {name} would train alpha {d.alpha:g}"
                    f"{' (SimPO)' if d.alpha == 0 else ''}: set alpha: {d.alpha:g} for its numbers")
