@@ -8,7 +8,9 @@
 In (`split_report`): the pyarrow Table of every tokenized row of one split (`tokens.tokenize`):
 `prompt_ids`, `chosen_ids`, `rejected_ids` (list<int>), `drop` (str, "" for a kept pair, else its
 reason), `prompt_truncated`, `chosen_truncated`, `rejected_truncated` (bool), `source`, `row`.
-Out: a JSON-able dict per split (its keys: `split_report`). No column is made or changed here.
+Out: a JSON-able dict per split (its keys: `split_report`; `data.tokenize_pairs` adds `notes`, a list
+of lines about the run's rendering, when there are some, and `format_report` prints each once). No
+column is made or changed here.
 `check_dropped` refuses a split with nothing left or more than `max_dropped_share` dropped.
 """
 
@@ -31,7 +33,7 @@ def check_dropped(split: str, report: dict, max_share: float):
     share = dropped / max(report["rows_in"], 1)
     if report["kept"] and share <= max_share:
         return
-    reasons = "; ".join(f"{n} {reason.replace('_', ' ')} (e.g. {', '.join(report['dropped_rows'][reason])}): "
+    reasons = "; ".join(f"{n} {reason.replace('_', ' ')} (e.g. {', '.join(report['dropped_rows'][reason][:3])}): "
                         f"{DROP_FIXES[reason]}" for reason, n in report["dropped"].items() if n)
     if not report["kept"]:
         head = f"every {split} pair was dropped"
@@ -43,8 +45,9 @@ def check_dropped(split: str, report: dict, max_share: float):
 
 def split_report(table, data: DataArgs) -> dict:
     """rows_in, kept, truncated (kept pairs whose part was cut) and the truncation settings, dropped
-    by reason with the first rows of each, token lengths (p50/p90/p99/max) of kept pairs, and the
-    share of kept pairs whose chosen is the longer answer."""
+    by reason with every dropped row (`dropped_rows`: reason → 'source row N', all of them; what is
+    printed names the first few), token lengths (p50/p90/p99/max) of kept pairs, and the share of
+    kept pairs whose chosen is the longer answer."""
     kept = table.filter(pc.equal(table["drop"], ""))
     lengths = {name: pc.list_value_length(kept[f"{name}_ids"]).to_numpy(zero_copy_only=False) for name in PAIR}
     reasons = Counter(table["drop"].to_pylist())
@@ -55,15 +58,15 @@ def split_report(table, data: DataArgs) -> dict:
         "truncation": {key: getattr(data, key) for key in
                        ("max_length", "max_prompt_length", "max_completion_length", "truncation_mode")},
         "dropped": {reason: reasons[reason] for reason in DROP_REASONS},
-        "dropped_rows": {reason: _first_rows(table, reason) for reason in DROP_REASONS if reasons[reason]},
+        "dropped_rows": {reason: _dropped_rows(table, reason) for reason in DROP_REASONS if reasons[reason]},
         "lengths": {name: _percentiles(lengths[name]) for name in PAIR},
         "chosen_longer_share": float(np.mean(lengths["chosen"] > lengths["rejected"])) if kept.num_rows else None,
     }
 
 
-def _first_rows(table, reason: str, n: int = 3) -> list[str]:
-    """Where the first `n` pairs dropped for `reason` came from: 'data.jsonl[train] row 7'."""
-    rows = table.filter(pc.equal(table["drop"], reason)).slice(0, n).select(["source", "row"]).to_pylist()
+def _dropped_rows(table, reason: str) -> list[str]:
+    """Where every pair dropped for `reason` came from, in the split's order: 'data.jsonl[train] row 7'."""
+    rows = table.filter(pc.equal(table["drop"], reason)).select(["source", "row"]).to_pylist()
     return [f"{r['source']} row {r['row']}" for r in rows]
 
 
@@ -100,4 +103,7 @@ def format_report(report: dict) -> str:
             lengths = "; ".join(f"{name} " + "/".join(str(v) for v in r["lengths"][name].values()) for name in PAIR)
             lines += [f"  tokens p50/p90/p99/max: {lengths}",
                       f"  chosen longer than rejected in {r['chosen_longer_share']:.1%} of pairs"]
+    # a note about the run's rendering is the same for every split: said once
+    notes = dict.fromkeys(n for r in report.values() if r is not None for n in r.get("notes", ()))
+    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
