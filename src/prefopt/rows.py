@@ -5,7 +5,9 @@
 
 In (`normalise`): one source's rows as `sources.load_source` gives them: `chosen`, `rejected` and,
 if the source has one, `prompt`, holding whatever the file held, plus `source` (str,
-"path[split]") and `row` (int, the row's index in that source).
+"path[split]") and `row` (int, the row's index in that source). Formats: prefopt's own (`SCHEMAS`,
+TRL's), and LLaMA-Factory's sharegpt and alpaca ranking rows, which reach here already read as
+chat rows (`llamafactory`, called by `sources`), so they are checked like any others.
 
 Out: the normalised rows, exactly `prompt`, `chosen`, `rejected`, `source`, `row`. The three pair
 columns are all strings ("text") or all lists of {role: str, content: str} messages ("chat"); no
@@ -134,6 +136,9 @@ def _bad_column(ds: Dataset, column: str) -> PrefoptError:
     value = values[odd]
     if _is_sharegpt(value) or isinstance(value, list) and any(_is_sharegpt(m) for m in value):
         fix = f"prefopt reads chat messages as {{role, content}}: {SHAREGPT_FIX}."
+        if _is_sharegpt(value):
+            fix += (" Or, as LLaMA-Factory's sharegpt ranking rows (read as they are), give the conversation up to "
+                    "the answers as a 'conversations' list beside single-message chosen and rejected.")
     else:
         fix = ("A column must hold plain strings in every row, or chat message lists [{role, content}, ...] in every "
                "row; fix that row or remove it.")

@@ -7,8 +7,10 @@
 Out (`load_source`): the source's `chosen`, `rejected` and, if it has one, `prompt` (after
 `column_mapping`), their values as read — `rows.normalise` checks them next — plus `source` (str,
 "path[split]", named in every message) and `row` (int, the row's index in that source after
-`keep_fraction`). Other columns are dropped: nothing downstream reads them, and sources with
-different extra columns could not be concatenated. CSV cells are read as the text written in them.
+`keep_fraction`). LLaMA-Factory's ranking rows (sharegpt or alpaca: the source's `format`, or
+sharegpt detected from its columns) are first read as prompt/chosen/rejected message lists
+(`llamafactory`), then mapped like any others. Other columns are dropped: nothing downstream reads
+them, and sources with different extra columns could not be concatenated. CSV cells are read as the text written in them.
 `mix` and `hold_out` select rows and keep the columns as they are. A file that cannot be read is
 refused naming it (and the line, in JSON Lines); a held-out share of less than one pair is refused.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
+from . import llamafactory
 from .config import DatasetSource
 from .errors import PrefoptError
 from .rows import PAIR, SCHEMAS, short
@@ -41,6 +44,9 @@ def load_source(src: DatasetSource, mapping: dict[str, str] | None, train: bool)
     if train and src.keep_fraction is not None:
         # alignment-handbook's dataset_mixer: the first int(f·n) rows, not a random sample
         ds = ds.select(range(int(src.keep_fraction * len(ds))))
+    fmt = llamafactory.layout(src.format, ds.features)
+    if fmt is not None:
+        ds = llamafactory.convert(ds, fmt, label)
     ds = _map_columns(ds, mapping or {}, label)
     missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
     if missing:
