@@ -9,7 +9,8 @@ docstring states:
 
     sources      a file, folder or Hub dataset → chosen, rejected (prompt) as read + source, row; mixed; held out
     rows         → the normalised rows: prompt, chosen, rejected (all text or all chat), source, row
-    templates    the chat template installed on the tokenizer; a chat row → prompt, chosen, rejected text
+    templates    the chat template installed on the tokenizer; a chat row → prompt, chosen, rejected text, in
+                 the completion_layout (trl | simpo_repo), with an empty system turn where asked and taken
     tokens       normalised rows → prompt_ids, chosen_ids, rejected_ids, length, source, row (pairs kept)
                  + every row's drop reason and truncation flags
     report       those flags → the data report; a split with too many pairs dropped refused
@@ -18,7 +19,8 @@ docstring states:
 In (`prepare`): the config and the tokenizer (its chat template installed here, from
 `cfg.data.chat_template`). Out: `Prepared`: per split the kept pairs, columns `source` (str),
 `row` (int), `prompt_ids`, `chosen_ids`, `rejected_ids` (list[int]), `length` (int), which the
-collator reads, and the report. `prepare` refuses a split with more than `max_dropped_share` of
+collator reads, and the report (with a note where an empty system turn was asked for and the
+template takes none). `prepare` refuses a split with more than `max_dropped_share` of
 its pairs dropped (or none left), and training data smaller than one optimizer step.
 """
 
@@ -29,9 +31,9 @@ from datasets import Dataset
 from .config import Config, DataArgs, DatasetSource
 from .errors import PrefoptError
 from .report import check_dropped, format_report, split_report, write_report
-from .rows import SCHEMAS, concatenate, normalise
+from .rows import SCHEMAS, column_kind, concatenate, normalise
 from .sources import hold_out, load_source, mix
-from .templates import setup_chat_template
+from .templates import insert_note, setup_chat_template
 from .tokens import tokenize
 
 # what the rest of prefopt and the tests import from here
@@ -110,4 +112,8 @@ def tokenize_pairs(ds: Dataset, tokenizer, data: DataArgs) -> tuple[Dataset, dic
     completion part. Returns the kept pairs and this split's report (see `prepare`).
     """
     kept, marks = tokenize(ds, tokenizer, data)
-    return kept, split_report(marks, data)
+    report = split_report(marks, data)
+    note = insert_note(tokenizer, data) if column_kind(ds.features["chosen"]) == "chat" else None
+    if note:
+        report["notes"] = [note]
+    return kept, report

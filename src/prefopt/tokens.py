@@ -4,13 +4,23 @@
 
 Rows keep TRL 1.16's conventions (`CPOTrainer.tokenize_row`, kept on purpose), so the same
 inputs give the same token ids: conversations are rendered with the generation prompt
-(`templates.render`), so the assistant header is part of the prompt; prompt and
+(`templates.render`, layout trl), so the assistant header is part of the prompt; prompt and
 prompt+completion are tokenized together; BOS once at the start, EOS after each completion unless
 already there; an over-long pair loses completion tokens. Beyond TRL: optional prompt/completion
-caps; a completion never ends in a second EOS (ChatML's `<|im_end|>\n` with `<|im_end|>` as EOS
-ends at the first); and pairs that would teach nothing are dropped and counted rather than
-trained on: a blank completion, one cut to nothing, chosen equal to rejected, a pair seen before
-in the split.
+caps; a completion never ends in a second EOS or whitespace after its first (`_end_at_eos` lists
+every template family where that differs from TRL); and pairs that would teach nothing are
+dropped and counted rather than trained on: a blank completion, one cut to nothing, chosen equal
+to rejected, a pair seen before in the split.
+
+`completion_layout: simpo_repo` renders chat rows as the SimPO repository's run_simpo.py does
+(`templates.LAYOUTS`), and its completions are what the template rendered, then EOS unless last,
+without the clean-up; the tokenization after the rendering (BOS, EOS, the boundary where a
+tokenizer merges across it) is the same rule, which is the repository's too (`tokenize_row`,
+`build_tokenized_answer`). Truncation stays prefopt's in both layouts: the repository's keeps the
+prompt's end without its BOS and cuts every completion to max_length - max_prompt_length, whatever
+the prompt's length; prefopt keeps BOS (keep_end) and cuts only what max_length needs. Where a
+tokenizer merges the prompt's last token with one answer's first but not the other's, prefopt's
+prompt is the shorter one both share, the repository keeps each answer's own.
 
 In: normalised rows (`rows.normalise`): `prompt`, `chosen`, `rejected` (all text or all chat),
 `source`, `row`.
@@ -36,7 +46,7 @@ from .config import DataArgs
 from .errors import PrefoptError
 from .fingerprint import fingerprint
 from .rows import PAIR, at, column_kind, common_prefix_len
-from .templates import render, template_roles
+from .templates import Rendering, completion_layout, render, rendering
 
 # Why a pair is dropped, in order of precedence, and what to change.
 DROP_FIXES = {
@@ -59,8 +69,11 @@ def tokenize(ds: Dataset, tokenizer, data: DataArgs) -> tuple[Dataset, pa.Table]
     if tokenizer.eos_token_id is None:
         raise PrefoptError("the tokenizer has no eos token, so completions could not be ended; use a tokenizer "
                            "with one, or `chat_template: chatml` (which makes <|im_end|> the eos token).")
+    # the layout is read (and refused if unknown) for text rows too: a config's mistake is not hidden by its data
+    style = rendering(tokenizer, data) if conversational else Rendering(layout=completion_layout(data))
     options = dict(conversational=conversational, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
-                   max_completion_length=data.max_completion_length, keep_end=data.truncation_mode == "keep_end")
+                   max_completion_length=data.max_completion_length, keep_end=data.truncation_mode == "keep_end",
+                   style=style)
     out = ds.map(
         _tokenize_batch,
         batched=True,
@@ -68,7 +81,9 @@ def tokenize(ds: Dataset, tokenizer, data: DataArgs) -> tuple[Dataset, pa.Table]
         remove_columns=ds.column_names,
         fn_kwargs=dict(tokenizer=tokenizer, **options),
         desc="Tokenizing pairs",
-        new_fingerprint=fingerprint(ds, "tokenize", Hasher.hash(tokenizer), options),
+        # both keys as given, besides the rendering they resolve to
+        new_fingerprint=fingerprint(ds, "tokenize", Hasher.hash(tokenizer), options, data.completion_layout,
+                                    data.auto_insert_empty_system_msg),
     )
     table = out.with_format("arrow")[:]
     drops = _mark_duplicates(table["drop"].to_pylist(), table["key"].to_pylist())
@@ -88,16 +103,17 @@ def _mark_duplicates(drops: list[str], keys: list[str]) -> list[str]:
 
 
 def _tokenize_batch(batch: dict, tokenizer, conversational: bool, max_length: int | None,
-                    max_prompt_length: int | None, max_completion_length: int | None, keep_end: bool) -> dict:
+                    max_prompt_length: int | None, max_completion_length: int | None, keep_end: bool,
+                    style: Rendering) -> dict:
     triples = list(zip(batch["prompt"], batch["chosen"], batch["rejected"]))
     blank = [_blank(c, conversational) or _blank(r, conversational) for _, c, r in triples]
     if conversational:
-        roles = template_roles(tokenizer.chat_template)
         # a blank pair is dropped below; an empty conversation could not be rendered
-        triples = [("", "", "") if b else render(tokenizer, *t, f"{s} row {i}", roles)
+        triples = [("", "", "") if b else render(tokenizer, *t, f"{s} row {i}", style)
                    for t, b, s, i in zip(triples, blank, batch["source"], batch["row"])]
-    eos = tokenizer.eos_token
-    triples = [(p, _end_at_eos(c, eos), _end_at_eos(r, eos)) for p, c, r in triples]
+    if style.layout == "trl" or not conversational:  # the SimPO repository trains what its template renders
+        eos = tokenizer.eos_token
+        triples = [(p, _end_at_eos(c, eos), _end_at_eos(r, eos)) for p, c, r in triples]
     prompts, chosens, rejecteds = (list(x) for x in zip(*triples))
     prompt_ids = _encode(tokenizer, prompts)
     chosen_full = _encode(tokenizer, [p + c for p, c in zip(prompts, chosens)])
@@ -134,12 +150,31 @@ def _blank(answer, conversational: bool) -> bool:
 
 
 def _end_at_eos(completion: str, eos: str) -> str:
-    """`completion` ending at its first EOS when only whitespace and EOS follow it.
+    """`completion` ending at its first EOS when only whitespace and EOS follow it (layout trl, and
+    text rows).
 
-    ChatML closes every turn with `<|im_end|>\n`: where `<|im_end|>` is the EOS (a chat tokenizer,
-    or `chat_template: chatml`), appending EOS would train `<|im_end|> \n <|im_end|>`, and a
-    completion written as `... </s></s>` would train two EOS. Nothing after the first EOS is ever
-    generated, so it is cut rather than trained on.
+    Nothing after the first EOS is ever generated, so it is cut rather than trained on. TRL keeps
+    the completion's text whole and appends EOS unless the last token is EOS already, so the two
+    differ exactly where a completion's text has whitespace or a second EOS after an EOS. Per
+    template family, the end of a chat completion (tests/test_eos_cleanup.py checks each line):
+
+        family, EOS                           TRL trains                      prefopt trains
+        Llama 3 Instruct, <|eot_id|>          <|eot_id|>                      the same
+        Llama 3 template, <|end_of_text|>     <|eot_id|> <|end_of_text|>      the same (the turn end is not EOS)
+        Mistral [INST] ... [/INST], </s>      </s>                            the same
+        Zephyr (<|assistant|>\n ...), </s>    </s> \n </s>                    </s>
+        ChatML / Qwen chat, <|im_end|>        <|im_end|> \n <|im_end|>        <|im_end|>
+        ChatML / Qwen base, <|endoftext|>     <|im_end|> \n <|endoftext|>     the same (the turn end is not EOS)
+        Phi-3, <|endoftext|>                  <|end|> \n <|endoftext|>        the same (the template's own EOS ends it)
+        Phi-3, <|end|> as EOS                 <|end|> \n <|end|>              <|end|>
+        Gemma, <eos>                          <end_of_turn> \n <eos>          the same (the turn end is not EOS)
+        Gemma, <end_of_turn> as EOS           <end_of_turn> \n <end_of_turn>  <end_of_turn>
+
+    (`\n` is the newline's token: `▁\n` in SentencePiece vocabularies, `Ċ` in byte-level ones.)
+    Text rows: `... </s>` followed by whitespace, or `... </s></s>`, end at the first `</s>`, where
+    TRL trains the whitespace and another EOS, or both EOS. The simpo_repo layout skips the
+    clean-up, as the SimPO repository does (its completion is what the template renders, then EOS
+    unless last).
     """
     end = completion.rstrip()
     if not end.endswith(eos):
