@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
-DATA_MODULES = ("data", "sources", "rows", "templates", "tokens", "report", "fingerprint")
+DATA_MODULES = ("data", "sources", "llamafactory", "rows", "templates", "tokens", "report", "fingerprint")
 
 
 def source_hash(folder: Path = Path(__file__).parent) -> str:
