@@ -148,6 +148,16 @@ def test_detection_leaves_other_formats_alone(tmp_path):
     row = {"conversations": [{"from": "human", "value": "x"}], "chosen": "Sort: 1 2", "rejected": "Sort: 2 1"}
     train, _ = load_raw(DataArgs(train_datasets=[DatasetSource(path=write_jsonl(tmp_path / "b.jsonl", [row]))]), 0)
     assert (train[0]["prompt"], train[0]["chosen"], train[0]["rejected"]) == ("Sort:", " 1 2", " 2 1")
+    # single ShareGPT answers without the conversation: not LLaMA-Factory's rows, refused with both fixes
+    row = {"prompt": [user("Sort: 2 1")], "chosen": {"from": "gpt", "value": "1 2"},
+           "rejected": {"from": "gpt", "value": "2 1"}}
+    assert sharegpt_refusal(tmp_path, [row]).startswith(
+        "f[train] row 0: column 'chosen' holds one message {\"from\": \"gpt\", \"value\": \"1 2\"} written {from, "
+        "value} (ShareGPT style), not a list of {role, content}. prefopt reads chat messages as {role, content}: "
+        "rename the keys from → role and value → content, and the roles human → user and gpt → assistant (system "
+        "stays system); prompt, chosen and rejected are each a list of {role, content} messages. Or, as "
+        "LLaMA-Factory's sharegpt ranking rows (read as they are), give the conversation up to the answers as a "
+        "'conversations' list beside single-message chosen and rejected.")
 
 
 def sharegpt_refusal(tmp_path, rows: list[dict], **keys) -> str:
