@@ -83,6 +83,15 @@ def test_openai_style_messages_are_read_by_their_tags(tmp_path, chat_tokenizer):
     rows = [{"messages": as_sharegpt(r, "role", "content", names)["conversations"],
              **{c: as_sharegpt(r, "role", "content", names)[c] for c in ("chosen", "rejected")}} for r in CHAT[:2]]
     assert file_ids(write_jsonl(tmp_path / "openai.jsonl", rows), chat_tokenizer) == reference  # detected
+    # and named through dataset_info.json's tags, as LLaMA-Factory's own OpenAI-style entries do; also for eval
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+            "system_tag": "system"}
+    folder = dataset_info(tmp_path, {"oa": {"file_name": "openai.jsonl", "formatting": "sharegpt", "ranking": True,
+                                            "columns": {"messages": "messages"}, "tags": tags}})
+    data = lf_config(tmp_path, dataset="oa", eval_dataset="oa", dataset_dir=folder).data
+    assert ids(data, chat_tokenizer) == reference
+    _, evals = load_raw(data, seed=0)
+    assert [r["prompt"] for r in evals] == [r["prompt"] for r in CHAT[:2]]
 
 
 def dataset_info(folder, entries: dict) -> str:
