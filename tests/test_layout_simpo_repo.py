@@ -133,6 +133,7 @@ def test_truncation_is_prefopts_and_keeps_bos():
     ("qwen2", "renders the chosen answer alone as '<|im_start|>system\\nYou are a helpful assistant."),
     ("mistral", "cannot render the chosen answer alone (Conversation roles must alternate"),
     ("gemma", "cannot render the chosen answer alone (Conversation roles must alternate"),
+    ("phi3", "<|end|>\\n<|endoftext|>', which is not how it renders the prompt before the chosen answer"),
 ])
 def test_templates_that_cannot_render_an_answer_alone_are_refused(family, message):
     with pytest.raises(PrefoptError, match="^mem\\[train\\] row 0: ") as refused:

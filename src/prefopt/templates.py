@@ -246,7 +246,13 @@ def _render_simpo_repo(tokenizer, prompt: list, chosen: list, rejected: list, wh
         if bos and alone.startswith(bos):
             alone = alone[len(bos):]
         in_context = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
-        if in_context != text + alone:
+        if not in_context.startswith(text):
+            raise PrefoptError(
+                f"{where}: completion_layout simpo_repo: the chat template renders the prompt alone ending "
+                f"{text[-40:]!r}, which is not how it renders the prompt before the {name} answer (a template that "
+                "closes every conversation with EOS, as Phi-3's does, makes the repository train the prompt with an "
+                "EOS inside); use completion_layout: trl, or a chat_template that does not.")
+        if in_context[len(text):] != alone:
             raise PrefoptError(
                 f"{where}: completion_layout simpo_repo: the chat template renders the {name} answer alone as "
                 f"{alone[:60]!r}, not as the text it adds to the conversation ({in_context[len(text):][:60]!r}; a "
