@@ -144,14 +144,12 @@ def test_i11_5_sharegpt_messages_name_what_was_found(toks, tmp_path):
     assert refusal(load, path) == (
         f"{path}[train] row 0: column 'prompt' holds a list whose item 0 is written {{from, value}} (ShareGPT style), "
         f"not {{role, content}}. prefopt reads chat messages as {{role, content}}: {fix}. Accepted schemas: {SCHEMAS}.")
-    # LLaMA-Factory's preference rows: the history in `conversations`, each answer one message
+    # LLaMA-Factory's preference rows are read as they are (tests/test_llamafactory_data.py)
     factory = {"conversations": [{"from": "human", "value": "Sort: 2 1"}], "chosen": {"from": "gpt", "value": "1 2"},
                "rejected": {"from": "gpt", "value": "2 1"}}
     path = write_jsonl(tmp_path / "f.jsonl", [factory])
-    assert refusal(load, path).startswith(
-        f"{path}[train] row 0: column 'chosen' holds one message {{\"from\": \"gpt\", \"value\": \"1 2\"}} written "
-        f"{{from, value}} (ShareGPT style), not a list of {{role, content}}. prefopt reads chat messages as "
-        f"{{role, content}}: {fix}.")
+    train, _ = load(path)
+    assert train[0]["chosen"] == [assistant("1 2")] and train[0]["prompt"] == [user("Sort: 2 1")]
     # one ShareGPT message among {role, content} ones: in a JSON file, a column of mixed types
     good = {"prompt": [user("Sort: 2 1")], "chosen": [assistant("1 2")], "rejected": [assistant("2 1")]}
     mixed = [good, {**good, "chosen": [{"from": "gpt", "value": "1 2"}]}]

@@ -130,7 +130,7 @@ def _groups() -> dict[str, tuple[str, ...]]:
 ALIASES: dict[str, tuple[str, ...]] = _groups()
 
 # The ways of naming the data (read by `dataforms`): only one may be used.
-DATASET_FORMS = ("dataset_mixer", "dataset_mixture", "datasets", "dataset_name")
+DATASET_FORMS = ("dataset_mixer", "dataset_mixture", "datasets", "dataset_name", "dataset")
 DATASET_COMPANIONS = (
     "dataset_splits",
     "dataset_configs",
@@ -138,6 +138,8 @@ DATASET_COMPANIONS = (
     "dataset_train_split",
     "dataset_test_split",
     "streaming",
+    "dataset_dir",  # LLaMA-Factory: the folder of dataset_info.json (with `dataset`, `eval_dataset`)
+    "eval_dataset",
 )
 DIALECT_KEYS = set(NON_CANONICAL) | set(DATASET_FORMS) | set(DATASET_COMPANIONS) | set(BY_INERT)
 

@@ -110,7 +110,7 @@ def resolved_dict(cfg: Config) -> dict:
 
 def _source(s: dict) -> dict:
     """A DatasetSource (as a dict) as an entry of `datasets:`, its mix share under TRL's `fraction`."""
-    keep = ("path", "split", "name", "data_dir", "data_files", "columns", "keep_fraction")
+    keep = ("path", "split", "name", "data_dir", "data_files", "columns", "keep_fraction", "format")
     entry = {k: s[k] for k in keep if s[k] is not None}
     return entry | ({"fraction": s["mix_share"]} if s["mix_share"] is not None else {})
 

@@ -82,6 +82,8 @@ class DatasetSource:
     columns: list[str] | None = None  # keep only these columns
     keep_fraction: float | None = None  # alignment-handbook: share of this dataset's rows to use
     mix_share: float | None = None  # TRL `fraction`: target share of the mixture, normalised
+    # LLaMA-Factory's rows: {formatting: sharegpt|alpaca, columns, tags} (None: detected from the columns)
+    format: dict | None = None
 
 
 @dataclass
@@ -96,6 +98,10 @@ class DataArgs:
     )
     chat_template: str | None = field(
         default=None, metadata={"help": "chatml, a .jinja file, or a template string (None: the tokenizer's)."}
+    )
+    data_format: str | None = field(
+        default=None, metadata={"help": "The rows' format: sharegpt (LLaMA-Factory's conversations with from/value) "
+                                        "or None (detected from the columns)."}
     )
     max_length: int | None = field(default=1024, metadata={"help": "Cap on prompt + completion tokens."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Cap on prompt tokens."})
