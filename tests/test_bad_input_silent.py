@@ -112,8 +112,9 @@ def test_i11_5_roles_the_template_does_not_know(toks, tmp_path):
     assert "Roles accepted: system, user, assistant, tool, ipython." in message
     with_system = {**rows[2], "prompt": [system("Be brief."), *rows[2]["prompt"]]}
     assert refusal(tokenized, [with_system], tokenizer) == (
-        "mem[train] row 0: the chat template cannot render this conversation (System role not supported); change "
-        "the row's messages to what the template accepts, or use another chat_template.")
+        "mem[train] row 0: the chat template cannot render this conversation (System role not supported); remove "
+        "the system turns from the rows (or fold them into the first user message), or use a chat_template that "
+        "takes a system role.")
     setup_chat_template(tokenizer, "{% for m in messages %}{{ m['content'] }{% endfor %}")
     assert refusal(tokenized, rows[:1], tokenizer) == (
         "the chat template is not valid Jinja (line 1: unexpected '}'); fix chat_template, or the template saved "

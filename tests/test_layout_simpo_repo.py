@@ -150,3 +150,21 @@ def test_the_layouts_are_described_and_an_unknown_one_is_refused():
     with pytest.raises(PrefoptError, match="^completion_layout: 'simpo' is not one of"):  # text rows too
         tokenize_pairs(normalise(in_memory([{"prompt": "a", "chosen": " b", "rejected": " c"}])),
                        family_tokenizer("chatml"), DataArgs(completion_layout="simpo"))
+
+
+def test_explain_names_the_layout_and_a_bad_one_is_refused_when_the_config_is_built(tmp_path):
+    from prefopt.config import build_config
+    from prefopt.errors import PrefoptError
+    from prefopt.explain import explain
+
+    base = {"method": "simpo", "output_dir": str(tmp_path / "o")}
+    trl = [line for line in explain(build_config(base)).splitlines() if line.lstrip().startswith("completion")]
+    assert trl == ["  completion         trl: TRL's: the prompt rendered with the generation prompt (the assistant header "
+                   "is the prompt's); each completion is the text its answer adds to the conversation"]
+    repo = explain(build_config({**base, "completion_layout": "simpo_repo"}))
+    assert "simpo_repo: the SimPO repository's run_simpo.py" in repo
+    assert "; an empty system turn opens prompts without one" in repo
+    assert "an empty system turn" not in explain(build_config({**base, "completion_layout": "simpo_repo",
+                                                               "auto_insert_empty_system_msg": False}))
+    with pytest.raises(PrefoptError, match="completion_layout must be trl or simpo_repo, got 'simpo'"):
+        build_config({**base, "completion_layout": "simpo"})

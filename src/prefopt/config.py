@@ -42,6 +42,7 @@ from .losses import HYPERPARAMETERS, METHODS, takes
 from .schema import (  # DatasetSource re-exported
     TRAINING_DEFAULTS, DataArgs, DatasetSource, ModelArgs, ObjectiveArgs, RunArgs, _base_types, _build, _coerce, _fail,
     _plain)
+from .templates import LAYOUTS
 from .recipes import dpo_loss, likely_method, not_preference_recipe
 from .values import DATA_KEYS, FIELD_TYPES, MODEL_KEYS, OBJECTIVE_KEYS, RUN_KEYS, VALID_KEYS, check_values
 from .yamlfile import parse_overrides, read_yaml
@@ -297,6 +298,8 @@ def _validate(where: str, model: ModelArgs, data: DataArgs, obj: ObjectiveArgs, 
         _fail(where, f"layout must be packed, shared or padded, got {data.layout!r}.")
     if data.truncation_mode not in ("keep_end", "keep_start"):
         _fail(where, f"truncation_mode must be keep_end or keep_start, got {data.truncation_mode!r}.")
+    if data.completion_layout not in LAYOUTS:
+        _fail(where, f"completion_layout must be {' or '.join(LAYOUTS)}, got {data.completion_layout!r}.")
     if data.column_mapping is not None:
         mapping = data.column_mapping
         if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):

@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 from .dialects import NON_CANONICAL
 from .losses import HYPERPARAMETERS, LOSSES, Hyper, formula, takes
 from .schema import TRAINING_DEFAULTS, _plain
+from .templates import LAYOUTS, completion_layout, wants_empty_system
 from .values import TRAINING_KEYS
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ def explain(cfg: Config) -> str:
         ("eval data", ", ".join(f"{s.path}[{s.split}]" for s in d.eval_datasets)
          or (f"{d.test_split_size:g} of train held out" if d.test_split_size else "none")),
         ("lengths", f"max_length {d.max_length}, max_prompt_length {d.max_prompt_length}"),
+        ("completion", f"{completion_layout(d)}: {LAYOUTS[d.completion_layout]}"
+                       + ("; an empty system turn opens prompts without one" if wants_empty_system(d) else "")),
         ("batch", f"{t.per_device_train_batch_size} per device × {t.gradient_accumulation_steps} accumulation"),
         ("learning rate", f"{t.learning_rate:g} ({_plain(t.lr_scheduler_type)}, warmup {t.warmup_steps:g})"),
         ("output_dir", t.output_dir),

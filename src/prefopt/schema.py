@@ -103,6 +103,15 @@ class DataArgs:
         default=None, metadata={"help": "The rows' format: sharegpt (LLaMA-Factory's conversations with from/value) "
                                         "or None (detected from the columns)."}
     )
+    completion_layout: str = field(
+        default="trl",
+        metadata={"help": "trl (the completion is the answer after the prompt's generation prompt) or simpo_repo "
+                          "(the SimPO repository's run_simpo.py: the assistant header is part of the completion)."},
+    )
+    auto_insert_empty_system_msg: bool | None = field(
+        default=None, metadata={"help": "Give chat rows without a system turn an empty one, where the template takes "
+                                        "a system role (None: true for completion_layout simpo_repo, else false)."}
+    )
     max_length: int | None = field(default=1024, metadata={"help": "Cap on prompt + completion tokens."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Cap on prompt tokens."})
     max_completion_length: int | None = field(default=None, metadata={"help": "Cap on completion tokens."})
