@@ -21,8 +21,9 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .config import ModelArgs
 from .errors import PrefoptError
+from .model_options import (DTYPES, check_attention, check_model_args, from_pretrained_kwargs, lora_config,
+                            read_init_kwargs)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto", None: torch.float32}
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -186,21 +187,7 @@ def check_weights_intact(folder: str | Path, where: str):
 
 
 def _from_pretrained(name: str, m: ModelArgs, quantize: bool) -> PreTrainedModel:
-    kwargs = {"revision": m.model_revision, "trust_remote_code": m.trust_remote_code, "dtype": DTYPES[m.dtype],
-              # pickle can run code when loaded: only safetensors unless the config opts in
-              "use_safetensors": None if m.allow_pickle_weights else True}
-    if m.attn_implementation:
-        kwargs["attn_implementation"] = m.attn_implementation
-    if quantize and (m.load_in_4bit or m.load_in_8bit):
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=m.load_in_4bit,
-            load_in_8bit=m.load_in_8bit,
-            bnb_4bit_quant_type=m.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=DTYPES[m.bnb_4bit_compute_dtype],
-            bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
-        )
+    kwargs = from_pretrained_kwargs(m, quantize)
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
@@ -209,6 +196,12 @@ def _from_pretrained(name: str, m: ModelArgs, quantize: bool) -> PreTrainedModel
                                "when loaded. Use a safetensors copy, or set allow_pickle_weights: true if you trust "
                                "the source.") from None
         raise PrefoptError(f"could not load the model from {name!r}: {e}") from None
+    except TypeError as e:  # an argument the model's constructor does not take
+        passed = sorted(read_init_kwargs(name, m).model_init_kwargs or {})
+        if not passed:
+            raise
+        raise PrefoptError(f"model_init_kwargs {passed}: from_pretrained of {name!r} failed with them: "
+                           f"{str(e).splitlines()[0]}. Remove the argument it names.") from None
 
 
 def resize_to(model: PreTrainedModel, tokenizer) -> list[int]:
@@ -225,6 +218,9 @@ def resize_to(model: PreTrainedModel, tokenizer) -> list[int]:
 def load_model(m: ModelArgs, tokenizer, t: TrainingArguments, log=print) -> PreTrainedModel:
     """The causal LM, resized to the tokenizer, LoRA-wrapped (if asked), dropout off (if asked)."""
     name = _source(m)
+    m = read_init_kwargs(name, m)  # as the config does; here for a ModelArgs built in code
+    check_model_args(name, m)
+    check_attention(name, m)
     adapter = read_adapter_config(name, m.model_revision)
     merging = adapter is not None and m.existing_adapter == "merge"
     model = _from_pretrained(adapter_base(m, adapter, name) if adapter else name, m, quantize=not merging)
@@ -275,7 +271,7 @@ def _embedding_names(model) -> tuple[str, str | None]:
 
 
 def _add_lora(model, m: ModelArgs, new_ids: list[int]):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     trainable_tokens = None
     if new_ids:
@@ -291,23 +287,27 @@ def _add_lora(model, m: ModelArgs, new_ids: list[int]):
                 f"cannot be trained alone (PEFT trainable tokens read the partitioned weight). Train those modules in "
                 f"full with lora_modules_to_save: {names}, or add the tokens without ZeRO-3."
             )
-    lora = LoraConfig(
-        r=m.lora_r,
-        lora_alpha=m.lora_alpha,
-        lora_dropout=m.lora_dropout,
-        target_modules=m.lora_target_modules,
-        modules_to_save=m.lora_modules_to_save,
-        trainable_token_indices=trainable_tokens or None,
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(m, trainable_tokens)
     try:
         return get_peft_model(model, lora)
     except ValueError as e:
+        if m.lora_target_parameters and "target_parameters" in str(e):
+            free = ", ".join(_free_parameters(model))
+            raise PrefoptError(f"lora_target_parameters {m.lora_target_parameters}: not in this model. Its "
+                               f"parameters outside Linear layers are named {free}.") from None
         if "not found in the base model" not in str(e) and "Target modules" not in str(e):
             raise
         linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
         raise PrefoptError(f"lora_target_modules {m.lora_target_modules}: not in this model. Its linear layers are "
                            f"named {', '.join(linear)}.") from None
+
+
+def _free_parameters(model) -> list[str]:
+    """Names (module.parameter) of the matrices held outside Linear and Embedding layers, such as
+    MoE experts: what lora_target_parameters can name."""
+    plain = (torch.nn.Linear, torch.nn.Embedding)
+    return sorted({f"{mn.rsplit('.', 1)[-1]}.{pn}" for mn, mod in model.named_modules() if not isinstance(mod, plain)
+                   for pn, p in mod.named_parameters(recurse=False) if p.dim() >= 2}) or ["(none)"]
 
 
 # -- saved models --------------------------------------------------------------------------------
