@@ -19,13 +19,14 @@ from accelerate.utils import DistributedType
 from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
 
-from . import checkpoints, manifest, runs
+from . import checkpoints, evalgen, manifest, runs
 from . import data as data_mod
 from .attention import install_segmented_sdpa
 from .collate import choose_layout, collator_for
 from .config import Config, explain, save_resolved
 from .errors import PrefoptError, Stopped
 from .guidance import GuidanceCallback, before_training
+from .model_options import check_attention
 from .models import check_adapter_start, check_saved, check_weights_format, load_model, load_tokenizer
 from .plots import plot_run
 from .stopping import StopOnSignal, StopRequest
@@ -45,8 +46,10 @@ def check_runnable(cfg: Config):
     """Refuse, before anything loads, what this machine or this version cannot do."""
     m, t, where = cfg.model, cfg.training, cfg.source or "config"
     cuda = torch.cuda.is_available()
+    evalgen.check(cfg, where)
     check_adapter_start(m, where)
     check_weights_format(m, where)
+    check_attention(where, m)
     if t.save_on_each_node:
         raise PrefoptError(
             f"{where}: save_on_each_node: transformers {transformers.__version__} writes a checkpoint's model weights "
@@ -134,7 +137,7 @@ def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> Prefere
     if layout != "padded" and config._attn_implementation == "sdpa":
         install_segmented_sdpa()  # packed rows attend triple by triple (attention.segmented_sdpa)
     collator = collator_for(cfg, tokenizer.pad_token_id, layout, config._attn_implementation)
-    return PreferenceTrainer(
+    trainer = PreferenceTrainer(
         model=model,
         args=cfg.training,
         train_dataset=prepared.train,
@@ -146,6 +149,9 @@ def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> Prefere
         objective=cfg.objective,
         log=log,
     )
+    if cfg.run.generate_during_eval and prepared.eval is not None:  # (without eval data: refused in check_runnable)
+        trainer.add_callback(evalgen.EvalGenerations(trainer, prepared.eval, tokenizer, cfg.run, cfg.data))
+    return trainer
 
 
 def _on_main(fn, main_process: bool):
