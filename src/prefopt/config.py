@@ -39,6 +39,7 @@ from .dataforms import read_data
 from .dialects import canonical, check_spellings, dialect_of, merge_overrides, read_objective, tool_differences
 from .explain import explain, loss_formula, resolved_dict, save_resolved  # re-exported
 from .losses import HYPERPARAMETERS, METHODS, takes
+from .model_options import check_model_args, read_init_kwargs
 from .schema import (  # DatasetSource re-exported
     TRAINING_DEFAULTS, DataArgs, DatasetSource, ModelArgs, ObjectiveArgs, RunArgs, _base_types, _build, _coerce, _fail,
     _plain)
@@ -133,6 +134,8 @@ def build_config(raw: dict, where: str = "config") -> Config:
     notes += data_notes
     sections = _sections(raw)
     model = _build(where, ModelArgs, sections["model"])
+    model = read_init_kwargs(where, model, notes)
+    check_model_args(where, model)
     data = _build(where, DataArgs, sections["data"])
     data.train_datasets, data.eval_datasets = train, evals
     given, tool = read_objective(_build(where, ObjectiveArgs, sections["objective"]), raw, later, notes, where,

@@ -68,6 +68,21 @@ class ModelArgs:
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 or fp4."})
     bnb_4bit_compute_dtype: str | None = field(default=None, metadata={"help": "Compute dtype of 4-bit layers."})
     bnb_4bit_use_double_quant: bool = field(default=False, metadata={"help": "Quantize the quantization constants."})
+    bnb_4bit_quant_storage: str | None = field(
+        default=None, metadata={"help": "dtype the packed 4-bit weights are stored in (None: uint8); as the "
+                                        "compute dtype for FSDP/ZeRO-3 sharding of a QLoRA model."}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale alpha / sqrt(r)."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA (magnitude + direction)."})
+    lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "PEFT task type; prefopt trains CAUSAL_LM."})
+    lora_target_parameters: list[str] | None = field(
+        default=None, metadata={"help": "Parameter names to adapt directly (PEFT target_parameters, e.g. MoE "
+                                        "expert weights that are not nn.Linear)."}
+    )
+    model_init_kwargs: dict | None = field(
+        default=None, metadata={"help": "TRL's extra from_pretrained arguments; its dtype, attn_implementation, "
+                                        "revision and trust_remote_code are read as those keys."}
+    )
 
 
 @dataclass
