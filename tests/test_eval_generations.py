@@ -169,6 +169,15 @@ def test_resume_appends_and_drops_lines_after_the_checkpoint(ws, tmp_path):
     assert after[4]["prompt"] == before[0]["prompt"]
 
 
+def test_a_resume_may_turn_the_table_on(ws, tmp_path):
+    """The keys are not part of the run's identity: a run continued with the table has it from the
+    step it continued at."""
+    out = tmp_path / "out"
+    _run(ws, out)
+    _run(ws, out, max_steps=6, generate_during_eval=True, eval_generation_prompts=2, eval_generation_max_new_tokens=2)
+    assert [r["step"] for r in _rows(out)] == [6, 6]
+
+
 def test_no_table_without_evaluation_data(tmp_path, capsys):
     err = refused(tmp_path, capsys, "method: simpo\ndatasets:\n  - path: x.jsonl\n", "--generate_during_eval", "true")
     assert err.startswith("c.yaml: generate_during_eval: true generates answers to held-out prompts")

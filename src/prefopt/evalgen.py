@@ -137,6 +137,7 @@ class EvalGenerations(TrainerCallback):
         self.prompts = first_prompts(dataset, run.eval_generation_prompts)
         self.max_new_tokens, self.data = run.eval_generation_max_new_tokens, data
         self.path = Path(trainer.args.output_dir) / GENERATIONS_FILE
+        self.stops = stop_ids(trainer.model, tokenizer)
 
     def budget(self, prompt: list[int]) -> int:
         if self.max_new_tokens is not None:
@@ -173,7 +174,6 @@ class EvalGenerations(TrainerCallback):
         the model's mode is put back after."""
         tr = self.trainer
         model = tr.accelerator.unwrap_model(tr.model_wrapped)
-        self.stops = stop_ids(model, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stops[0]
         was_training, size = model.training, tr.args.per_device_eval_batch_size
         model.eval()
