@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 
 from .checkpoints import write_atomic
 from .errors import PrefoptError
-from .evaluate import GENERATION_DEFAULTS
+from .evaluation import GENERATION_DEFAULTS
 
 GENERATIONS_FILE = "eval_generations.jsonl"
 COLUMNS = ("step", "prompt", "chosen", "completion")
@@ -77,8 +77,10 @@ def generate(model, prompts: list[list[int]], budgets: list[int], stops: list[in
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=stops, pad_token_id=pad, use_cache=True,
-                         synced_gpus=synced, **{**GENERATION_DEFAULTS, "max_new_tokens": max(budgets)})
+    # max_length=None: the budget is max_new_tokens alone (a generation config's max_length would be
+    # overridden anyway, with a warning at every evaluation)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_length=None, eos_token_id=stops, pad_token_id=pad,
+                         use_cache=True, synced_gpus=synced, **{**GENERATION_DEFAULTS, "max_new_tokens": max(budgets)})
     answers = []
     for row, budget in zip(out[:, width:].tolist(), budgets):
         row = row[:budget]
