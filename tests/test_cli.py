@@ -208,7 +208,7 @@ class FakeGenerator:
     ([], None),  # not given: the model's generation config decides
 ])
 def test_generate_reads_booleans_in_any_spelling(monkeypatch, capsys, options, do_sample):
-    monkeypatch.setattr("prefopt.evaluate.Generator", FakeGenerator)
+    monkeypatch.setattr("prefopt.evaluation.Generator", FakeGenerator)
     assert main(["generate", "--model", "m", "--prompt", "Sort: 2 1", *options]) == 0
     assert FakeGenerator.seen.get("do_sample") == do_sample
     assert "> Sort: 2 1\nan answer" in capsys.readouterr().out
@@ -216,8 +216,8 @@ def test_generate_reads_booleans_in_any_spelling(monkeypatch, capsys, options, d
 
 def test_eval_passes_every_option(monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr("prefopt.evaluate.evaluate", lambda models, **kw: seen.update(models=models, **kw) or {})
-    monkeypatch.setattr("prefopt.evaluate.format_report", lambda report: "the report")
+    monkeypatch.setattr("prefopt.evaluation.evaluate", lambda models, **kw: seen.update(models=models, **kw) or {})
+    monkeypatch.setattr("prefopt.evaluation.format_report", lambda report: "the report")
     assert main(["eval", "--model", "a", "--model=b", "--data", "d", "--prompts", "p", "--reward_model", "r",
                  "--alpaca_eval", "al", "--max_new_tokens", "7", "--top_p", "0.9", "--seed", "3"]) == 0
     assert seen == dict(models=["a", "b"], data="d", split="test", prompts="p", reward_model="r", alpaca_dir="al",

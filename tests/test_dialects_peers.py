@@ -10,7 +10,7 @@ import pytest
 from prefopt.config import build_config, load_config, resolved_dict
 from prefopt.dialects import TOOL_DEFAULTS
 from prefopt.errors import PrefoptError
-from prefopt.explain import explain
+from prefopt.explanation import explain
 
 
 def build(raw: dict, tmp_path):

@@ -89,8 +89,6 @@ def test_answers_are_reproducible_and_the_mode_is_put_back(with_table):
                                                                                   for r in _rows(out)[N:]]
 
 
-@pytest.mark.skipif(evalgen.GENERATIONS_FILE not in manifest.RUN_FILES,
-                    reason="manifest.RUN_FILES does not name eval_generations.jsonl yet")
 def test_the_file_is_the_runs_own(ws, with_table, tmp_path):
     """Recorded in the manifest (overwrite_output_dir deletes it); a user's file of that name in a
     new output_dir is refused, not overwritten."""
@@ -104,8 +102,6 @@ def test_the_file_is_the_runs_own(ws, with_table, tmp_path):
     assert (theirs / evalgen.GENERATIONS_FILE).read_text() == "mine\n"
 
 
-@pytest.mark.skipif(evalgen.GENERATIONS_FILE not in manifest.RUN_FILES,
-                    reason="manifest.RUN_FILES does not name eval_generations.jsonl yet")
 def test_a_run_stopped_before_its_first_checkpoint_starts_again(ws, tmp_path, monkeypatch):
     """The file is the run's from its start, not only once a checkpoint records it: a run stopped
     after its first evaluation wrote the file, before any checkpoint, is started again (afresh)."""
@@ -189,8 +185,6 @@ def test_no_table_without_evaluation_data(tmp_path, capsys):
     assert cfg.run.generate_during_eval and cfg.run.eval_generation_prompts == 4
 
 
-@pytest.mark.skipif("eval_generation_prompts" not in values.VALUE_RULES,
-                    reason="values.VALUE_RULES has no rule for the generation keys yet")
 @pytest.mark.parametrize("key, value, message", [
     ("eval_generation_prompts", "0", "eval_generation_prompts must be at least 1"),
     ("eval_generation_max_new_tokens", "0", "eval_generation_max_new_tokens must be at least 1"),

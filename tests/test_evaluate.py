@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClas
 from prefopt.cli import main
 from prefopt.config import build_config
 from prefopt.demo import make_rows, task_corpus
-from prefopt.evaluate import Generator, evaluate, generation_metrics, preference_metrics, read_prompts
+from prefopt.evaluation import Generator, evaluate, generation_metrics, preference_metrics, read_prompts
 from prefopt.pipeline import train
 from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
 

@@ -155,7 +155,7 @@ def test_the_layouts_are_described_and_an_unknown_one_is_refused():
 def test_explain_names_the_layout_and_a_bad_one_is_refused_when_the_config_is_built(tmp_path):
     from prefopt.config import build_config
     from prefopt.errors import PrefoptError
-    from prefopt.explain import explain
+    from prefopt.explanation import explain
 
     base = {"method": "simpo", "output_dir": str(tmp_path / "o")}
     trl = [line for line in explain(build_config(base)).splitlines() if line.lstrip().startswith("completion")]

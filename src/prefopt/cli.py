@@ -193,7 +193,7 @@ def cmd_eval(args: list[str]) -> int:
     parser.add_argument("--output", metavar="REPORT.json", help="also write the report as JSON")
     _add_generation(parser)
     options = parser.parse_args(args)
-    from .evaluate import evaluate, format_report
+    from .evaluation import evaluate, format_report
 
     report = evaluate(options.model, data=options.data, split=options.split, prompts=options.prompts,
                       reward_model=options.reward_model, alpaca_dir=options.alpaca_eval, seed=options.seed,
@@ -217,7 +217,7 @@ def cmd_generate(args: list[str]) -> int:
     options = parser.parse_args(args)
     from transformers import set_seed
 
-    from .evaluate import Generator, alpaca_eval_rows, read_prompts
+    from .evaluation import Generator, alpaca_eval_rows, read_prompts
 
     set_seed(options.seed)
     generator = Generator(options.model, **_generation(options))

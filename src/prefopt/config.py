@@ -23,7 +23,7 @@ key (with the nearest valid one suggested). Training keys are `transformers.Trai
                                `losses.METHODS`; the training arguments adapted to this machine;
                                the rules between keys (`_validate`)
 
-`yamlfile` reads the text (UTF-8, three refusals of its own) and `explain` shows and saves the
+`yamlfile` reads the text (UTF-8, three refusals of its own) and `explanation` shows and saves the
 result. The names other modules import from here (the dataclasses, `explain`, `loss_formula`,
 `resolved_dict`, `save_resolved`, `OBJECTIVE_KEYS`) are re-exported.
 """
@@ -37,7 +37,7 @@ from transformers import TrainingArguments
 
 from .dataforms import read_data
 from .dialects import canonical, check_spellings, dialect_of, merge_overrides, read_objective, tool_differences
-from .explain import explain, loss_formula, resolved_dict, save_resolved  # re-exported
+from .explanation import explain, loss_formula, resolved_dict, save_resolved  # re-exported
 from .losses import HYPERPARAMETERS, METHODS, takes
 from .model_options import check_model_args, read_init_kwargs
 from .schema import (  # DatasetSource re-exported

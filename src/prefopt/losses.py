@@ -13,7 +13,7 @@ detached. `step.loss` composes the total in its one place: Σ losses / pairs + n
 
 `Hyper` is the one list of hyperparameters: each field carries its help text, its label, its
 range, its refusal and its neutral value; `schema` builds the keys, `values` the range checks,
-`config` the resolution and `explain` its rows from it. `METHODS` says, per method, the loss shapes it allows (with their reduction) and, in one
+`config` the resolution and `explanation` its rows from it. `METHODS` says, per method, the loss shapes it allows (with their reduction) and, in one
 dict, the hyperparameters it takes with their published defaults; what a method does not take is
 held at its neutral value, and a user who sets it is refused. Both tables are checked at import.
 

@@ -32,7 +32,7 @@ RUN_FILES = ("metrics.jsonl", "prefopt_config.yaml", "data_report.json", "traini
              "adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
              "trainer_state.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "plots", "runs",
-             MANIFEST)
+             "eval_generations.jsonl", MANIFEST)
 
 
 def is_run_file(name: str) -> bool:
@@ -78,7 +78,8 @@ def top_names(paths: list[Path]) -> list[str]:
 def start_manifest(out: Path, previous: dict, data: dict, processes: int):
     """The manifest of a run starting (or starting again) in `out`: what it owns there, its data,
     its process count; everything else now in the folder is the user's."""
-    names = set(top_names(owned(out, previous))) | {MANIFEST, CONFIG_FILE, METRICS_FILE, "data_report.json"}
+    names = set(top_names(owned(out, previous))) | {MANIFEST, CONFIG_FILE, METRICS_FILE, "data_report.json",
+                                                      "eval_generations.jsonl"}
     # whatever else is here now is the user's, also what they put here since the run first started
     foreign = {p.name for p in out.iterdir() if p.name not in names and p.name != LOCK
                and not is_checkpoint_name(p.name)}

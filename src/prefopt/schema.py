@@ -175,11 +175,24 @@ ObjectiveArgs.__module__ = __name__
 
 @dataclass
 class RunArgs:
-    """What to do with what an earlier run left in output_dir (not part of the run's identity)."""
+    """What to do with what an earlier run left in output_dir, and what to watch while training: not part of
+    the run's identity (a resume may change them)."""
 
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start afresh in an output_dir that holds another run (its checkpoints "
                                          "and metrics.jsonl are deleted) instead of refusing or resuming."}
+    )
+    generate_during_eval: bool = field(
+        default=False, metadata={"help": "At each evaluation, greedy answers to held-out prompts, written to "
+                                         "eval_generations.jsonl and as a table to W&B / TensorBoard (TRL's key)."}
+    )
+    eval_generation_prompts: int = field(
+        default=4, metadata={"help": "How many prompts: the first distinct ones of the evaluation split, the same "
+                                     "at every evaluation."}
+    )
+    eval_generation_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Most tokens per answer (None: max_completion_length, else up to max_length "
+                                        "in all, as TRL, else 256)."}
     )
 
 

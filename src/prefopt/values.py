@@ -172,6 +172,9 @@ VALUE_RULES: dict[str, tuple[Bound | ShareOrCount, str]] = {
     "torch_empty_cache_steps": (COUNT, "or unset"),
     "ddp_timeout": (POSITIVE, "seconds"),
     "ddp_bucket_cap_mb": (POSITIVE, "or unset"),
+    # run
+    "eval_generation_prompts": (COUNT, ""),
+    "eval_generation_max_new_tokens": (COUNT, "or unset: max_completion_length, else up to max_length"),
 }
 VALUE_RULES |= {
     name: (Bound(f.metadata["low"], f.metadata["high"], low_open=f.metadata["low_open"], high_open=f.metadata["high_open"]),

@@ -1,0 +1,129 @@
+"""prefopt from Python — a notebook, a script, another framework: the command line's commands as
+functions, with the same config keys, the same runs and the same `PrefoptError`s.
+
+    import prefopt
+
+    cfg = prefopt.load_config("simpo.yaml", learning_rate=5e-7)   # a path, a dict of the YAML's keys,
+    print(prefopt.explain(cfg))                                   # or a Config; keys as keyword overrides
+    result = prefopt.train(cfg)                                   # RunResult: output_dir, metrics, trainer
+    report = prefopt.evaluate([base, result.output_dir], data="data")
+    answers = prefopt.generate(result.output_dir, ["Sort: 3 1 2"], max_new_tokens=16)
+
+`train` in a notebook: the console lines print into the cell, transformers' own notebook progress
+bars replace the terminal's (its Trainer picks them when it runs in one), and a call made while an
+event loop runs (Jupyter's) is an ordinary blocking call. An interrupt (the notebook's stop button
+sends SIGINT) stops at the next step with a checkpoint and raises `prefopt.errors.Stopped`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import PrefoptError
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .pipeline import RunResult
+
+
+def load_config(config: str | Path | dict | Config | None = None, **overrides: Any) -> Config:
+    """The resolved config: `config` is a YAML path, a dict of the same keys (any dialect the YAML
+    takes), or a `Config` (returned as it is; it takes no overrides); `overrides` are `--key value`
+    as keyword arguments, winning over the file's keys as on the command line.
+
+    >>> cfg = prefopt.load_config({"method": "simpo", "output_dir": "runs/x"}, beta=2.5)
+    >>> cfg.objective.beta
+    2.5
+    """
+    from .config import Config, build_config
+    from .config import load_config as load
+    from .dialects import check_spellings, merge_overrides
+
+    if isinstance(config, Config):
+        if overrides:
+            raise PrefoptError(f"load_config: a Config takes no overrides ({', '.join(overrides)}); pass its YAML "
+                               "path or a dict of keys instead, or change the Config's fields.")
+        return config
+    if config is None or isinstance(config, (str, Path)):
+        return load(str(config) if config is not None else None, _as_argv(overrides))
+    if not isinstance(config, dict):
+        raise PrefoptError(f"load_config: expected a YAML path, a dict of config keys or a Config, got "
+                           f"{type(config).__name__}.")
+    check_spellings("config", dict(config))
+    check_spellings("keyword arguments", overrides)
+    return build_config(merge_overrides(dict(config), overrides), "config")
+
+
+def _as_argv(overrides: dict) -> list[str]:
+    """Keyword overrides as the command line's `--key value`, each value as JSON (YAML reads it back
+    as the same value: numbers, true/false, lists, mappings)."""
+    argv = []
+    for key, value in overrides.items():
+        argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return argv
+
+
+def explain(config: str | Path | dict | Config, **overrides: Any) -> str:
+    """What `prefopt config explain` prints: the objective, its formula, the settings, what was read
+    as what, and where the config's own tool would have trained other values."""
+    from .explanation import explain as show
+
+    return show(load_config(config, **overrides))
+
+
+def train(config: str | Path | dict | Config | None = None, **overrides: Any) -> RunResult:
+    """Train as `prefopt train` does and return the run's `RunResult` (`output_dir`,
+    `train_metrics`, `eval_metrics`, `trainer`; `finished`: the folder held this run, finished,
+    and nothing was done). With neither a config nor overrides: the offline demo (its measured
+    before/after numbers, as a dict)."""
+    if config is None and not overrides:
+        from .demo import run_demo
+
+        return run_demo()
+    from .pipeline import train as run
+
+    return run(load_config(config, **overrides))
+
+
+def evaluate(models: str | Path | list, data: str | None = None, split: str = "test", prompts: str | None = None,
+             reward_model: str | None = None, **generation: Any) -> dict:
+    """What `prefopt eval` reports, as a dict: preference metrics on held-out pairs (`data`, its
+    `split`), generation metrics on `prompts`, and with a reward model the win rate over the first
+    model. `generation`: max_new_tokens, temperature, top_p, do_sample, seed."""
+    from .evaluation import evaluate as run
+
+    models = [models] if isinstance(models, (str, Path)) else list(models)
+    seed = generation.pop("seed", 0)
+    return run([str(m) for m in models], data=data, split=split, prompts=prompts, reward_model=reward_model,
+               seed=seed, **_sampling(generation))
+
+
+def generate(model: str | Path, prompts: str | list, **generation: Any) -> list[str]:
+    """Answers from a saved model, with its chat template and every EOS id it has: `prompts` is one
+    prompt, a list of prompts (each a string, or a conversation as a list of {role, content}).
+    `generation`: max_new_tokens, temperature, top_p, do_sample, seed."""
+    from transformers import set_seed
+
+    from .evaluation import Generator
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    set_seed(generation.pop("seed", 0))
+    generator = Generator(str(model), **_sampling(generation))
+    return generator.answer(conversations, progress=len(conversations) > 1)
+
+
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "do_sample")
+
+
+def _sampling(generation: dict) -> dict:
+    """The generation settings, as the command line reads them (a temperature or top_p samples)."""
+    unknown = [k for k in generation if k not in GENERATION_KEYS]
+    if unknown:
+        raise PrefoptError(f"unknown generation setting {unknown[0]!r}; use {', '.join(GENERATION_KEYS)} or seed.")
+    out = {k: v for k, v in generation.items() if v is not None}
+    if "temperature" in out or "top_p" in out:
+        out.setdefault("do_sample", True)
+    return out
