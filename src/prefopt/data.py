@@ -50,7 +50,8 @@ def load_raw(data: DataArgs, seed: int) -> tuple[Dataset, Dataset | None]:
     `test_split_size` holds rows out of train (seeded with `seed`), appended to any explicit eval.
     """
     if not data.train_datasets:
-        raise PrefoptError("no training data given: name a dataset with `datasets:`, `dataset_mixer:` or `dataset_name:`.")
+        raise PrefoptError("no training data given: name a dataset with `datasets:`, `dataset_mixer:`, "
+                           "`dataset_mixture:`, `dataset_name:` or `dataset:` (LLaMA-Factory's, with dataset_dir).")
     train = _load_split(data.train_datasets, data, train=True)
     evals = _load_split(data.eval_datasets, data, train=False) if data.eval_datasets else None
     if data.test_split_size:
