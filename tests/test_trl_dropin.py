@@ -296,3 +296,30 @@ def test_explain_says_what_cpo_alpha_trains(tokenizer, tmp_path):
     assert "cpo_simpo" in text and "CPO-SimPO" in text and "cpo_alpha=0.0" in text
     assert trainer.prefopt_config.objective.nll_weight == 1.0
     assert trainer.prefopt_config.objective.gamma_beta_ratio == pytest.approx(0.5 / 2.0)
+
+
+def test_checkpoints_resume_to_the_same_steps(tokenizer, tmp_path):
+    """save_steps checkpoints are prefopt's complete ones; train(resume_from_checkpoint=...) continues
+    the very run: steps 3 and 4 and the whole run's train_loss as without the interruption (the same
+    arithmetic on the same weights, optimizer state and batches: exact)."""
+    keys = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
+    whole = script(ours.CPOConfig, ours.CPOTrainer, tokenizer, tmp_path / "run", rows("plain"), **keys)
+    assert (tmp_path / "run" / "checkpoint-2" / "prefopt_checkpoint_complete").is_file()
+    args = ours.CPOConfig(output_dir=str(tmp_path / "run"), **{**RUN, **keys})
+    resumed = ours.CPOTrainer(model=tiny_model("llama", tokenizer, seed=0), args=args,
+                              train_dataset=Dataset.from_list(rows("plain")), processing_class=copy.deepcopy(tokenizer))
+    steps = StepRecorder()
+    resumed.add_callback(steps)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert steps.steps == [3, 4]  # only what the checkpoint had not done
+    before = {line["step"]: line for line in whole.state.log_history if "loss" in line}
+    after = {line["step"]: line for line in resumed.state.log_history if "loss" in line}
+    assert sorted(after) == [1, 2, 3, 4]  # 1 and 2 as the checkpoint recorded them
+    for step in (3, 4):
+        assert {k: after[step][k] for k in ("loss", "grad_norm", "rewards/margins")} == \
+            {k: before[step][k] for k in ("loss", "grad_norm", "rewards/margins")}
+    totals = [t.state.log_history[-1]["train_loss"] for t in (whole, resumed)]
+    assert totals[1] == pytest.approx(totals[0], rel=ROUND_OFF_REL)
+    with pytest.raises(PrefoptError, match="holds no checkpoint"):
+        script(ours.CPOConfig, ours.CPOTrainer, tokenizer, tmp_path / "empty", rows("plain"),
+               trainer_kwargs=None).train(resume_from_checkpoint=True)

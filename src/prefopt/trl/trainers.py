@@ -115,6 +115,21 @@ class _DropIn(PreferenceTrainer):
         text = explain_config(self.prefopt_config)
         return text + ("\n  " + CPO_ALPHA_NOTE if self._kind == "CPO" else "")
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """The Trainer's `train`; resuming (a checkpoint folder, or True: the newest in output_dir) also
+        puts back what prefopt's checkpoint holds beyond the Trainer's: the metric sums not yet logged and
+        the loss of the steps before it, so the logged lines and train_loss continue as if uninterrupted."""
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise PrefoptError(f"train(resume_from_checkpoint=True): {self.args.output_dir} holds no checkpoint-N "
+                                   "folder to resume from; pass a checkpoint's path, or train without it.")
+        if resume_from_checkpoint:
+            self.restore(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     # -- TRL's logging hooks -------------------------------------------------------------------
 
     def store_metrics(self, metrics: dict, train_eval: str = "train") -> None:
