@@ -323,3 +323,45 @@ def test_checkpoints_resume_to_the_same_steps(tokenizer, tmp_path):
     with pytest.raises(PrefoptError, match="holds no checkpoint"):
         script(ours.CPOConfig, ours.CPOTrainer, tokenizer, tmp_path / "empty", rows("plain"),
                trainer_kwargs=None).train(resume_from_checkpoint=True)
+
+
+class FakeHub:
+    """transformers' `hf_api()` as push_to_hub uses it, recording instead of uploading (no network)."""
+
+    def __init__(self):
+        self.created, self.uploads = [], []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.created.append(repo_id)
+        return type("RepoUrl", (), {"repo_id": f"user/{repo_id}"})()
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        self.uploads.append((repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+        return "commit"
+
+
+def test_push_to_hub_uploads_the_model_tokenizer_and_card(tokenizer, tmp_path, monkeypatch):
+    """The Trainer's own push_to_hub, up to the HTTP call: the output folder it uploads holds the model,
+    the tokenizer and a model card tagged prefopt and cpo."""
+    import transformers.trainer
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    trainer = script(ours.CPOConfig, ours.CPOTrainer, tokenizer, tmp_path / "tiny-cpo", rows("plain"))
+    trainer.push_to_hub()
+    assert hub.created == ["tiny-cpo"]
+    (repo, files), = hub.uploads
+    assert repo == "user/tiny-cpo"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(files)
+    card = (tmp_path / "tiny-cpo" / "README.md").read_text()
+    assert "prefopt" in card and "cpo" in card
+
+
+def test_generate_during_eval_writes_prefopts_generations(tokenizer, tmp_path):
+    trainer = script(ours.CPOConfig, ours.CPOTrainer, tokenizer, tmp_path, rows("chat"), rows("chat", 4, seed=9),
+                     generate_during_eval=True)
+    trainer.evaluate()
+    lines = (tmp_path / "eval_generations.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # one per distinct held-out prompt (eval_generation_prompts' default 4)
