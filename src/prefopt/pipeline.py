@@ -27,7 +27,6 @@ from .config import Config, explain, save_resolved
 from .errors import PrefoptError, Stopped
 from .guidance import GuidanceCallback, before_training
 from .model_options import check_attention
-from .model_options import check_attention
 from .models import check_adapter_start, check_saved, check_weights_format, load_model, load_tokenizer
 from .plots import plot_run
 from .stopping import StopOnSignal, StopRequest
@@ -50,7 +49,6 @@ def check_runnable(cfg: Config):
     evalgen.check(cfg, where)
     check_adapter_start(m, where)
     check_weights_format(m, where)
-    check_attention(where, m)
     check_attention(where, m)
     if t.save_on_each_node:
         raise PrefoptError(
