@@ -6,6 +6,7 @@
     prefopt eval --model DIR [--model DIR2 ...] [--data PAIRS] [--prompts FILE] ...
     prefopt generate --model DIR [--prompt TEXT ...] [--prompts FILE] ...
     prefopt plot OUTPUT_DIR
+    prefopt push OUTPUT_DIR --repo_id ID [--private BOOL] [--revision BRANCH] [--token TOKEN]
     prefopt COMMAND --help                            (every command)
     python -m prefopt ...                             (the same)
 
@@ -29,6 +30,8 @@ USAGE = """usage:
   prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype DTYPE]
                                                   fold a LoRA adapter into its base; save a full model
   prefopt plot OUTPUT_DIR                         PNGs of a run's metrics (OUTPUT_DIR/plots)
+  prefopt push OUTPUT_DIR --repo_id ID [--private BOOL] [--revision BRANCH]
+                                                  upload a finished run (model, tokenizer, card, plots) to the Hub
   prefopt eval --model DIR [--model DIR2] [--data PAIRS] [--prompts FILE] [--reward_model DIR]
                                                   preference and generation metrics, side by side
   prefopt generate --model DIR [--prompt TEXT | --prompts FILE]
@@ -260,8 +263,27 @@ def cmd_plot(args: list[str]) -> int:
     return 0
 
 
+def cmd_push(args: list[str]) -> int:
+    parser = _Parser("push", "Upload a finished run to the Hugging Face Hub: its model (or adapter), tokenizer, "
+                             "model card (README.md, rendered again to name the repository), plots and records.")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a finished run's output_dir")
+    parser.add_argument("--repo_id", required=True, metavar="ID",
+                        help="the model repository, NAME or OWNER/NAME (created if it does not exist)")
+    parser.add_argument("--private", type=boolean, metavar="BOOL",
+                        help="create the repository private (true) or public (false); default: the owner's default")
+    parser.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if needed; default main)")
+    parser.add_argument("--token", metavar="TOKEN", help="a Hub token with write access (default: HF_TOKEN, or the "
+                                                         "one `hf auth login` saved)")
+    options = parser.parse_args(args)
+    from .hub import push
+
+    push(options.output_dir, options.repo_id, token=options.token, private=options.private,
+         revision=options.revision)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
-            "generate": cmd_generate}
+            "generate": cmd_generate, "push": cmd_push}
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:

@@ -7,6 +7,8 @@ it finished.
     processes    how many processes trained it (a resume must have as many)
     saving_from  the folder's names when the final save began; null when no save is under way
     finished     {"step": N} once the run has ended and saved; null before
+    card         the hash of README.md (the model card, modelcard.py) as the run wrote it: once edited it is
+                 the user's, never deleted, rewritten or counted as the run's
 
 Checkpoints are not listed: their own marks (checkpoints.py) say which are prefopt's.
 """
@@ -19,8 +21,10 @@ import xxhash
 
 from .checkpoints import ASIDE, ASIDE_NAME, checkpoints, file_hash, is_checkpoint_name, is_ours, write_atomic
 from .config import Config
+from .provenance import PROVENANCE_FILE
 
 MANIFEST = "prefopt_run.json"
+CARD = "README.md"
 CONFIG_FILE = "prefopt_config.yaml"
 METRICS_FILE = "metrics.jsonl"
 LOCK = ".prefopt.lock"
@@ -32,7 +36,7 @@ RUN_FILES = ("metrics.jsonl", "prefopt_config.yaml", "data_report.json", "traini
              "adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
              "trainer_state.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "plots", "runs",
-             "eval_generations.jsonl", MANIFEST)
+             "eval_generations.jsonl", PROVENANCE_FILE, MANIFEST)
 
 
 def is_run_file(name: str) -> bool:
@@ -67,7 +71,23 @@ def owned(out: Path, manifest: dict) -> list[Path]:
         names = {p.name for pattern in RUN_FILES for p in out.glob(pattern)} - {"README.md"}
     else:
         names = set()
+    if card_edited(out, manifest):
+        names.discard(CARD)
     return found + sorted(out / n for n in names if (out / n).exists() or (out / n).is_symlink())
+
+
+def record_card(out: Path):
+    """Note the hash of the model card just written: edited afterwards, README.md is the user's."""
+    manifest = read_manifest(out)
+    if manifest:
+        manifest["card"] = file_hash(out / CARD)
+        _write(out, manifest)
+
+
+def card_edited(out: Path, manifest: dict) -> bool:
+    """Whether README.md differs from the card the run wrote (False when the run wrote none)."""
+    recorded, path = manifest.get("card"), out / CARD
+    return recorded is not None and path.is_file() and file_hash(path) != recorded
 
 
 def top_names(paths: list[Path]) -> list[str]:
@@ -79,7 +99,7 @@ def start_manifest(out: Path, previous: dict, data: dict, processes: int):
     """The manifest of a run starting (or starting again) in `out`: what it owns there, its data,
     its process count; everything else now in the folder is the user's."""
     names = set(top_names(owned(out, previous))) | {MANIFEST, CONFIG_FILE, METRICS_FILE, "data_report.json",
-                                                      "eval_generations.jsonl"}
+                                                      "eval_generations.jsonl", PROVENANCE_FILE}
     # whatever else is here now is the user's, also what they put here since the run first started
     foreign = {p.name for p in out.iterdir() if p.name not in names and p.name != LOCK
                and not is_checkpoint_name(p.name)}

@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType
 from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
 
-from . import checkpoints, evalgen, manifest, runs
+from . import checkpoints, evalgen, hub, manifest, modelcard, provenance, runs
 from . import data as data_mod
 from .attention import install_segmented_sdpa
 from .collate import choose_layout, collator_for
@@ -220,6 +220,7 @@ def train(cfg: Config, log=print) -> RunResult:
     stop = StopRequest(speak=main_process)
     stop.install()
     lock = runs.Lock(out)
+    push = t.push_to_hub  # the Trainer's own push is turned off for the run (_train); put back at its end
     try:
         _on_main(lock.acquire, main_process)  # held until the run ends (or its process does)
         check_shared(out, t)
@@ -235,6 +236,7 @@ def train(cfg: Config, log=print) -> RunResult:
         raise runs.file_system_error(e, out, "write the run's files", str(complete[-1]) if complete else None
                                      ) from None
     finally:
+        t.push_to_hub = push
         stop.uninstall()
         lock.release()
 
@@ -259,11 +261,15 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
         lock.record_holder()
         save_resolved(cfg, out / manifest.CONFIG_FILE)
         data_mod.write_report(prepared.report, out)
+        provenance.record(out, provenance.collect(cfg, tokenizer), resumed=not plan.fresh, log=log)
 
     _on_main(commit, main_process)
     log(data_mod.format_report(prepared.report))
 
     model = load_model(cfg.model, tokenizer, t, log)
+    # prefopt pushes once, at the end (hub.py): the Trainer's push would create the repository now,
+    # upload every checkpoint and replace README.md with transformers' card
+    push, t.push_to_hub = t.push_to_hub, False
     trainer = build_trainer(cfg, model, tokenizer, prepared, log)
     trainer.add_callback(StopOnSignal(stop, trainer))
     log(f"prefopt: {describe_processes(trainer, cfg)}")
@@ -279,6 +285,16 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
         done = [line for line in trainer.state.log_history
                 if "eval_loss" in line and line["step"] == result.global_step]
         eval_metrics = done[0] if done else trainer.evaluate()
+    _save_final(cfg, trainer, model, log)
+    log(summary(trainer, result, time.time() - start, out, adapter=hasattr(model, "peft_config")))
+    if push and trainer.is_world_process_zero():
+        hub.push_after_run(cfg, log)
+    return RunResult(out, result.metrics, eval_metrics, trainer)
+
+
+def _save_final(cfg: Config, trainer: PreferenceTrainer, model, log):
+    """The final model, checked; its plots and model card; the manifest marked finished."""
+    t, out = cfg.training, Path(cfg.training.output_dir)
     if trainer.is_world_process_zero():
         manifest.begin_final_save(out)
     trainer.save_model(t.output_dir)
@@ -291,10 +307,9 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
             log(f"prefopt: plots of {', '.join(p.removesuffix('.png') for p in plots)} in {out / 'plots'}")
         except PrefoptError as e:  # nothing logged yet (max_steps below logging_steps): the run still succeeded
             log(f"prefopt: no plots: {e}")
+        modelcard.write_card(cfg, out, log=log)  # before the manifest is updated: the card is the run's
         manifest.record_written(out, finished_step=trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
-    log(summary(trainer, result, time.time() - start, out, adapter=hasattr(model, "peft_config")))
-    return RunResult(out, result.metrics, eval_metrics, trainer)
 
 
 def _stopped(signum: int, step: int, out: Path) -> Stopped:
