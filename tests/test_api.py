@@ -63,6 +63,12 @@ def test_a_config_is_a_path_a_dict_or_a_config_and_keywords_override(tmp_path):
         assert cfg.objective.beta == 3.0 and cfg.model.lora_target_modules == ["q_proj", "v_proj"]
     assert prefopt.load_config(from_dict) is from_dict
     assert prefopt.explain(from_dict) == prefopt.explain(keys, beta=3.0, lora_target_modules=["q_proj", "v_proj"])
+    # a string stays the string given, whichever form the config takes (YAML would read on as true, 007 as 7)
+    for cfg in (prefopt.load_config(path, run_name="007", hub_model_id="on"),
+                prefopt.load_config(keys, run_name="007", hub_model_id="on")):
+        assert (cfg.training.run_name, cfg.training.hub_model_id) == ("007", "on")
+    for form in (path, keys):  # HfArgumentParser's no_<flag>, as on the command line
+        assert prefopt.load_config(form, no_disable_dropout=True).model.disable_dropout is False
     # another tool's dialect, as in a YAML file
     assert prefopt.load_config({"loss_type": "simpo", "cpo_alpha": 0.05, "output_dir": "o"}).objective.method == "cpo_simpo"
 

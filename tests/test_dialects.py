@@ -27,7 +27,8 @@ BASE = {"method": "simpo"}
 CANONICAL_OF = {s.spelling: s.canonical for s in SPELLINGS}
 # A value for a key of each type (a text key needs one by name: its values are its own)
 TEXTS = {"eval_strategy": "steps", "dtype": "bfloat16", "attn_implementation": "eager", "method": "orpo",
-         "loss_type": "hinge", "hub_revision": "v1.0"}
+         "loss_type": "hinge", "hub_revision": "v1.0",
+         "finetuning_type": "lora", "lora_target": "q_proj,v_proj", "lora_target_modules": ["q_proj", "v_proj"]}  # (a spelling with values of its own: by name)
 
 
 def sample(name: str) -> object:
@@ -35,7 +36,7 @@ def sample(name: str) -> object:
     for t, value in ((bool, True), (float, 0.5), (int, 2), (dict, {"use_reentrant": False})):
         if t in types:
             return value
-    key = CANONICAL_OF.get(name, name)
+    key = name if name in TEXTS else CANONICAL_OF.get(name, name)
     assert key in TEXTS, f"{key} takes text: give TEXTS a value for it"
     return TEXTS[key]
 

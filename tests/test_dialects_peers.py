@@ -42,7 +42,7 @@ def test_a_trl_simpo_config_relying_on_trls_defaults_says_each_value_trl_would_n
     assert [d.split(";")[0] for d in cfg.differs] == [
         "beta 2 (simpo's published default)", "gamma_beta_ratio 0.5 (γ 1, simpo's published default)"]
     assert "TRL 1.16 would train 0.1: set beta: 0.1" in cfg.differs[0]
-    assert "TRL 1.16 would train simpo_gamma 0.5 (γ/β 0.25)" in cfg.differs[1]
+    assert "TRL 1.16 would train simpo_gamma 0.5 (γ/β 5)" in cfg.differs[1]
     shown = explain(cfg)  # what `config explain` and the start of train print
     assert "not what its own tool would train" in shown and all(d in shown for d in cfg.differs)
     # no cpo_alpha: TRL would train CPO-SimPO (its cpo_alpha 1.0); prefopt's SimPO has no NLL term, and says so
@@ -203,3 +203,71 @@ def test_sft_weight_marks_a_simpo_repository_config_and_its_defaults_are_said(tm
                            "train gamma_beta_ratio 0.25: set gamma_beta_ratio: 0.25 for its numbers"]
     assert build({"sft_weight": 0.0}, tmp_path).objective.method == "simpo"  # no loss_type: its default, sigmoid
     assert build({"loss_type": "sigmoid", "cpo_alpha": 0.1}, tmp_path).objective.method == "cpo"  # TRL's name
+
+
+# A LLaMA-Factory recipe with its own training keys, as its examples write them
+LLAMA_FACTORY_RECIPE = {
+    "model_name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct", "stage": "dpo", "do_train": True,
+    "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all", "pref_beta": 2.5, "pref_loss": "simpo",
+    "simpo_gamma": 1.25, "template": "llama3", "overwrite_cache": True, "plot_loss": True, "val_size": 0.1,
+    "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "learning_rate": 5.0e-6,
+    "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "datasets": [{"path": "pairs.jsonl"}]}
+
+
+def test_a_llama_factory_recipe_loads_with_its_training_keys(tmp_path):
+    cfg = build(LLAMA_FACTORY_RECIPE, tmp_path)
+    m, d, o = cfg.model, cfg.data, cfg.objective
+    assert (m.use_peft, m.lora_r, m.lora_target_modules) == (True, 8, "all-linear")
+    assert (d.test_split_size, o.method, o.beta) == (0.1, "simpo", 2.5)
+    assert any(n.startswith("template llama3 (LLaMA-Factory) is not read") for n in cfg.notes)
+    assert any(n.startswith("stage dpo (LLaMA-Factory)") for n in cfg.notes)
+    # its defaults where the recipe leaves them: cutoff_len 2048 and lora_alpha = 2 × rank
+    assert any(d.startswith("max_length 1024 (prefopt's default); LLaMA-Factory would cut at cutoff_len 2048")
+               for d in cfg.differs)
+    assert any("LLaMA-Factory would train lora_rank × 2 = 16" in d for d in cfg.differs)
+    written = build({**LLAMA_FACTORY_RECIPE, "cutoff_len": 2048, "lora_alpha": 16}, tmp_path)
+    assert written.data.max_length == 2048 and not [d for d in written.differs if "cutoff_len" in d or "lora" in d]
+    assert build({**LLAMA_FACTORY_RECIPE, "lora_target": "q_proj, v_proj"}, tmp_path).model.lora_target_modules == [
+        "q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"stage": "sft"}, "stage: LLaMA-Factory's stage sft is not preference training"),
+    ({"finetuning_type": "freeze"}, "finetuning_type: 'freeze': prefopt trains every weight (full) or LoRA adapters"),
+    ({"max_samples": 1000}, "max_samples: prefopt reads every row"),
+    ({"pref_loss": "simop"}, "pref_loss: 'simop' is not a LLaMA-Factory pref_loss; prefopt reads simpo and orpo "
+                             "(did you mean 'simpo'?)"),
+    ({"pref_loss": ["simpo", "orpo"]}, "is not a LLaMA-Factory pref_loss"),  # a list: refused, not a traceback
+])
+def test_llama_factory_keys_prefopt_cannot_honour_are_refused_by_name(raw, message, tmp_path):
+    assert message in refusal({"method": "simpo", **raw} if "pref_loss" not in raw else raw, tmp_path)
+
+
+def test_a_handbook_data_config_is_told_about_the_empty_system_turn(tmp_path):
+    handbook = {"method": "simpo", "dataset_mixer": {"my/pairs": 1.0}, "dataset_splits": ["train"]}
+    (line,) = [d for d in build(handbook, tmp_path).differs if "empty system turn" in d]
+    assert line.endswith("set auto_insert_empty_system_msg: true for its data")
+    assert not build({**handbook, "auto_insert_empty_system_msg": False}, tmp_path).differs
+    assert not build({"method": "simpo", "datasets": [{"path": "p.jsonl"}]}, tmp_path).differs
+
+
+def test_a_trl_recipe_with_beta_and_cpo_alpha_or_simpo_gamma_is_not_told_to_train_orpo(tmp_path):
+    assert "add `method: cpo`" in refusal({"beta": 0.1, "cpo_alpha": 1.0}, tmp_path)
+    assert "add `method: simpo`" in refusal({"beta": 2.5, "simpo_gamma": 1.4}, tmp_path)
+    assert "add `method: cpo_simpo`" in refusal({"beta": 10, "simpo_gamma": 5.4, "cpo_alpha": 0.05}, tmp_path)
+    assert "add `method: orpo`" in refusal({"beta": 0.1, "learning_rate": 5e-6}, tmp_path)
+
+
+@pytest.mark.parametrize("raw", [
+    {"dataset_name": "my/pairs", "dataset_train_split": "train_prefs", "dataset_test_split": "holdout"},
+    {"dataset_name": "my/pairs", "dataset_train_split": "test_prefs_v2"},  # a training split named like a test one
+    {"datasets": [{"path": "a.jsonl"}, {"path": "b.jsonl", "eval": True}]},
+])
+def test_the_resolved_config_keeps_which_data_is_held_out(raw, tmp_path):
+    cfg = build({"method": "simpo", **raw}, tmp_path)
+    again = build_config(resolved_dict(cfg))
+    assert [(s.path, s.split) for s in again.data.train_datasets] == [(s.path, s.split) for s in cfg.data.train_datasets]
+    assert [(s.path, s.split) for s in again.data.eval_datasets] == [(s.path, s.split) for s in cfg.data.eval_datasets]
+    assert resolved_dict(again) == resolved_dict(cfg)
+    with pytest.raises(PrefoptError, match=r"datasets\[0\].eval: true \(held out for evaluation\) or false"):
+        build({"method": "simpo", "datasets": [{"path": "a.jsonl", "eval": "yes please"}]}, tmp_path)

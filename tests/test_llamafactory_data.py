@@ -213,7 +213,7 @@ def test_bad_sharegpt_rows_are_refused_by_file_split_row_and_column(tmp_path):
 def test_bad_alpaca_rows_are_refused(tmp_path):
     rows = [{"instruction": "Sort", "chosen": "1 2", "rejected": "2 1", "history": [["q"]]}]
     write_jsonl(tmp_path / "a.jsonl", rows)
-    folder = dataset_info(tmp_path, {"a": {"file_name": "a.jsonl", "ranking": True}})
+    folder = dataset_info(tmp_path, {"a": {"file_name": "a.jsonl", "ranking": True, "columns": {"history": "history"}}})
     data = lf_config(tmp_path, dataset="a", dataset_dir=folder).data
     assert refusal(load_raw, data, seed=0) == (
         f"{folder}/a.jsonl[train] row 0: column 'history', item 0 is a list of 1 item; the history is a "
@@ -267,7 +267,8 @@ def test_dataset_forms_and_companions(tmp_path, monkeypatch):
     cfg = lf_config(tmp_path, dataset=["a", "hub"], eval_dataset="hub", dataset_dir=tmp_path.name)
     assert [(s.path, s.split, s.name) for s in cfg.data.train_datasets] == [
         (f"{tmp_path.name}/a.json", "train", None), ("org/prefs", "test", "en")]
-    assert [(s.path, s.format) for s in cfg.data.eval_datasets] == [("org/prefs", {"formatting": "sharegpt"})]
+    assert [(s.path, s.format) for s in cfg.data.eval_datasets] == [("org/prefs", {"formatting": "sharegpt",
+                                                                                 "columns": {}})]
     # a resolved config's datasets list carries the format back
     entry = {"path": "data/a.json", "format": {"formatting": "sharegpt", "tags": {"role_tag": "role"}}}
     [src] = lf_config(tmp_path, datasets=[entry]).data.train_datasets
@@ -298,3 +299,19 @@ def test_a_llamafactory_config_loads_prepares_and_trains(tmp_path, capsys):
     assert len(reference) == 8
     assert main(["train", str(tmp_path / "c.yaml")]) == 0
     assert "8 of 8 pairs kept" in capsys.readouterr().out
+
+
+def test_an_entry_reads_history_and_system_only_when_its_columns_name_them(tmp_path):
+    """LLaMA-Factory's defaults for the history and system columns are None: an entry without them in
+    `columns` trains without them, as there; named, they are read."""
+    rows = [{"instruction": "Sort", "chosen": "1 2", "rejected": "2 1", "system": "SYS", "history": [["q", "a"]]}]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    for columns, prompt in (({}, [{"role": "user", "content": "Sort"}]),
+                            ({"system": "system", "history": "history"},
+                             [{"role": "system", "content": "SYS"}, {"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "a"}, {"role": "user", "content": "Sort"}])):
+        (tmp_path / str(len(columns))).mkdir()
+        folder = dataset_info(tmp_path / str(len(columns)), {"a": {"file_name": str(tmp_path / "a.jsonl"),
+                                                                   "ranking": True, "columns": columns}})
+        train, _ = load_raw(lf_config(tmp_path, dataset="a", dataset_dir=folder).data, seed=0)
+        assert train[0]["prompt"] == prompt

@@ -37,7 +37,7 @@ def load_config(config: str | Path | dict | Config | None = None, **overrides: A
     >>> cfg.objective.beta
     2.5
     """
-    from .config import Config, build_config
+    from .config import Config, _negated_flags, build_config
     from .config import load_config as load
     from .dialects import check_spellings, merge_overrides
 
@@ -51,17 +51,19 @@ def load_config(config: str | Path | dict | Config | None = None, **overrides: A
     if not isinstance(config, dict):
         raise PrefoptError(f"load_config: expected a YAML path, a dict of config keys or a Config, got "
                            f"{type(config).__name__}.")
+    overrides = _negated_flags(overrides)
     check_spellings("config", dict(config))
     check_spellings("keyword arguments", overrides)
     return build_config(merge_overrides(dict(config), overrides), "config")
 
 
 def _as_argv(overrides: dict) -> list[str]:
-    """Keyword overrides as the command line's `--key value`, each value as JSON (YAML reads it back
-    as the same value: numbers, true/false, lists, mappings)."""
+    """Keyword overrides as the command line's `--key value`, each value as JSON, which YAML reads
+    back as the same value: a string stays the string given (`run_name="007"`, `hub_model_id="on"`),
+    numbers, true/false, lists and mappings their own."""
     argv = []
     for key, value in overrides.items():
-        argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        argv += [f"--{key}", json.dumps(value)]
     return argv
 
 

@@ -36,7 +36,8 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from .dataforms import read_data
-from .dialects import canonical, check_spellings, dialect_of, merge_overrides, read_objective, tool_differences
+from .dialects import (canonical, check_spellings, dialect_of, merge_overrides, read_objective, setting_differences,
+                       tool_differences)
 from .explanation import explain, loss_formula, resolved_dict, save_resolved  # re-exported
 from .losses import HYPERPARAMETERS, METHODS, takes
 from .model_options import check_model_args, read_init_kwargs
@@ -144,6 +145,7 @@ def build_config(raw: dict, where: str = "config") -> Config:
     differs = tool_differences(dialect_of(set(written), tool), given, objective)
     training, forced = _training(where, sections["training"], notes)
     _validate(where, model, data, objective, training)
+    differs += setting_differences(set(written), model, data)
     run = _build(where, RunArgs, sections["run"])
     return Config(model=model, data=data, objective=objective, training=training, run=run, source=where, notes=notes,
                   forced=forced, differs=differs)

@@ -42,9 +42,11 @@ def read_data(where: str, raw: dict) -> tuple[list[DatasetSource], list[DatasetS
         notes.append(note)
     elif form is not None:
         sources, note = READERS[form](where, raw)
-        for src in sources:
+        # a `datasets:` entry may say which it is (`eval: true`, as a resolved config writes it)
+        said = [d.get("eval") for d in raw["datasets"]] if form == "datasets" else [None] * len(sources)
+        for src, held_out in zip(sources, said):
             # alignment-handbook's rule, widened: a split named like an evaluation split is held out
-            is_eval = any(tag in src.split for tag in ("test", "valid", "eval"))
+            is_eval = looks_held_out(src.split) if held_out is None else held_out
             (evals if is_eval else train).append(src)
         notes.append(note)
     for companion, owner in (("dataset_splits", "dataset_mixer"), ("dataset_configs", "dataset_mixer"),
@@ -100,17 +102,25 @@ def _mixture(where: str, raw: dict) -> tuple[list[DatasetSource], str]:
     return sources, "data: alignment-handbook dataset_mixture"
 
 
+def looks_held_out(split: str) -> bool:
+    """A split named like an evaluation split (test, valid, eval), which the list forms hold out."""
+    return any(tag in split for tag in ("test", "valid", "eval"))
+
+
 def _datasets(where: str, raw: dict) -> tuple[list[DatasetSource], str]:
     entries = raw["datasets"]
     if not isinstance(entries, list) or not entries:
         _fail(where, "datasets must be a list of {path, name, data_dir, data_files, split, columns, fraction}.")
     # `keep_fraction` (prefopt's own) is the handbook's per-dataset share, so a resolved
     # config written by prefopt loads back; `fraction` keeps TRL's mixture-share meaning.
-    allowed = {"path", "name", "data_dir", "data_files", "split", "columns", "fraction", "keep_fraction", "format"}
+    allowed = {"path", "name", "data_dir", "data_files", "split", "columns", "fraction", "keep_fraction", "format",
+               "eval"}
     sources = []
     for i, d in enumerate(entries):
         if not isinstance(d, dict) or "path" not in d or set(d) - allowed:
             _fail(where, f"datasets[{i}]: needs 'path'; allowed keys {sorted(allowed)}.")
+        if d.get("eval") not in (None, True, False):
+            _fail(where, f"datasets[{i}].eval: true (held out for evaluation) or false, got {d['eval']!r}.")
         sources.append(DatasetSource(
             path=str(d["path"]), split=d.get("split", "train"), name=d.get("name"), data_dir=d.get("data_dir"),
             data_files=d.get("data_files"), columns=d.get("columns"),
@@ -196,7 +206,9 @@ def _entry(where: str, info_path: Path, info: dict, name: str) -> DatasetSource:
         _fail(where, f"{label} has no \"ranking\": true, so it is not preference data (LLaMA-Factory reads it as "
                      "SFT rows); add \"ranking\": true to its entry if its rows hold chosen and rejected answers, or "
                      "name a ranking dataset.")
-    fmt = _entry_format(where, label, {k: entry[k] for k in ("formatting", "columns", "tags") if k in entry})
+    # (columns always present: an entry reads only the optional columns it names, as LLaMA-Factory does)
+    fmt = _entry_format(where, label, {"columns": {}, **{k: entry[k] for k in ("formatting", "columns", "tags")
+                                                           if k in entry}})
     split = str(entry.get("split", "train"))
     if "hf_hub_url" in entry:
         return DatasetSource(path=str(entry["hf_hub_url"]), split=split, name=entry.get("subset"),

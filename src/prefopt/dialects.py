@@ -19,6 +19,7 @@ No transformers import: the table can be read (by a test, a doc, another tool) w
 """
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -69,6 +70,15 @@ SPELLINGS: tuple[Spelling, ...] = (
     Spelling("simpo_gamma", "gamma_beta_ratio", tool="TRL", type=float, needs="beta",
              convert=lambda gamma, beta: gamma / beta,
              note="{spelling} {value} (absolute, {tool}) read as {canonical} {converted:g}"),
+    # LLaMA-Factory's training keys
+    Spelling("cutoff_len", "max_length", tool="LLaMA-Factory"),
+    Spelling("lora_rank", "lora_r", tool="LLaMA-Factory"),
+    Spelling("val_size", "test_split_size", tool="LLaMA-Factory"),
+    Spelling("finetuning_type", "use_peft", tool="LLaMA-Factory", type=str, convert=lambda kind: _finetuning(kind),
+             note="{spelling} {value} ({tool}) read as {canonical} {converted}"),
+    Spelling("lora_target", "lora_target_modules", tool="LLaMA-Factory", type=str,
+             convert=lambda names: "all-linear" if names == "all" else [n.strip() for n in names.split(",")],
+             note="{spelling} {value} ({tool}) read as {canonical} {converted}"),
     # LLaMA-Factory's reference-free losses (its others are DPO's, which need a reference model)
     Spelling("pref_loss", "method", tool="LLaMA-Factory", type=str, convert=lambda loss: _pref_loss(loss),
              note="{spelling} {value} ({tool}) read as {canonical} {converted}"),
@@ -81,14 +91,26 @@ SPELLINGS: tuple[Spelling, ...] = (
 
 # LLaMA-Factory's pref_loss values: its reference-free ones are prefopt methods; the rest are DPO's
 LLAMA_FACTORY_LOSSES = {"simpo": "simpo", "orpo": "orpo"}
+LLAMA_FACTORY_DPO_LOSSES = ("sigmoid", "hinge", "ipo", "kto_pair")
+
+
+def _finetuning(kind) -> bool:
+    if kind in ("lora", "full"):
+        return kind == "lora"
+    raise PrefoptError(f"{kind!r}: prefopt trains every weight (full) or LoRA adapters (lora); LLaMA-Factory's "
+                       "freeze has no counterpart here.")
 
 
 def _pref_loss(loss) -> str:
-    if loss in LLAMA_FACTORY_LOSSES:
+    if isinstance(loss, str) and loss in LLAMA_FACTORY_LOSSES:
         return LLAMA_FACTORY_LOSSES[loss]
-    raise PrefoptError(
-        f"{loss!r} is one of LLaMA-Factory's DPO losses, which need a reference model; prefopt trains "
-        f"reference-free objectives: use pref_loss simpo or orpo, or set method to one of {', '.join(METHODS)}.")
+    if loss in LLAMA_FACTORY_DPO_LOSSES:
+        raise PrefoptError(
+            f"{loss!r} is one of LLaMA-Factory's DPO losses, which need a reference model; prefopt trains "
+            f"reference-free objectives: use pref_loss simpo or orpo, or set method to one of {', '.join(METHODS)}.")
+    close = difflib.get_close_matches(str(loss), list(LLAMA_FACTORY_LOSSES), n=1)
+    raise PrefoptError(f"{loss!r} is not a LLaMA-Factory pref_loss; prefopt reads simpo and orpo"
+                       f"{f' (did you mean {close[0]!r}?)' if close else ''}.")
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,18 @@ INERT: tuple[Inert, ...] = (
                                   "from pad ids"),
     Inert("label_pad_token_id", "TRL", "{key} {value} ({tool}) has no effect: scored positions come from sequence "
                                        "lengths, not from a label id"),
+    Inert("stage", "LLaMA-Factory", "{key} {value} ({tool}): its preference stage; pref_loss names the objective",
+          refuse=lambda v: None if v == "dpo" else (
+              f"LLaMA-Factory's stage {v} is not preference training; prefopt trains reference-free preference "
+              "objectives, which LLaMA-Factory runs as stage: dpo with pref_loss simpo or orpo.")),
+    Inert("template", "LLaMA-Factory", "{key} {value} ({tool}) is not read: prefopt renders rows with the tokenizer's "
+                                       "own chat template (chat_template sets another: chatml or a .jinja file)"),
+    Inert("overwrite_cache", "LLaMA-Factory", "{key} {value} ({tool}) has no effect: the tokenized data is cached "
+                                              "under its content, the tokenizer and the options"),
+    Inert("plot_loss", "LLaMA-Factory", "{key} {value} ({tool}): every run draws its plots (output_dir/plots)"),
+    Inert("max_samples", "LLaMA-Factory", "",
+          refuse=lambda v: ("prefopt reads every row; to use a share of a dataset give it in dataset_mixer "
+                            "({path: 0.1}) or as keep_fraction in datasets:.")),
     Inert("is_encoder_decoder", "TRL", "{key} {value} ({tool}): prefopt trains decoder-only causal LMs",
           refuse=lambda v: ("prefopt trains decoder-only causal LMs (AutoModelForCausalLM); an encoder-decoder model "
                             "needs another trainer. Remove is_encoder_decoder or set it to false.")
@@ -354,6 +388,33 @@ TOOL_DEFAULTS = {
 }
 
 
+# Keys only LLaMA-Factory's configs have, and the data forms of alignment-handbook's (and the SimPO
+# repository's, which runs on it) pipeline
+LLAMA_FACTORY_KEYS = ("pref_loss", "pref_beta", "pref_ftx", "stage", "finetuning_type", "cutoff_len", "lora_rank",
+                      "lora_target", "dataset")
+HANDBOOK_DATA = ("dataset_mixer", "dataset_mixture")
+
+
+def setting_differences(written: set[str], model, data) -> list[str]:
+    """Settings outside the objective that the config's own tool would have trained otherwise, where
+    the config leaves them to the defaults: LLaMA-Factory's cutoff_len (2048) and lora_alpha (twice
+    the rank); alignment-handbook's empty system turn (its auto_insert_empty_system_msg is true)."""
+    out = []
+    if any(k in written for k in LLAMA_FACTORY_KEYS):
+        if not {"max_length", "cutoff_len"} & written and data.max_length != 2048:
+            out.append(f"max_length {data.max_length} (prefopt's default); LLaMA-Factory would cut at cutoff_len 2048: "
+                       "set cutoff_len: 2048 for its lengths")
+        if model.use_peft and "lora_alpha" not in written and model.lora_alpha != 2 * model.lora_r:
+            out.append(f"lora_alpha {model.lora_alpha} (prefopt's default); LLaMA-Factory would train lora_rank × 2 = "
+                       f"{2 * model.lora_r}: set lora_alpha: {2 * model.lora_r} for its numbers")
+    if any(k in written for k in HANDBOOK_DATA) and data.auto_insert_empty_system_msg is None \
+            and data.completion_layout == "trl":
+        out.append("no empty system turn (prefopt's TRL layout); alignment-handbook's pipeline (and the SimPO "
+                   "repository's) inserts one where the template takes a system role: set "
+                   "auto_insert_empty_system_msg: true for its data")
+    return out
+
+
 def dialect_of(written: set[str], tool: str | None) -> str | None:
     """The tool whose defaults a config relies on: LLaMA-Factory when it names its objective with
     pref_loss, else the one `read_objective` found (None: prefopt's own `method`)."""
@@ -372,7 +433,8 @@ def tool_differences(tool: str | None, given, resolved) -> list[str]:
     if "beta" in takes and given.beta is None and r.beta != d.beta:
         out.append(f"beta {r.beta:g} ({method}'s published default); {name} would train {d.beta:g}: "
                    f"set beta: {d.beta:g} for its numbers")
-    ratio = d.gamma_beta_ratio if d.gamma is None else d.gamma / r.beta
+    beta = d.beta if given.beta is None else r.beta  # the β that tool trains
+    ratio = d.gamma_beta_ratio if d.gamma is None else d.gamma / beta
     if "gamma_beta_ratio" in takes and given.gamma_beta_ratio is None and r.gamma_beta_ratio != ratio:
         theirs = (f"gamma_beta_ratio {ratio:g}" if d.gamma is None else f"simpo_gamma {d.gamma:g} (γ/β {ratio:g})")
         key = f"gamma_beta_ratio: {ratio:g}" if d.gamma is None else f"simpo_gamma: {d.gamma:g}"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import yaml
 from transformers import TrainingArguments
 
+from .dataforms import looks_held_out
 from .dialects import NON_CANONICAL
 from .losses import HYPERPARAMETERS, LOSSES, Hyper, formula, takes
 from .schema import TRAINING_DEFAULTS, _plain
@@ -79,7 +80,7 @@ def explain(cfg: Config) -> str:
         lines.append("  read as:")
         lines += [f"    - {n}" for n in cfg.notes]
     if cfg.differs:  # the config relies on another tool's defaults; prefopt keeps the papers'
-        lines.append("  not what its own tool would train (prefopt keeps the papers' defaults):")
+        lines.append("  not what its own tool would train (prefopt keeps its own defaults, the papers' for the objective):")
         lines += [f"    - {n}" for n in cfg.differs]
     return "\n".join(lines)
 
@@ -93,7 +94,10 @@ def resolved_dict(cfg: Config) -> dict:
     sources = data.pop("train_datasets") + data.pop("eval_datasets")
     out.update(data)
     if sources:
-        out["datasets"] = [_source(s) for s in sources]
+        first_eval = len(sources) - len(cfg.data.eval_datasets)
+        # a source whose split's name says otherwise says which it is (LLaMA-Factory's eval_dataset of split train)
+        out["datasets"] = [_source(s) | ({"eval": i >= first_eval} if (i >= first_eval) != looks_held_out(s["split"])
+                                         else {}) for i, s in enumerate(sources)]
     # the dataclass defaults, not a second TrainingArguments: building one sets up devices again,
     # which under torchrun takes this process out of the process group
     defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

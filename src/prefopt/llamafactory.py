@@ -7,8 +7,9 @@ In: one source's rows as read, and its format: `{formatting, columns, tags}` as 
 entry gives them (`dataforms` checks their keys), `{formatting: sharegpt}` for `data_format:
 sharegpt`, or none, when `layout` detects sharegpt from the columns: `chosen` and `rejected` single
 messages beside a `conversations` (or `messages`) list. A column `columns` leaves out has its
-default name (below); an optional one (alpaca's `query`, `history`, and `system`) is read by that
-name only when `columns` is not given, as LLaMA-Factory reads them. A tag left out of `tags` keeps
+default name (below); an optional one is read only when present, and `history` and `system` only
+when `columns` names them (a dataset_info.json entry always has `columns`: LLaMA-Factory's defaults
+for them are None) — a file detected, or named by `data_format`, reads them by their names. A tag left out of `tags` keeps
 its default (LLaMA-Factory leaves it unset).
 
 Out: `prompt`, `chosen`, `rejected` as chat message lists [{role, content}], which `rows.normalise`
@@ -34,6 +35,7 @@ COLUMNS = {"alpaca": {"prompt": "instruction", "query": "input", "history": "his
                       "chosen": "chosen", "rejected": "rejected"},
            "sharegpt": {"messages": "conversations", "system": "system", "chosen": "chosen", "rejected": "rejected"}}
 OPTIONAL = ("query", "history", "system")
+LISTED_ONLY = ("history", "system")  # LLaMA-Factory's defaults for these are None: read only when named
 TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
         "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 # the tags of LLaMA-Factory's OpenAI-style sharegpt entries (its dataset_info.json, e.g. for messages columns)
@@ -63,15 +65,21 @@ def layout(given: dict | None, features) -> dict | None:
 
 
 def columns_of(fmt: dict, present: list[str]) -> dict[str, str | None]:
-    """Each role's column (None: not read): `columns`, else the default; optional ones only when present."""
+    """Each role's column (None: not read): the one `columns` names (it must be there); else the
+    default name — for an optional role only when such a column is present, and for `history` and
+    `system` only without `columns` (a dataset_info.json entry reads those only when it names them,
+    as LLaMA-Factory does; a file detected or named by data_format reads them by name)."""
     given = fmt.get("columns")
     out = {}
     for role, default in COLUMNS[fmt["formatting"]].items():
-        if given is not None and role in OPTIONAL:
-            out[role] = given.get(role)
+        listed = (given or {}).get(role)
+        if listed is not None:
+            out[role] = listed
+        elif role in OPTIONAL:
+            named_only = given is not None and role in LISTED_ONLY
+            out[role] = default if default in present and not named_only else None
         else:
-            name = (given or {}).get(role, default)
-            out[role] = name if role not in OPTIONAL or name in present else None
+            out[role] = default
     return out
 
 

@@ -51,10 +51,14 @@ def likely_method(raw: dict) -> str | None:
     named, where = _method_in_name(raw)
     if named == "dpo":
         return _dpo(raw, [f"its {where}"])
-    if "beta" in raw and named in (None, "orpo"):
-        method, fit = "orpo", FIT["orpo"]
+    given = {k for k in OBJECTIVE_KEYS if k in raw}
+    if "simpo_gamma" in raw and named in (None, "simpo", "cpo_simpo"):  # TRL's SimPO margin
+        method = "cpo_simpo" if "cpo_alpha" in raw else "simpo"
+        fit = f"a TRL SimPO config (simpo_gamma{', cpo_alpha' if 'cpo_alpha' in raw else ''}) without loss_type: simpo"
     elif "cpo_alpha" in raw and named in (None, "cpo"):
         method, fit = "cpo", FIT["cpo"]
+    elif given == {"beta"} and named in (None, "orpo"):
+        method, fit = "orpo", FIT["orpo"]
     elif named in METHODS:
         method, fit = named, f"a {named} recipe (its {where})"
     else:
