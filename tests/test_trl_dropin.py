@@ -256,6 +256,7 @@ REFUSALS = {
     "rejected": dict(train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b"}])),
     "peft_config": dict(peft_config={"r": 8}),
     "not a CPOConfig": dict(args=TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")),
+    "ORPOConfig, not a CPOConfig": dict(args=ours.ORPOConfig(output_dir="unused", **RUN)),
     "OverridesTRLInternals.get_batch_loss_metrics": dict(cls=OverridesTRLInternals),
 }
 
@@ -294,6 +295,7 @@ def test_explain_says_what_cpo_alpha_trains(tokenizer, tmp_path):
                               train_dataset=Dataset.from_list(make_rows(8, 1)), processing_class=tokenizer)
     text = trainer.explain()
     assert "cpo_simpo" in text and "CPO-SimPO" in text and "cpo_alpha=0.0" in text
+    assert "train_dataset[8 rows]" in text and "LlamaForCausalLM" in text and "(built-in demo)" not in text
     assert trainer.prefopt_config.objective.nll_weight == 1.0
     assert trainer.prefopt_config.objective.gamma_beta_ratio == pytest.approx(0.5 / 2.0)
 
@@ -365,3 +367,12 @@ def test_generate_during_eval_writes_prefopts_generations(tokenizer, tmp_path):
     trainer.evaluate()
     lines = (tmp_path / "eval_generations.jsonl").read_text().splitlines()
     assert len(lines) == 4  # one per distinct held-out prompt (eval_generation_prompts' default 4)
+
+
+def test_trls_own_config_object_is_read_as_ours(tokenizer, tmp_path):
+    """A script that changed only the trainer's import still hands over TRL's CPOConfig: read alike."""
+    keys = dict(loss_type="simpo", beta=2.0, simpo_gamma=1.0)
+    theirs = script(trl_cpo.CPOConfig, trl_cpo.CPOTrainer, tokenizer, tmp_path / "trl", rows("plain"), **keys)
+    mine = script(trl_cpo.CPOConfig, ours.CPOTrainer, tokenizer, tmp_path / "ours", rows("plain"), **keys)
+    assert mine.prefopt_config.objective.method == "cpo_simpo"
+    assert_same_step(theirs.state.log_history[0], mine.state.log_history[0])

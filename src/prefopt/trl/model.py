@@ -90,6 +90,10 @@ def _with_adapter(model, args, peft_config):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.activation_checkpointing)
-    elif args.activation_checkpointing and hasattr(model, "enable_input_require_grads"):
+        return get_peft_model(model, peft_config)
+    if args.activation_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config)
+    plugin = getattr(args, "deepspeed_plugin", None)
+    # as TRL: under ZeRO-3 the adapter keeps the base's dtype (ZeRO-3 gathers mixed dtypes wrongly)
+    zero3 = plugin is not None and getattr(plugin, "zero_stage", None) == 3
+    return get_peft_model(model, peft_config, **({"autocast_adapter_dtype": False} if zero3 else {}))

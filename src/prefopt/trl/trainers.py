@@ -34,7 +34,7 @@ from ..step import loss, score
 from ..trainer import PreferenceTrainer
 from .configs import CPOConfig, ORPOConfig
 from .model import model_of, tokenizer_of
-from .translate import config_of, data_sources, refuse, tokenized
+from .translate import config_of, described, refuse, tokenized
 
 # TRL's own steps, which prefopt's path replaces: overriding one would change nothing here
 TRL_INTERNALS = ("get_batch_loss_metrics", "concatenated_forward", "concatenated_inputs", "get_batch_logps",
@@ -67,11 +67,11 @@ class _DropIn(PreferenceTrainer):
         with args.main_process_first(desc="tokenizing"):
             train, train_report = tokenized(train_dataset, "train_dataset", tokenizer, cfg)
             evals, eval_report = tokenized(eval_dataset, "eval_dataset", tokenizer, cfg)
-        cfg = data_sources(cfg, train, evals)
-        evalgen.check(cfg, cfg.source)
-        self.prefopt_config, self.data_report = cfg, {"train": train_report, "eval": eval_report}
+        evalgen.check(described(cfg, train, evals, model), cfg.source)
+        self.data_report = {"train": train_report, "eval": eval_report}
         say(format_report(self.data_report))
-        model = model_of(model, args, cfg, tokenizer, peft_config)
+        given, model = model, model_of(model, args, cfg, tokenizer, peft_config)
+        self.prefopt_config = cfg = described(cfg, train, evals, given)
         collator = self._collator(model, cfg, tokenizer, say)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         super().__init__(
@@ -86,7 +86,7 @@ class _DropIn(PreferenceTrainer):
 
     def _check_args(self, args):
         theirs = self._config_class.__name__
-        if not hasattr(args, "beta") or not hasattr(args, "max_length"):
+        if theirs not in [c.__name__ for c in type(args).__mro__]:  # ours, TRL's, or a subclass of either
             raise PrefoptError(f"{self._kind}Trainer: args is a {type(args).__name__}, not a {theirs}; build it with "
                                f"prefopt.trl.{theirs}(...) (TrainingArguments' fields and {self._kind}'s own).")
 

@@ -136,8 +136,13 @@ def tokenized(ds: Dataset | None, name: str, tokenizer, cfg: Config) -> tuple[Da
     return pairs, report
 
 
-def data_sources(cfg: Config, train: Dataset, evals: Dataset | None) -> Config:
-    """`cfg` naming the in-memory datasets, for `explain` and the evaluation checks."""
-    data = dataclasses.replace(cfg.data, train_datasets=[DatasetSource(path=f"train_dataset ({len(train)} rows)")],
-                               eval_datasets=[DatasetSource(path=f"eval_dataset ({len(evals)} rows)")] if evals else [])
-    return dataclasses.replace(cfg, data=data)
+def described(cfg: Config, train: Dataset, evals: Dataset | None, model) -> Config:
+    """`cfg` naming the in-memory datasets and the model (for `explain` and the evaluation checks)."""
+    def source(name, ds):
+        return [DatasetSource(path=name, split=f"{len(ds)} rows")] if ds is not None else []
+
+    name = model if isinstance(model, str) else \
+        f"{type(model).__name__} ({getattr(getattr(model, 'config', None), '_name_or_path', '') or 'given'})"
+    data = dataclasses.replace(cfg.data, train_datasets=source("train_dataset", train),
+                               eval_datasets=source("eval_dataset", evals))
+    return dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, model_name_or_path=name))
