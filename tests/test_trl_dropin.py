@@ -376,3 +376,21 @@ def test_trls_own_config_object_is_read_as_ours(tokenizer, tmp_path):
     mine = script(trl_cpo.CPOConfig, ours.CPOTrainer, tokenizer, tmp_path / "ours", rows("plain"), **keys)
     assert mine.prefopt_config.objective.method == "cpo_simpo"
     assert_same_step(theirs.state.log_history[0], mine.state.log_history[0])
+
+
+def test_callbacks_and_optimizers_arguments_are_the_trainers(tokenizer, tmp_path):
+    """`callbacks=[...]` are called, `optimizers=(optimizer, scheduler)` are the ones stepped: the logged
+    learning rate is the given scheduler's, and the first step is TRL's with the same pair."""
+    first = {}
+    for impl in ("trl", "prefopt"):
+        model = tiny_model("llama", tokenizer, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.25)
+        recorder = StepRecorder()
+        trainer = script(*IMPLS[impl]["CPO"], tokenizer, tmp_path / impl, rows("plain"), model=model,
+                         trainer_kwargs=dict(callbacks=[recorder], optimizers=(optimizer, scheduler)), max_steps=2)
+        assert recorder.steps == [1, 2]
+        assert trainer.optimizer.optimizer is optimizer and trainer.lr_scheduler is scheduler
+        first[impl] = trainer.state.log_history[0]
+        assert first[impl]["learning_rate"] == pytest.approx(0.025)
+    assert_same_step(first["trl"], first["prefopt"])
