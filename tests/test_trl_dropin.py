@@ -394,3 +394,20 @@ def test_callbacks_and_optimizers_arguments_are_the_trainers(tokenizer, tmp_path
         first[impl] = trainer.state.log_history[0]
         assert first[impl]["learning_rate"] == pytest.approx(0.025)
     assert_same_step(first["trl"], first["prefopt"])
+
+
+def test_pairs_that_teach_nothing_are_dropped_counted_and_refused_past_the_share(tokenizer, tmp_path):
+    """Unlike TRL, repeated pairs are dropped (and counted in `data_report`); past max_dropped_share
+    (prefopt's key on the config) the trainer is refused, naming the dataset and the key."""
+    data = rows("plain", 8) + rows("plain", 2)  # the first two rows again: 2 of 10 dropped
+    with pytest.raises(PrefoptError, match=r"train_dataset.*max_dropped_share \(now 0.1\)"):
+        script(ours.CPOConfig, ours.CPOTrainer, tokenizer, tmp_path / "a", data)
+    trainer = script(ours.CPOConfig, ours.CPOTrainer, tokenizer, tmp_path / "b", data, max_dropped_share=0.25)
+    assert len(trainer.train_dataset) == 8 and trainer.data_report["train"]["dropped"]["duplicate_pair"] == 2
+
+
+def test_a_bad_row_is_named(tokenizer, tmp_path):
+    data = rows("chat", 4)
+    data[2]["chosen"] = [{"role": "user", "content": "not an answer"}]
+    with pytest.raises(PrefoptError, match="train_dataset row 2"):
+        script(ours.ORPOConfig, ours.ORPOTrainer, tokenizer, tmp_path, data)
