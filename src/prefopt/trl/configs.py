@@ -54,7 +54,7 @@ class _TRLBase(TrainingArguments):
                                             "another cost (packed: each prompt computed once)."})
     max_dropped_share: float = field(
         default=0.1, metadata={"help": "prefopt: refuse a dataset with more than this share of pairs that teach "
-                                       "nothing (blank, cut to nothing, chosen equal to rejected, repeated); 1: never."})
+                                       "nothing (blank, cut to nothing, chosen = rejected, repeated); 1: never."})
 
     def __post_init__(self):
         self.bf16 = not self.fp16 if self.bf16 is None else self.bf16

@@ -55,9 +55,10 @@ class _DropIn(PreferenceTrainer):
                  preprocess_logits_for_metrics=None, peft_config=None, compute_metrics=None):
         args = self._config_class(output_dir="trainer_output") if args is None else args
         self._check_args(args)
-        refuse(self._kind, args, dict(model=model, data_collator=data_collator, train_dataset=train_dataset,
-                                      eval_dataset=eval_dataset, processing_class=processing_class,
-                                      model_init=model_init, preprocess_logits_for_metrics=preprocess_logits_for_metrics))
+        given = dict(model=model, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                     processing_class=processing_class, model_init=model_init,
+                     preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        refuse(self._kind, args, given)
         self._check_overrides()
         main = args.process_index == 0
         say = print if main else (lambda *a: None)
@@ -70,8 +71,8 @@ class _DropIn(PreferenceTrainer):
         evalgen.check(described(cfg, train, evals, model), cfg.source)
         self.data_report = {"train": train_report, "eval": eval_report}
         say(format_report(self.data_report))
-        given, model = model, model_of(model, args, cfg, tokenizer, peft_config)
-        self.prefopt_config = cfg = described(cfg, train, evals, given)
+        as_given, model = model, model_of(model, args, cfg, tokenizer, peft_config)
+        self.prefopt_config = cfg = described(cfg, train, evals, as_given)
         collator = self._collator(model, cfg, tokenizer, say)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         super().__init__(
