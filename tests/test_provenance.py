@@ -84,11 +84,14 @@ def test_no_commit_outside_a_checkout_and_without_git(tmp_path, monkeypatch):
 
 
 def test_differences_name_each_package_and_both_versions():
-    old = {"packages": {"torch": "2.12.0", "peft": "0.21.2", "deepspeed": "0.19.8"},
+    old = {"packages": {"torch": "2.12.0", "peft": "0.21.2", "deepspeed": "0.19.8"}, "python": "3.10.4",
            "prefopt": {"version": "0.1.0", "commit": "a" * 40}}
-    new = {"packages": {"torch": "2.13.0", "peft": "0.21.2"}, "prefopt": {"version": "0.1.0", "commit": "b" * 40}}
+    new = {"packages": {"torch": "2.13.0", "peft": "0.21.2"}, "python": "3.11.7",
+           "prefopt": {"version": "0.1.0", "commit": "b" * 40}}
     # a package recorded by one start only (deepspeed is recorded when used) is not compared
-    assert provenance.differences(old, new) == ["torch 2.12.0 → 2.13.0", f"prefopt commit {'a' * 12} → {'b' * 12}"]
+    assert provenance.differences(old, new) == ["torch 2.12.0 → 2.13.0", "Python 3.10.4 → 3.11.7",
+                                                f"prefopt commit {'a' * 12} → {'b' * 12}"]
+    assert provenance.differences(old, {**new, "prefopt": {"version": "0.2.0"}})[-1] == "prefopt 0.1.0 → 0.2.0"
     assert provenance.differences(new, new) == []
 
 

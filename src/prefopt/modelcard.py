@@ -193,8 +193,8 @@ def render(cfg, out: str | Path, repo_id: str | None = None) -> str:
              f"{t.per_device_train_batch_size * t.gradient_accumulation_steps * processes} pairs per step, "
              f"seed {t.seed}. The resolved objective and settings (`prefopt config explain`):", "", "```",
              explain(cfg), "```", "",
-             "The whole resolved config is `prefopt_config.yaml`: `prefopt train prefopt_config.yaml` trains this run "
-             "again.", ""]
+             "The whole resolved config is `prefopt_config.yaml`: `prefopt train prefopt_config.yaml --output_dir "
+             "NEW_DIR` trains this run again.", ""]
     lines += _data_section(out) + _metrics_section(out) + _plots_section(out)
     lines += _usage_section(repo_id or str(out), adapter)
     record = provenance.card_lines(provenance.read(out))

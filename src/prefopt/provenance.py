@@ -10,8 +10,8 @@
 
 Written by the first process when the run changes its output_dir for the first time (after the
 data is prepared, so the tokenizer and template are the ones the data was tokenized with). A
-resume compares the record with what it runs under now: a different package set (or prefopt
-version or commit) is a warning naming each package and both versions, never a refusal: the data
+resume compares the record with what it runs under now: a different package set (or Python,
+prefopt version or commit) is a warning naming each package and both versions, never a refusal: the data
 fingerprint (manifest.py) already refuses other token ids, and the config check another seed.
 """
 
@@ -117,11 +117,13 @@ def read(out: str | Path) -> dict:
 
 
 def differences(old: dict, new: dict) -> list[str]:
-    """Each package (and prefopt's version or commit) that differs: 'torch 2.12.0 → 2.13.0'."""
+    """Each package (and Python, prefopt's version or commit) that differs: 'torch 2.12.0 → 2.13.0'."""
     before, now = old.get("packages") or {}, new.get("packages") or {}
     # a package recorded by one start only (deepspeed, bitsandbytes: recorded when used) is not compared
     changed = [f"{name} {before[name] or 'not installed'} → {now[name] or 'not installed'}"
                for name in sorted(set(before) & set(now)) if before[name] != now[name]]
+    if old.get("python") and new.get("python") and old["python"] != new["python"]:
+        changed.append(f"Python {old['python']} → {new['python']}")
     old_p, new_p = old.get("prefopt") or {}, new.get("prefopt") or {}
     if old_p.get("version") != new_p.get("version"):
         changed.append(f"prefopt {old_p.get('version')} → {new_p.get('version')}")
@@ -156,5 +158,7 @@ def card_lines(rec: dict) -> list[str]:
     lines = [f"- {source}", f"- Python {rec.get('python')}; {packages}", f"- seed: {rec.get('seed')}",
              f"- tokenizer: `{rec.get('tokenizer')}`", f"- chat template: `{rec.get('chat_template') or 'none'}`"]
     for old in rec.get("earlier") or []:
-        lines.append(f"- resumed from a start under other packages: {', '.join(differences(old, rec)) or 'none'}")
+        changed = differences(old, rec)
+        if changed:
+            lines.append(f"- resumed from a start under other packages: {', '.join(changed)}")
     return lines
