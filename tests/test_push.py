@@ -181,3 +181,13 @@ def test_an_unfinished_run_is_not_pushed(ws, hub, tmp_path):
     with pytest.raises(PrefoptError, match="has not finished"):
         push(out, "org/x", log=lambda *a: None)
     assert hub.requests == []
+
+
+def test_a_failed_push_fails_the_command_not_the_run(ws, hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_bad")
+    out = tmp_path / "run"
+    cfg = build_config({**ws.config, "output_dir": str(out), "push_to_hub": True, "hub_model_id": "org/x"})
+    with pytest.raises(PrefoptError, match=rf"the run finished and is saved in {out}, but pushing it failed: .*401"):
+        train(cfg, log=lambda *a: None)
+    assert json.loads((out / "prefopt_run.json").read_text())["finished"] == {"step": 2}
+    assert hub.commits == [] and [p for p, _ in hub.requests] == ["/api/repos/create"]
