@@ -39,12 +39,13 @@ def folder(workspace, tmp_path_factory):
 
 def test_the_readmes_python_examples_run_as_written(folder, monkeypatch, capsys):
     examples = readme_examples()
-    assert len(examples) == 2
+    assert len(examples) == 3  # the API's two, then the TRL drop-in's
     monkeypatch.chdir(folder)
     namespace: dict = {}
     for code in examples:
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
     result, report, answers = namespace["result"], namespace["report"], namespace["answers"]
+    assert namespace["trainer"].state.global_step == 4 and (folder / "runs/dropin/model.safetensors").is_file()
     assert Path(result.output_dir) == Path("runs/simpo") and (folder / "runs/simpo/model.safetensors").is_file()
     assert result.trainer.state.global_step == 2 and result.trainer.args.learning_rate == 5e-7
     assert 0 <= result.eval_metrics["eval_rewards/accuracies"] <= 1
@@ -124,6 +125,7 @@ def test_import_prefopt_stays_light():
     code = ("import sys, prefopt; assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
             "print(sorted(prefopt.__all__))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    assert {"train", "load_config", "explain", "evaluate", "generate", "Config", "PrefoptError"} <= set(
+    assert {"train", "load_config", "explain", "evaluate", "generate", "Config", "PrefoptError", "CPOTrainer",
+            "ORPOConfig"} <= set(
         json.loads(out.replace("'", '"')))
     assert callable(prefopt.explain) and callable(prefopt.evaluate)  # the functions, not the modules

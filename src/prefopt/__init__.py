@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "train": "api", "load_config": "api", "explain": "api", "evaluate": "api", "generate": "api",
     "Config": "config", "RunResult": "pipeline", "PrefoptError": "errors", "Stopped": "errors",
+    "CPOConfig": "trl", "CPOTrainer": "trl", "ORPOConfig": "trl", "ORPOTrainer": "trl",
 }
 __all__ = sorted(_EXPORTS)
 
