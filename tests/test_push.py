@@ -140,7 +140,7 @@ def test_push_to_hub_uploads_the_run_once_at_its_end(ws, hub, tmp_path):
     assert any(line.startswith("prefopt: pushed") and "org/tiny-simpo" in line for line in said)
 
 
-def test_prefopt_push_and_its_refusals(ws, hub, tmp_path, capsys):
+def test_prefopt_push_and_its_refusals(ws, hub, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     train(build_config({**ws.config, "output_dir": str(out), "use_peft": True, "lora_r": 4, "lora_alpha": 8}),
           log=lambda *a: None)
@@ -168,6 +168,13 @@ def test_prefopt_push_and_its_refusals(ws, hub, tmp_path, capsys):
     # the Hub's refusal: one line naming the repository and the fix
     with pytest.raises(PrefoptError, match="the Hub refused org/x: .*401.*Check the token"):
         push(out, "org/x", token="hf_bad", log=lambda *a: None)
+    # no Hub to reach (a closed port)
+    closed = HubServer()
+    port = closed.server_port
+    closed.server_close()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(PrefoptError, match="could not reach the Hub for org/x: .*push it later with `prefopt push"):
+        push(out, "org/x", log=lambda *a: None)
     assert main(["push", "--help"]) == 0
     assert "--repo_id ID" in capsys.readouterr().out
 

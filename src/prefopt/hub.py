@@ -66,11 +66,7 @@ def push(out: str | Path, repo_id: str, cfg=None, token: str | None = None, priv
     card first rendered again to name the repository. `cfg`: the run's config (read from its
     prefopt_config.yaml when not given); `api`: an `HfApi` (default: one for HF_ENDPOINT). Returns
     the commit's URL. A refusal from the Hub is a PrefoptError naming the repository."""
-    import huggingface_hub.errors as hub_errors
     from huggingface_hub import HfApi
-
-    # the HTTP client's own error (a refused connection, a timeout); the Hub's answers are HfHubHTTPError
-    transport = getattr(hub_errors, "HTTPError", OSError)
 
     out = Path(out)
     check_pushable(out)
@@ -79,27 +75,36 @@ def push(out: str | Path, repo_id: str, cfg=None, token: str | None = None, priv
                            "(letters, digits, '-', '_', '.').")
     cfg = cfg if cfg is not None else _load_run_config(out)
     api = api if api is not None else HfApi()
+    url = _ask_hub(repo_id, out, lambda: api.create_repo(repo_id, token=token, private=private, exist_ok=True))
+    full_id = getattr(url, "repo_id", None) or repo_id
+    modelcard.write_card(cfg, out, repo_id=full_id, log=log)
+    if revision:
+        _ask_hub(repo_id, out, lambda: api.create_branch(full_id, branch=revision, token=token, exist_ok=True))
+    commit = _ask_hub(repo_id, out, lambda: api.upload_folder(
+        repo_id=full_id, folder_path=str(out), allow_patterns=upload_patterns(out), revision=revision, token=token,
+        commit_message="prefopt: the trained model, its card and its record"))
+    where = getattr(commit, "commit_url", None) or str(commit)
+    log(f"prefopt: pushed {out} to {full_id}: {where}")
+    return where
+
+
+def _ask_hub(repo_id: str, out: Path, call):
+    """One call to the Hub; what goes wrong is a PrefoptError naming the repository and the fix."""
+    import huggingface_hub.errors as hub_errors
+
+    # the HTTP client's own error (a refused connection, a timeout); the Hub's answers are HfHubHTTPError
+    transport = getattr(hub_errors, "HTTPError", OSError)
     try:
-        url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-        full_id = getattr(url, "repo_id", None) or repo_id
-        modelcard.write_card(cfg, out, repo_id=full_id, log=log)
-        if revision:
-            api.create_branch(full_id, branch=revision, token=token, exist_ok=True)
-        commit = api.upload_folder(repo_id=full_id, folder_path=str(out), allow_patterns=upload_patterns(out),
-                                   commit_message="prefopt: the trained model, its card and its record",
-                                   revision=revision, token=token)
+        return call()
     except hub_errors.HfHubHTTPError as e:
         raise PrefoptError(f"prefopt push: the Hub refused {repo_id}: {str(e).splitlines()[0]}. Check the token "
                            "(HF_TOKEN, or hub_token) and that it may write there.") from None
-    except ValueError as e:  # the Hub found README.md's header invalid (or huggingface_hub the repository name)
+    except ValueError as e:  # the Hub found README.md's header invalid
         raise PrefoptError(f"prefopt push: {repo_id}: {str(e).splitlines()[0] if str(e) else e!r}; nothing was "
                            f"uploaded. Check {out / modelcard.CARD}'s YAML header.") from None
     except (OSError, transport) as e:
         raise PrefoptError(f"prefopt push: could not reach the Hub for {repo_id}: {e}. The run is saved in {out}; "
                            f"push it later with `prefopt push {out} --repo_id {repo_id}`.") from None
-    where = getattr(commit, "commit_url", None) or str(commit)
-    log(f"prefopt: pushed {out} to {full_id}: {where}")
-    return where
 
 
 def push_after_run(cfg, log=print):
