@@ -10,6 +10,7 @@ when training begins (`_ChooseScorer`, the first callback; outside training at i
 
 Every read or write of the Trainer's private attributes is in `_private_state` and
 `_set_private_state`. Every logged line is also appended to `output_dir/metrics.jsonl`.
+`collator_for_model` gives the collator a model takes (the layout chosen, segmented SDPA installed).
 """
 
 import json
@@ -19,14 +20,31 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
+from .attention import install_segmented_sdpa
+from .collate import choose_layout, collator_for
+from .config import Config
 from .errors import PrefoptError
 from .metrics import MetricSums
 from .checkpoints import mark_complete, rotate, start_writing
 from .manifest import record_written
 from .scoring import choose_scorer, prepare_head_for_fsdp
-from .step import Counts, Objective, count, logged_losses, loss, score
+from .step import Counts, Objective, Scores, Step, count, logged_losses, loss, score
 
 RESUME_STATE = "prefopt_resume_state.json"
+
+
+def collator_for_model(cfg: Config, model, tokenizer, log=print):
+    """The collator for `model`: the layout `cfg.data.layout` asks for where the model takes it
+    (`collate.choose_layout`, which says why in one line where it does not), with the segmented
+    attention installed when packed or shared rows go through SDPA."""
+    config = model.config
+    router_aux = bool(getattr(config.get_text_config(), "output_router_logits", False))
+    layout, why = choose_layout(cfg.data.layout, config, config._attn_implementation, router_aux)
+    if why:
+        log(f"prefopt: {why}")
+    if layout != "padded" and config._attn_implementation == "sdpa":
+        install_segmented_sdpa()  # packed rows attend triple by triple (attention.segmented_sdpa)
+    return collator_for(cfg, tokenizer.pad_token_id, layout, config._attn_implementation)
 
 
 class PreferenceTrainer(Trainer):
@@ -91,11 +109,18 @@ class PreferenceTrainer(Trainer):
         counts = Counts.from_tensor(self.accelerator.reduce(counts, reduction="sum"))
         return batches, counts  # reaches compute_loss as `num_items_in_batch`
 
-    def _step(self, model, batch, split: str, counts: Counts | None, keep: int | None = None):
+    def _scored_step(self, model, batch, split: str, counts: Counts | None,
+                     keep: int | None = None) -> tuple[Step, Scores]:
+        """One micro-batch scored (its first `keep` pairs; None: all) and composed into the step's loss
+        (normalised by `counts`; None: by this micro-batch's own), its metrics recorded under `split`;
+        the step's result and the scores it came from."""
         scores = score(model, batch, self.scorer(model), keep)
         result = loss(scores, self.step_objective, counts)
         self.metrics.record(split, result, scores)
-        return result.loss
+        return result, scores
+
+    def _step(self, model, batch, split: str, counts: Counts | None, keep: int | None = None):
+        return self._scored_step(model, batch, split, counts, keep)[0].loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # DDP/DeepSpeed/FSDP average gradients over processes; the factor turns that mean back into the

@@ -24,14 +24,11 @@ from collections import defaultdict
 import torch
 
 from .. import evalgen
-from ..attention import install_segmented_sdpa
-from ..collate import choose_layout, collator_for
 from ..config import explain as explain_config
 from ..errors import PrefoptError
 from ..guidance import GuidanceCallback
 from ..report import format_report
-from ..step import loss, score
-from ..trainer import PreferenceTrainer
+from ..trainer import PreferenceTrainer, collator_for_model
 from .configs import CPOConfig, ORPOConfig
 from .model import model_of, tokenizer_of
 from .translate import config_of, described, refuse, tokenized
@@ -73,7 +70,7 @@ class _DropIn(PreferenceTrainer):
         say(format_report(self.data_report))
         as_given, model = model, model_of(model, args, cfg, tokenizer, peft_config)
         self.prefopt_config = cfg = described(cfg, train, evals, as_given)
-        collator = self._collator(model, cfg, tokenizer, say)
+        collator = collator_for_model(cfg, model, tokenizer, say)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         super().__init__(
             model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator,
@@ -98,18 +95,6 @@ class _DropIn(PreferenceTrainer):
                     f"{type(self).__name__}.{name}: overrides a step of TRL's own that prefopt replaces (its data "
                     "pipeline, forward and loss), so it would never be called. Override compute_loss (call "
                     "super().compute_loss and change its result), or add a callback, instead.")
-
-    @staticmethod
-    def _collator(model, cfg, tokenizer, say):
-        """The layout and collator, as `pipeline.build_trainer` chooses them."""
-        config = model.config
-        router_aux = bool(getattr(config.get_text_config(), "output_router_logits", False))
-        layout, why = choose_layout(cfg.data.layout, config, config._attn_implementation, router_aux)
-        if why:
-            say(f"prefopt: {why}")
-        if layout != "padded" and config._attn_implementation == "sdpa":
-            install_segmented_sdpa()  # packed rows attend triple by triple (attention.segmented_sdpa)
-        return collator_for(cfg, tokenizer.pad_token_id, layout, config._attn_implementation)
 
     def explain(self) -> str:
         """The objective this trainer optimizes, with its formula and the effective values."""
@@ -153,9 +138,7 @@ class _DropIn(PreferenceTrainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self.on_device(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            scores = score(model, inputs, self.scorer(model), self.eval_pairs_kept(len(inputs["row"])))
-            result = loss(scores, self.step_objective, None)
-        self.metrics.record("eval", result, scores)
+            result, scores = self._scored_step(model, inputs, "eval", None, self.eval_pairs_kept(len(inputs["row"])))
         K, tokens = scores.pairs, scores.tokens
         means = {"eval_logits/chosen": scores.logit_sum[:K].sum() / tokens[:K].sum().clamp(min=1),
                  "eval_logits/rejected": scores.logit_sum[K:].sum() / tokens[K:].sum().clamp(min=1)}
