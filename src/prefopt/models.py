@@ -215,6 +215,27 @@ def resize_to(model: PreTrainedModel, tokenizer) -> list[int]:
     return list(range(rows, len(tokenizer)))
 
 
+def fit_to_tokenizer(model: PreTrainedModel, tokenizer, t: TrainingArguments) -> list[int]:
+    """A loaded model made to match `tokenizer` and `t`: embeddings grown to the tokenizer, no embedding
+    row exempt from gradients, the tokenizer's pad, EOS and BOS ids in its configs, and no KV cache under
+    activation checkpointing. The ids of the rows added (see `resize_to`)."""
+    new_ids = resize_to(model, tokenizer)
+    embeddings = model.get_input_embeddings()
+    if getattr(embeddings, "padding_idx", None) is not None:
+        # A config's pad id becomes the embedding's padding_idx, whose row never gets a gradient: with
+        # pad == eos, EOS would never train. Padding is masked by length here, so no row is special.
+        embeddings.padding_idx = None
+    for cfg in (model.config.get_text_config(), model.generation_config):
+        if cfg is None:  # a model built in code (not from_pretrained) may have no generation config
+            continue
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.bos_token_id = tokenizer.bos_token_id
+    if t.activation_checkpointing:
+        model.config.use_cache = False
+    return new_ids
+
+
 def load_model(m: ModelArgs, tokenizer, t: TrainingArguments, log=print) -> PreTrainedModel:
     """The causal LM, resized to the tokenizer, LoRA-wrapped (if asked), dropout off (if asked)."""
     name = _source(m)
@@ -224,18 +245,7 @@ def load_model(m: ModelArgs, tokenizer, t: TrainingArguments, log=print) -> PreT
     adapter = read_adapter_config(name, m.model_revision)
     merging = adapter is not None and m.existing_adapter == "merge"
     model = _from_pretrained(adapter_base(m, adapter, name) if adapter else name, m, quantize=not merging)
-    new_ids = resize_to(model, tokenizer)
-    embeddings = model.get_input_embeddings()
-    if getattr(embeddings, "padding_idx", None) is not None:
-        # A config's pad id becomes the embedding's padding_idx, whose row never gets a gradient: with
-        # pad == eos, EOS would never train. Padding is masked by length here, so no row is special.
-        embeddings.padding_idx = None
-    for cfg in (model.config.get_text_config(), model.generation_config):
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.bos_token_id = tokenizer.bos_token_id
-    if t.activation_checkpointing:
-        model.config.use_cache = False
+    new_ids = fit_to_tokenizer(model, tokenizer, t)
     quantized = m.load_in_4bit or m.load_in_8bit
     if quantized:
         from peft import prepare_model_for_kbit_training

@@ -19,7 +19,7 @@ from transformers import set_seed
 
 from ..config import Config
 from ..errors import PrefoptError
-from ..models import check_adapter_start, check_weights_format, load_model, load_tokenizer, resize_to
+from ..models import check_adapter_start, check_weights_format, fit_to_tokenizer, load_model, load_tokenizer
 from ..templates import setup_chat_template
 
 
@@ -49,7 +49,7 @@ def model_of(model, args, cfg: Config, tokenizer, peft_config):
         raise PrefoptError(f"model is a {type(model).__name__}; pass a transformers causal LM (PreTrainedModel) "
                            "or its Hub id / local folder.")
     else:
-        _as_prefopt_loads(model, tokenizer, args)
+        fit_to_tokenizer(model, tokenizer, args)  # what load_model does after from_pretrained
     if peft_config is not None:
         model = _with_adapter(model, args, peft_config)
     elif args.activation_checkpointing and hasattr(model, "enable_input_require_grads"):
@@ -59,20 +59,6 @@ def model_of(model, args, cfg: Config, tokenizer, peft_config):
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     return model
-
-
-def _as_prefopt_loads(model, tokenizer, args):
-    """What `models.load_model` does to a model after from_pretrained, done to a given one."""
-    resize_to(model, tokenizer)
-    embeddings = model.get_input_embeddings()
-    if getattr(embeddings, "padding_idx", None) is not None:
-        embeddings.padding_idx = None
-    configs = [model.config.get_text_config()] + ([model.generation_config] if model.generation_config else [])
-    for c in configs:
-        c.pad_token_id, c.eos_token_id, c.bos_token_id = (tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                                          tokenizer.bos_token_id)
-    if args.activation_checkpointing:
-        model.config.use_cache = False
 
 
 def _with_adapter(model, args, peft_config):
