@@ -3,6 +3,7 @@
     prepared = prepare(cfg, tokenizer)          # installs cfg.data.chat_template; token ids per pair + report
     print(format_report(prepared.report))
     write_report(prepared.report, cfg.training.output_dir)
+    pairs, report = prepare_dataset(ds, "train_dataset", tokenizer, cfg.data)   # one in-memory Dataset
 
 This module is the entry; the steps live one per module, each handing the next the columns its
 docstring states:
@@ -31,14 +32,14 @@ from datasets import Dataset
 from .config import Config, DataArgs, DatasetSource
 from .errors import PrefoptError
 from .report import check_dropped, format_report, split_report, write_report
-from .rows import SCHEMAS, column_kind, concatenate, normalise
+from .rows import PAIR, SCHEMAS, column_kind, concatenate, normalise
 from .sources import hold_out, load_source, mix
 from .templates import insert_note, setup_chat_template
 from .tokens import tokenize
 
 # what the rest of prefopt and the tests import from here
-__all__ = ["SCHEMAS", "Prepared", "format_report", "load_raw", "normalise", "prepare", "setup_chat_template",
-           "tokenize_pairs", "write_report"]
+__all__ = ["SCHEMAS", "Prepared", "format_report", "load_raw", "normalise", "prepare", "prepare_dataset",
+           "setup_chat_template", "tokenize_pairs", "write_report"]
 
 
 def load_raw(data: DataArgs, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -118,3 +119,15 @@ def tokenize_pairs(ds: Dataset, tokenizer, data: DataArgs) -> tuple[Dataset, dic
     if note:
         report["notes"] = [note]
     return kept, report
+
+
+def prepare_dataset(ds: Dataset, name: str, tokenizer, data: DataArgs) -> tuple[Dataset, dict]:
+    """An in-memory dataset of preference rows (as `rows.normalise` reads them; other columns are
+    dropped) → its kept pairs and report, as `prepare` makes a split's: rows named `name row N` in
+    every message, normalised, tokenized, and refused past `data.max_dropped_share` dropped. The
+    chat template is the tokenizer's as it stands."""
+    ds = ds.select_columns([c for c in PAIR if c in ds.column_names])
+    ds = ds.add_column("source", [name] * len(ds)).add_column("row", list(range(len(ds))))
+    pairs, report = tokenize_pairs(normalise(ds, data.preprocessing_num_workers), tokenizer, data)
+    check_dropped(name, report, data.max_dropped_share)
+    return pairs, report

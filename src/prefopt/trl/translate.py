@@ -20,9 +20,7 @@ from datasets import Dataset
 
 from ..config import Config, DatasetSource, build_config
 from ..errors import PrefoptError
-from ..report import check_dropped
-from ..rows import PAIR, normalise
-from ..data import tokenize_pairs
+from ..data import prepare_dataset
 
 SMOOTHED = ("sigmoid", "simpo")  # the loss types TRL applies label smoothing to
 
@@ -129,11 +127,7 @@ def tokenized(ds: Dataset | None, name: str, tokenizer, cfg: Config) -> tuple[Da
                            "preference dataset holds chosen and rejected, and a prompt unless the answers share it.")
     if len(ds) == 0:
         raise PrefoptError(f"{name}: the dataset holds no rows.")
-    ds = ds.select_columns([c for c in PAIR if c in ds.column_names])
-    ds = ds.add_column("source", [name] * len(ds)).add_column("row", list(range(len(ds))))
-    pairs, report = tokenize_pairs(normalise(ds, cfg.data.preprocessing_num_workers), tokenizer, cfg.data)
-    check_dropped(name, report, cfg.data.max_dropped_share)
-    return pairs, report
+    return prepare_dataset(ds, name, tokenizer, cfg.data)
 
 
 def described(cfg: Config, train: Dataset, evals: Dataset | None, model) -> Config:
