@@ -18,9 +18,11 @@ Each measured run is its own subprocess (`bench.py --worker SPEC`, torch.set_num
 
 - TRL: trl.experimental.cpo.CPOTrainer (CPO-SimPO: loss_type simpo, cpo_alpha 0.05, beta 10,
   simpo_gamma 5.4) and trl.experimental.orpo.ORPOTrainer (beta 0.1);
-- prefopt: prefopt.config.build_config({same keys}) + prefopt.pipeline.train (layout "packed").
+- prefopt: prefopt.config.build_config({same keys}) + prefopt.pipeline.train (layout "packed");
+- the TRL drop-in: prefopt.trl.CPOTrainer / ORPOTrainer, called exactly as TRL's above (the same
+  config keys, model object, dataset and tokenizer; only the import differs; layout "packed").
 
-Both: max_length 1024, batch 4, fp32, no gradient checkpointing, use_cpu, lr 1e-6, seed 42.
+All three: max_length 1024, batch 4, fp32, no gradient checkpointing, use_cpu, lr 1e-6, seed 42.
 Per run: pairs/s and tokens/s (tokens = unique tokens of the pairs: prompt once + chosen +
 rejected after truncation, no padding) over the timed steps (the first steps are warm-up); peak
 memory (ru_maxrss of the worker, read when training ends); positions through the transformer body
@@ -72,6 +74,7 @@ TARGETS = {  # vocab: (min pairs/s ratio, max peak-memory ratio); positions with
     128_256: (4.0, 0.20),
 }
 POSITIONS_TARGET = 1.05
+TRAINERS = ("trl", "prefopt", "dropin")  # dropin: prefopt.trl's CPOTrainer/ORPOTrainer, called as TRL's
 
 ENV = {
     "HF_HOME": str(CACHE / "hf"),
@@ -439,23 +442,42 @@ def training_keys(spec: dict, out_dir: str) -> dict:
 
 
 def run_trl(spec: dict, probe, out_dir: str) -> dict:
+    if METHODS[spec["method"]][0] == "cpo":
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+    else:
+        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+    trainer = _train_as_trl(Config, Trainer, spec, probe, out_dir, "trl")
+    return {"attn_implementation": trainer.model.config._attn_implementation, "layout": "padded (TRL)"}
+
+
+def run_dropin(spec: dict, probe, out_dir: str) -> dict:
+    """prefopt's TRL drop-in, called as `run_trl` calls TRL: the import is the only difference."""
+    if METHODS[spec["method"]][0] == "cpo":
+        from prefopt.trl import CPOConfig as Config, CPOTrainer as Trainer
+    else:
+        from prefopt.trl import ORPOConfig as Config, ORPOTrainer as Trainer
+    trainer = _train_as_trl(Config, Trainer, spec, probe, out_dir, "prefopt")
+    pack = getattr(trainer.data_collator.inner, "pack", None)
+    return {"attn_implementation": trainer.model.config._attn_implementation,
+            "layout": "packed" if pack else ("shared" if pack is False else "padded"),
+            "logprob_chunk_tokens": trainer.scorer(trainer.model_wrapped).chunk,
+            "method_resolved": trainer.prefopt_config.objective.method}
+
+
+def _train_as_trl(Config, Trainer, spec: dict, probe, out_dir: str, kind: str):
+    """A TRL-style trainer built and trained as TRL's documentation calls it; the trainer."""
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trainer_kind, keys = METHODS[spec["method"]]
-    if trainer_kind == "cpo":
-        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
-    else:
-        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
-    args = Config(**training_keys(spec, out_dir), **keys)
+    args = Config(**training_keys(spec, out_dir), **METHODS[spec["method"]][1])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     dataset = load_dataset("json", data_files=spec["data"], split="train")
     trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[probe])
-    instrument(trainer, probe, "trl")
+    instrument(trainer, probe, kind)
     trainer.train()
-    return {"attn_implementation": model.config._attn_implementation, "layout": "padded (TRL)"}
+    return trainer
 
 
 def run_prefopt(spec: dict, probe, out_dir: str) -> dict:
@@ -500,6 +522,7 @@ def run_baseline(spec: dict) -> dict:
     import trl.experimental.cpo  # noqa: F401
     import trl.experimental.orpo  # noqa: F401
     import prefopt.pipeline  # noqa: F401
+    import prefopt.trl  # noqa: F401
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     rss_imports = _rss_kib()
@@ -535,7 +558,7 @@ def worker(spec: dict):
         probe = make_probe()
         probe.profile_step = spec.get("profile_step")
         with tempfile.TemporaryDirectory(dir=CACHE / "runs") as out_dir:
-            run = run_trl if spec["trainer"] == "trl" else run_prefopt
+            run = {"trl": run_trl, "prefopt": run_prefopt, "dropin": run_dropin}[spec["trainer"]]
             result.update(run(spec, probe, out_dir))
         result.update(steps=probe.steps, collates=probe.collates, maxrss_train_end_kib=probe.maxrss_train_end,
                       rss_train_begin_kib=probe.rss_train_begin, op_table=probe.op_table)
@@ -799,12 +822,15 @@ def fmt(x, spec=".2f"):
 
 
 def main_table(results: dict, vocab: int, method: str) -> tuple[list[str], list[dict]]:
+    """Rows of TRL | prefopt train | the drop-in, with the ratios; the targets judge prefopt train."""
     trl = results["runs"].get(f"trl-{method}-v{vocab}")
     ours = results["runs"].get(f"prefopt-{method}-v{vocab}")
+    drop = results["runs"].get(f"dropin-{method}-v{vocab}")
     base = results["baseline"].get(str(vocab))
     min_speed, max_mem = TARGETS.get(vocab, (None, None))
     T = trl["summary"] if trl else None
     P = ours["summary"] if ours else None
+    D = drop["summary"] if drop else None
     rows, checks = [], []
 
     def ratio(a, b):
@@ -813,26 +839,31 @@ def main_table(results: dict, vocab: int, method: str) -> tuple[list[str], list[
     def get(S, k):
         return None if S is None else S[k]
 
-    def row(name, a, b, target_text="", ok=None, spec=".2f"):
-        r = ratio(b, a)
-        rows.append(f"| {name} | {fmt(a, spec)} | {fmt(b, spec)} | {fmt(r, '.2f')}{'×' if r is not None else ''} "
-                    f"| {target_text} | {'' if ok is None else ('yes' if ok else '**no**')} |")
+    def times(r):
+        return f"{fmt(r, '.2f')}{'×' if r is not None else ''}"
+
+    def row(name, a, b, d=None, target_text="", ok=None, spec=".2f"):
+        rows.append(f"| {name} | {fmt(a, spec)} | {fmt(b, spec)} | {fmt(d, spec)} | {times(ratio(b, a))} "
+                    f"| {times(ratio(d, a))} | {times(ratio(d, b))} | {target_text} "
+                    f"| {'' if ok is None else ('yes' if ok else '**no**')} |")
+
+    def cells(k):
+        return get(T, k), get(P, k), get(D, k)
 
     sp = ratio(get(P, "pairs_per_s"), get(T, "pairs_per_s"))
     ok_speed = None if sp is None or min_speed is None else sp >= min_speed
-    row("pairs/s", get(T, "pairs_per_s"), get(P, "pairs_per_s"), f"≥{min_speed}×" if min_speed else "", ok_speed, ".3f")
-    row("tokens/s (unique tokens)", get(T, "tokens_per_s"), get(P, "tokens_per_s"), "", None, ".0f")
-    row("s/step", get(T, "seconds_per_step"), get(P, "seconds_per_step"), "", None, ".2f")
+    row("pairs/s", *cells("pairs_per_s"), f"≥{min_speed}×" if min_speed else "", ok_speed, ".3f")
+    row("tokens/s (unique tokens)", *cells("tokens_per_s"), "", None, ".0f")
+    row("s/step", *cells("seconds_per_step"), "", None, ".2f")
     mem = ratio(get(P, "peak_gb"), get(T, "peak_gb"))
     ok_mem = None if mem is None or max_mem is None else mem <= max_mem
-    row("peak memory (GB, ru_maxrss)", get(T, "peak_gb"), get(P, "peak_gb"), f"≤{max_mem}×" if max_mem else "", ok_mem)
+    row("peak memory (GB, ru_maxrss)", *cells("peak_gb"), f"≤{max_mem}×" if max_mem else "", ok_mem)
     if base:
         b = baseline_gb(base)
-        row("peak − weights/optimizer baseline (GB)",
-            None if T is None else T["peak_gb"] - b, None if P is None else P["peak_gb"] - b)
+        row("peak − weights/optimizer baseline (GB)", *(None if S is None else S["peak_gb"] - b for S in (T, P, D)))
     pos_ok = None if P is None else P["positions_per_lower_bound"] <= POSITIONS_TARGET
-    row("positions computed / lower bound", get(T, "positions_per_lower_bound"),
-        get(P, "positions_per_lower_bound"), f"prefopt ≤{POSITIONS_TARGET}", pos_ok, ".3f")
+    row("positions computed / lower bound", *cells("positions_per_lower_bound"), f"prefopt ≤{POSITIONS_TARGET}",
+        pos_ok, ".3f")
     checks += [
         {"vocab": vocab, "method": method, "target": f"pairs/s ≥{min_speed}× TRL", "measured": sp, "met": ok_speed},
         {"vocab": vocab, "method": method, "target": f"peak memory ≤{max_mem}× TRL", "measured": mem, "met": ok_mem},
@@ -843,9 +874,8 @@ def main_table(results: dict, vocab: int, method: str) -> tuple[list[str], list[
 
 
 def phase_table(results: dict, vocab: int, method: str) -> list[str]:
-    trl = results["runs"].get(f"trl-{method}-v{vocab}")
-    ours = results["runs"].get(f"prefopt-{method}-v{vocab}")
-    if not trl and not ours:
+    runs = [results["runs"].get(f"{t}-{method}-v{vocab}") for t in TRAINERS]
+    if not any(runs):
         return []
     names = ["collate", "before_model", "body_forward", "head_and_loss_forward", "head_and_loss_backward",
              "body_backward", "clip_and_optimizer", "other"]
@@ -855,24 +885,20 @@ def phase_table(results: dict, vocab: int, method: str) -> list[str]:
               "head_and_loss_backward": "backward: loss, log-probs, LM head (prefopt: + chunk recompute)",
               "body_backward": "backward: layers + embeddings", "clip_and_optimizer": "grad clip + AdamW step",
               "other": "other (dataloader, logging, callbacks)"}
-    out = [f"| phase (s/step) | TRL | prefopt |", "|---|---:|---:|"]
+    out = ["| phase (s/step) | TRL | prefopt | drop-in |", "|---|---:|---:|---:|"]
+
+    def line(label, value):
+        out.append(f"| {label} | " + " | ".join(value(r) if r else "—" for r in runs) + " |")
+
     for n in names:
-        a = trl["summary"]["phases_s_per_step"][n] if trl else None
-        b = ours["summary"]["phases_s_per_step"][n] if ours else None
-        out.append(f"| {labels[n]} | {fmt(a, '.3f')} | {fmt(b, '.3f')} |")
-    a = trl["summary"]["seconds_per_step"] if trl else None
-    b = ours["summary"]["seconds_per_step"] if ours else None
-    out.append(f"| **total** | {fmt(a, '.3f')} | {fmt(b, '.3f')} |")
-    a = trl["summary"]["cpu_s_per_step"] if trl else None
-    b = ours["summary"]["cpu_s_per_step"] if ours else None
-    out.append(f"| (process CPU time, s/step) | {fmt(a, '.3f')} | {fmt(b, '.3f')} |")
-    a = trl["summary"]["steal_s_per_step"] if trl else None
-    b = ours["summary"]["steal_s_per_step"] if ours else None
-    out.append(f"| (CPU time stolen by the hypervisor, s/step, whole VM) | {fmt(a, '.3f')} | {fmt(b, '.3f')} |")
-    cal = lambda r: "—" if not r else "/".join(f"{x:.0f}" for x in r["summary"]["calibration_gflops"] if x)  # noqa: E731
-    out.append(f"| (machine speed before/after the run, GFLOP/s of a fixed matmul) | {cal(trl)} | {cal(ours)} |")
-    oth = lambda r: "—" if not r else f"{r.get('others_load_cores', float('nan')):.2f}" + (" **contended**" if r.get("contended") else "")  # noqa: E731
-    out.append(f"| (cores used by other processes during the run) | {oth(trl)} | {oth(ours)} |")
+        line(labels[n], lambda r: f"{r['summary']['phases_s_per_step'][n]:.3f}")
+    line("**total**", lambda r: f"{r['summary']['seconds_per_step']:.3f}")
+    line("(process CPU time, s/step)", lambda r: f"{r['summary']['cpu_s_per_step']:.3f}")
+    line("(CPU time stolen by the hypervisor, s/step, whole VM)", lambda r: f"{r['summary']['steal_s_per_step']:.3f}")
+    line("(machine speed before/after the run, GFLOP/s of a fixed matmul)",
+         lambda r: "/".join(f"{x:.0f}" for x in r["summary"]["calibration_gflops"] if x))
+    line("(cores used by other processes during the run)",
+         lambda r: f"{r.get('others_load_cores', float('nan')):.2f}" + (" **contended**" if r.get("contended") else ""))
     return out
 
 
@@ -934,12 +960,16 @@ def render(results: dict, vocabs, methods, lengths) -> str:
             all_checks += checks
             title = f"## vocab {v:,} — {METHOD_TITLES[m]}"
             order = results["order_check"].get(f"{m}-v{v}")
-            lines += [title, "", "| metric | TRL | prefopt | prefopt/TRL | target | met |",
-                      "|---|---:|---:|---:|---|---|", *rows, ""]
-            if order:
-                lines.append(f"Same pairs in the same order: **{'yes' if order['identical'] else 'NO'}** "
-                             f"({order['pairs_compared']} pairs compared by token-id fingerprint).")
-                lines.append("")
+            lines += [title, "", "| metric | TRL | prefopt train | TRL drop-in (prefopt.trl) | prefopt/TRL "
+                      "| drop-in/TRL | drop-in/prefopt | target (prefopt) | met |",
+                      "|---|---:|---:|---:|---:|---:|---:|---|---|", *rows, ""]
+            drop_order = results["order_check"].get(f"dropin-{m}-v{v}")
+            for who, check in (("prefopt train", order), ("the drop-in", drop_order)):
+                if check:
+                    lines.append(f"Same pairs in the same order as TRL, {who}: "
+                                 f"**{'yes' if check['identical'] else 'NO'}** ({check['pairs_compared']} pairs "
+                                 "compared by token-id fingerprint).  ")
+            lines.append("")
             pt = phase_table(results, v, m)
             if pt:
                 lines += ["Time per phase (mean over timed steps):", "", *pt, ""]
@@ -1174,7 +1204,7 @@ def main():
         if base:
             results["baseline"][str(v)] = base
         for m in methods:
-            for trainer in ("trl", "prefopt"):
+            for trainer in TRAINERS:
                 n = trl_steps_large if (trainer == "trl" and v >= 100_000) else steps
                 spec = {"trainer": trainer, "method": m, "model": str(folders[v]), "data": str(data),
                         "max_length": max_length, "batch": BATCH, "total_steps": warmup + n}
@@ -1186,21 +1216,25 @@ def main():
                     s = run["summary"]
                     print(f"    {s['pairs_per_s']:.3f} pairs/s, {s['tokens_per_s']:.0f} tokens/s, peak "
                           f"{s['peak_gb']:.2f} GB, positions/lower bound {s['positions_per_lower_bound']:.3f}")
-            a, b = results["runs"].get(f"trl-{m}-v{v}"), results["runs"].get(f"prefopt-{m}-v{v}")
-            if a and b and len(a["steps"]) != len(b["steps"]):
-                # compare on the same pairs: the steps both runs timed
-                common = min(len(a["steps"]), len(b["steps"]))
-                for run in (a, b):
+            done = [r for r in (results["runs"].get(f"{t}-{m}-v{v}") for t in TRAINERS) if r]
+            if len({len(r["steps"]) for r in done}) > 1:
+                # compare on the same pairs: the steps every run timed
+                common = min(len(r["steps"]) for r in done)
+                for run in done:
                     run["summary_all_steps"] = run["summary"]
                     run["summary"] = summarise(run, warmup, common)
                     run["summary"]["fingerprints"] = run["summary_all_steps"]["fingerprints"]
-                print(f"    table compares steps {warmup + 1}..{common} of both runs")
-            if a and b:
-                fa, fb = a["summary"]["fingerprints"], b["summary"]["fingerprints"]
-                k = min(len(fa), len(fb))
-                results["order_check"][f"{m}-v{v}"] = {"identical": fa[:k] == fb[:k] and k > 0, "pairs_compared": k,
-                                                       "first_mismatch": next((i for i in range(k) if fa[i] != fb[i]), None)}
-                print(f"    same pairs in the same order: {fa[:k] == fb[:k]} ({k} pairs)")
+                print(f"    table compares steps {warmup + 1}..{common} of every run")
+            a = results["runs"].get(f"trl-{m}-v{v}")
+            for other, key in (("prefopt", f"{m}-v{v}"), ("dropin", f"dropin-{m}-v{v}")):
+                b = results["runs"].get(f"{other}-{m}-v{v}")
+                if a and b:
+                    fa, fb = a["summary"]["fingerprints"], b["summary"]["fingerprints"]
+                    k = min(len(fa), len(fb))
+                    results["order_check"][key] = {
+                        "identical": fa[:k] == fb[:k] and k > 0, "pairs_compared": k,
+                        "first_mismatch": next((i for i in range(k) if fa[i] != fb[i]), None)}
+                    print(f"    {other}: same pairs in the same order as TRL: {fa[:k] == fb[:k]} ({k} pairs)")
 
     if not args.no_sweep:
         sweep_data_stats = {L: data_stats(saturated, L) for L in lengths}
