@@ -130,6 +130,10 @@ def test_hub_ids_and_the_bases_license(ws, tmp_path, monkeypatch):
     local = build_config({**keys, "model_name_or_path": str(base)})
     assert modelcard.metadata(local, adapter=False)["license"] == "apache-2.0"
     assert "base_model" not in modelcard.metadata(local, adapter=False)
+    # a loader with data_files is not a dataset of the Hub
+    plain = {k: v for k, v in keys.items() if k not in ("dataset_mixer", "dataset_splits")}
+    files = build_config({**plain, "datasets": [{"path": "json", "data_files": str(ws.data / "train.jsonl")}]})
+    assert "datasets" not in modelcard.metadata(files, adapter=False)
     assert modelcard.hub_id("../x") is None and modelcard.hub_id("a/b/c") is None and modelcard.hub_id("gpt2")
 
 

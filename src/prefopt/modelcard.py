@@ -82,8 +82,9 @@ def base_license(cfg) -> str | None:
 def metadata(cfg, adapter: bool) -> dict:
     """The card's YAML header."""
     base = hub_id(cfg.model.model_name_or_path)
+    # (`path: json` with data_files names a loader, not a dataset)
     datasets = list(dict.fromkeys(s.path for s in cfg.data.train_datasets + cfg.data.eval_datasets
-                                  if hub_id(s.path)))
+                                  if hub_id(s.path) and not (s.data_files and "/" not in s.path)))
     tags = ["prefopt", cfg.objective.method, "preference-optimization"]
     if adapter:
         tags += ["lora"] + ([f"base_model:adapter:{base}"] if base else [])
