@@ -3,7 +3,7 @@
     refuse(kind, args, given)               what TRL accepts and prefopt cannot honour, named
     cfg = config_of(kind, args, model_name)    the objective (TRL's semantics) and data keys → `Config`
     pairs, report = tokenized(ds, "train_dataset", tokenizer, cfg)   prefopt's data path
-    model = prepare_model(model, args, cfg, tokenizer, peft_config)
+    pairs, report = data.prepare_dataset(ds, name, tokenizer, cfg.data)   (what `tokenized` ends in)
 
 The objective is read by `config.build_config` from TRL's own spellings, so the dialect rules
 apply as to a TRL YAML: loss_type sigmoid/hinge/ipo is CPO with NLL weight `cpo_alpha`; simpo is
