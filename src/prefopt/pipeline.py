@@ -21,8 +21,6 @@ from transformers.integrations import get_available_reporting_integrations
 
 from . import checkpoints, evalgen, hub, manifest, modelcard, provenance, runs
 from . import data as data_mod
-from .attention import install_segmented_sdpa
-from .collate import choose_layout, collator_for
 from .config import Config, explain, save_resolved
 from .errors import PrefoptError, Stopped
 from .guidance import GuidanceCallback, before_training
@@ -30,7 +28,7 @@ from .model_options import check_attention
 from .models import check_adapter_start, check_saved, check_weights_format, load_model, load_tokenizer
 from .plots import plot_run
 from .stopping import StopOnSignal, StopRequest
-from .trainer import MetricsFile, PreferenceTrainer
+from .trainer import MetricsFile, PreferenceTrainer, collator_for_model
 
 
 @dataclass
@@ -129,14 +127,7 @@ def describe_processes(trainer, cfg: Config) -> str:
 
 
 def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> PreferenceTrainer:
-    config = model.config
-    router_aux = bool(getattr(config.get_text_config(), "output_router_logits", False))
-    layout, why = choose_layout(cfg.data.layout, config, config._attn_implementation, router_aux)
-    if why:
-        log(f"prefopt: {why}")
-    if layout != "padded" and config._attn_implementation == "sdpa":
-        install_segmented_sdpa()  # packed rows attend triple by triple (attention.segmented_sdpa)
-    collator = collator_for(cfg, tokenizer.pad_token_id, layout, config._attn_implementation)
+    collator = collator_for_model(cfg, model, tokenizer, log)
     trainer = PreferenceTrainer(
         model=model,
         args=cfg.training,
