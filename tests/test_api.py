@@ -89,6 +89,20 @@ def test_the_same_errors_as_the_command_line(tmp_path):
     assert prefopt.load_config({"method": "simpo", "beta": 2.0}, pref_beta=3.0).objective.beta == 3.0
     with pytest.raises(PrefoptError, match="unknown generation setting 'max_tokens'"):
         prefopt.generate(tmp_path, "hi", max_tokens=3)
+    for bad, message in ((5, "generate: give a prompt, a conversation or a list of them, got 5"),
+                         ({"role": "user", "content": "hi"}, "generate: give a prompt"),
+                         (["hi", 3], "generate: prompt 1 is 3")):
+        with pytest.raises(PrefoptError, match=message):
+            prefopt.generate(tmp_path, bad)
+    with pytest.raises(PrefoptError, match="max_new_tokens: expected a number, got 'x'"):
+        prefopt.generate(tmp_path, "hi", max_new_tokens="x")
+    with pytest.raises(PrefoptError, match="evaluate: models is a folder or a list of folders, got 5"):
+        prefopt.evaluate(5, data="d")
+    with pytest.raises(PrefoptError, match="a key is 1, not a name"):
+        prefopt.load_config({1: 2})
+    assert api._conversations([{"role": "user", "content": "hi"}]) == [[{"role": "user", "content": "hi"}]]
+    assert api._conversations(["a", [{"role": "user", "content": "b"}]]) == [
+        [{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
     assert prefopt.PrefoptError is PrefoptError
 
 

@@ -135,6 +135,8 @@ def test_model_init_kwargs_are_read_as_prefopt_keys():
     ({}, {"torch_dtype": "bfloat16", "dtype": "float16"},
      r"model_init_kwargs gives torch_dtype 'bfloat16' and dtype 'float16', two names of one argument"),
     ({}, {"device_map": "auto"}, r"model_init_kwargs.device_map: prefopt places the model itself"),
+    ({}, {"token": "hf_x"}, r"model_init_kwargs.token: a token would be saved in prefopt_config.yaml .*HF_TOKEN"),
+    ({}, {"use_auth_token": "hf_x"}, r"model_init_kwargs.use_auth_token: a token would be saved"),
     ({}, {"quantization_config": {"load_in_4bit": True}},
      r"model_init_kwargs.quantization_config: .*use load_in_4bit or load_in_8bit with bnb_4bit_quant_type"),
     ({}, {"use_safetensors": False}, r"model_init_kwargs.use_safetensors: .*allow_pickle_weights"),

@@ -96,7 +96,9 @@ def evaluate(models: str | Path | list, data: str | None = None, split: str = "t
     model. `generation`: max_new_tokens, temperature, top_p, do_sample, seed."""
     from .evaluation import evaluate as run
 
-    models = [models] if isinstance(models, (str, Path)) else list(models)
+    models = [models] if isinstance(models, (str, Path)) else models
+    if not isinstance(models, (list, tuple)) or not all(isinstance(m, (str, Path)) for m in models):
+        raise PrefoptError(f"evaluate: models is a folder or a list of folders, got {models!r}.")
     seed = generation.pop("seed", 0)
     return run([str(m) for m in models], data=data, split=split, prompts=prompts, reward_model=reward_model,
                seed=seed, **_sampling(generation))
@@ -110,14 +112,37 @@ def generate(model: str | Path, prompts: str | list, **generation: Any) -> list[
 
     from .evaluation import Generator
 
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    conversations = _conversations(prompts)
     set_seed(generation.pop("seed", 0))
     generator = Generator(str(model), **_sampling(generation))
     return generator.answer(conversations, progress=len(conversations) > 1)
 
 
+def _is_message(m) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+
+def _conversations(prompts) -> list[list[dict]]:
+    """One prompt (a string, or a conversation: a list of {role, content}), or a list of prompts."""
+    if isinstance(prompts, str) or isinstance(prompts, list) and prompts and all(map(_is_message, prompts)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise PrefoptError(f"generate: give a prompt, a conversation or a list of them, got {prompts!r}.")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            out.append([{"role": "user", "content": p}])
+        elif isinstance(p, list) and p and all(map(_is_message, p)):
+            out.append(list(p))
+        else:
+            raise PrefoptError(f"generate: prompt {i} is {p!r}; a prompt is a string or a list of "
+                               "{role, content} messages.")
+    return out
+
+
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "do_sample")
+# what each setting takes, checked before anything loads
+GENERATION_TYPES = {"max_new_tokens": int, "temperature": (int, float), "top_p": (int, float), "do_sample": bool}
 
 
 def _sampling(generation: dict) -> dict:
@@ -126,6 +151,9 @@ def _sampling(generation: dict) -> dict:
     if unknown:
         raise PrefoptError(f"unknown generation setting {unknown[0]!r}; use {', '.join(GENERATION_KEYS)} or seed.")
     out = {k: v for k, v in generation.items() if v is not None}
+    for key, value in out.items():
+        if not isinstance(value, GENERATION_TYPES[key]) or isinstance(value, bool) != (key == "do_sample"):
+            raise PrefoptError(f"{key}: expected {'true or false' if key == 'do_sample' else 'a number'}, got {value!r}.")
     if "temperature" in out or "top_p" in out:
         out.setdefault("do_sample", True)
     return out

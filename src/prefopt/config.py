@@ -83,6 +83,8 @@ def _suggest_from(word, options) -> str:
 
 def _refuse_unknown(where: str, raw: dict, message: str):
     for key in raw:
+        if not isinstance(key, str):
+            _fail(where, f"a key is {key!r}, not a name; config keys are names such as beta or learning_rate.")
         if key not in VALID_KEYS:
             _fail(where, not_preference_recipe(raw) or message.format(key) + _suggest(key))
 

@@ -38,6 +38,11 @@ REFUSED = {
     "load_in_8bit": "set the key load_in_8bit instead",
     "use_safetensors": "prefopt reads only safetensors unless allow_pickle_weights: true; set that key instead",
     "pretrained_model_name_or_path": "set model_name_or_path instead",
+    # a secret would be written to prefopt_config.yaml, which a push uploads
+    "token": "a token would be saved in prefopt_config.yaml (and pushed with it); give it as the HF_TOKEN "
+             "environment variable or with `hf auth login` instead",
+    "use_auth_token": "a token would be saved in prefopt_config.yaml (and pushed with it); give it as the HF_TOKEN "
+                      "environment variable or with `hf auth login` instead",
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelArgs)}
 
