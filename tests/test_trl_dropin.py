@@ -107,6 +107,17 @@ def test_dataset_forms_train_as_trl(form, kind, tokenizer, tmp_path):
     assert_same_step(theirs, mine)
 
 
+@pytest.mark.parametrize("kind", ["CPO", "ORPO"])
+def test_a_template_whose_turn_end_is_the_eos_trains_as_trl(kind, tmp_path):
+    """ChatML with <|im_end|> as EOS (Qwen chat models): TRL trains the template's EOS, newline and
+    its own EOS; `prefopt train` ends the completion at the first EOS, the drop-in trains TRL's ids."""
+    tok = train_tokenizer(task_corpus(), vocab_size=300)
+    tok.eos_token = "<|im_end|>"
+    keys = dict(loss_type="simpo") if kind == "CPO" else {}
+    theirs, mine = first_steps(kind, tok, tmp_path, rows("chat"), **keys)
+    assert_same_step(theirs, mine)
+
+
 def test_evaluate_and_compute_metrics_as_trl(tokenizer, tmp_path):
     """One evaluation batch of 4 pairs: eval_loss and the metrics TRL logs; compute_metrics gets TRL's
     predictions (a mean chosen and rejected logit per batch) and its result is logged."""

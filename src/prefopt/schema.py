@@ -127,6 +127,10 @@ class DataArgs:
         default=None, metadata={"help": "Give chat rows without a system turn an empty one, where the template takes "
                                         "a system role (None: true for completion_layout simpo_repo, else false)."}
     )
+    eos_cleanup: bool = field(
+        default=True, metadata={"help": "End each completion at its first EOS (a template's EOS + whitespace + EOS "
+                                        "trains one EOS); false: the rendered text as TRL trains it."}
+    )
     max_length: int | None = field(default=1024, metadata={"help": "Cap on prompt + completion tokens."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Cap on prompt tokens."})
     max_completion_length: int | None = field(default=None, metadata={"help": "Cap on completion tokens."})

@@ -73,7 +73,7 @@ def tokenize(ds: Dataset, tokenizer, data: DataArgs) -> tuple[Dataset, pa.Table]
     style = rendering(tokenizer, data) if conversational else Rendering(layout=completion_layout(data))
     options = dict(conversational=conversational, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
                    max_completion_length=data.max_completion_length, keep_end=data.truncation_mode == "keep_end",
-                   style=style)
+                   style=style, eos_cleanup=data.eos_cleanup)
     out = ds.map(
         _tokenize_batch,
         batched=True,
@@ -104,14 +104,15 @@ def _mark_duplicates(drops: list[str], keys: list[str]) -> list[str]:
 
 def _tokenize_batch(batch: dict, tokenizer, conversational: bool, max_length: int | None,
                     max_prompt_length: int | None, max_completion_length: int | None, keep_end: bool,
-                    style: Rendering) -> dict:
+                    style: Rendering, eos_cleanup: bool = True) -> dict:
     triples = list(zip(batch["prompt"], batch["chosen"], batch["rejected"]))
     blank = [_blank(c, conversational) or _blank(r, conversational) for _, c, r in triples]
     if conversational:
         # a blank pair is dropped below; an empty conversation could not be rendered
         triples = [("", "", "") if b else render(tokenizer, *t, f"{s} row {i}", style)
                    for t, b, s, i in zip(triples, blank, batch["source"], batch["row"])]
-    if style.layout == "trl" or not conversational:  # the SimPO repository trains what its template renders
+    # the SimPO repository trains what its template renders, and so does TRL (eos_cleanup: false, the drop-in)
+    if eos_cleanup and (style.layout == "trl" or not conversational):
         eos = tokenizer.eos_token
         triples = [(p, _end_at_eos(c, eos), _end_at_eos(r, eos)) for p, c, r in triples]
     prompts, chosens, rejecteds = (list(x) for x in zip(*triples))

@@ -102,6 +102,7 @@ def config_of(kind: str, args, model_name: str | None) -> Config:
         "disable_dropout": args.disable_dropout, "trust_remote_code": args.trust_remote_code,
         "dtype": "auto",  # from_pretrained's default in transformers 5, which TRL leaves it to
         "generate_during_eval": args.generate_during_eval,
+        "eos_cleanup": False,  # TRL trains a completion's text as its template renders it
     }
     if model_name is not None:
         raw["model_name_or_path"] = model_name
