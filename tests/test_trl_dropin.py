@@ -421,3 +421,14 @@ def test_a_bad_row_is_named(tokenizer, tmp_path):
     data[2]["chosen"] = [{"role": "user", "content": "not an answer"}]
     with pytest.raises(PrefoptError, match="train_dataset row 2"):
         script(ours.ORPOConfig, ours.ORPOTrainer, tokenizer, tmp_path, data)
+
+
+@pytest.mark.parametrize("kwargs", [{"load_in_4bit": True}, {"quantization_config": {"load_in_4bit": True}}])
+def test_a_quantized_load_by_id_is_refused_with_a_fix_the_drop_in_can_take(kwargs, tokenizer, tmp_path):
+    """prefopt's own keys for it (load_in_4bit, ...) are not fields of TRL's config: the refusal names
+    what a TRL script can do instead, before anything loads."""
+    args = ours.CPOConfig(output_dir=str(tmp_path), **RUN, model_init_kwargs=kwargs)
+    with pytest.raises(PrefoptError, match=r"model_init_kwargs\.(load_in_4bit|quantization_config): the drop-in does "
+                                           r"not quantize a model given by id; load it with from_pretrained"):
+        ours.CPOTrainer(model=str(tmp_path / "never-loaded"), args=args, processing_class=copy.deepcopy(tokenizer),
+                        train_dataset=Dataset.from_list(make_rows(8, 1)))

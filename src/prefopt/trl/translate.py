@@ -108,6 +108,11 @@ def config_of(kind: str, args, model_name: str | None) -> Config:
         raw["model_name_or_path"] = model_name
     if args.model_init_kwargs:
         kwargs = dict(args.model_init_kwargs)
+        quantized = [k for k in ("quantization_config", "load_in_4bit", "load_in_8bit") if k in kwargs]
+        if quantized:  # (prefopt's own keys for it are not fields of TRL's config)
+            raise PrefoptError(f"{kind}Config: model_init_kwargs.{quantized[0]}: the drop-in does not quantize a model "
+                               "given by id; load it with from_pretrained(..., quantization_config=...) and pass the "
+                               "model object (with peft_config for QLoRA), or use `prefopt train` with load_in_4bit.")
         if "dtype" in kwargs or "torch_dtype" in kwargs:
             raw.pop("dtype")
         raw["model_init_kwargs"] = kwargs
