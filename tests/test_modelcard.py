@@ -175,3 +175,43 @@ def test_an_edited_card_is_the_users(ws, full, tmp_path):
     with pytest.raises(PrefoptError, match="README.md, which this run did not write"):
         _run(ws, out, overwrite_output_dir=True)
     assert (out / "README.md").read_text() == edited
+
+
+@pytest.mark.parametrize("saving", [{}, {"save_strategy": "steps", "save_steps": 1}], ids=["no-checkpoints", "checkpoints"])
+def test_a_readme_the_user_writes_mid_run_stays_theirs(ws, tmp_path, monkeypatch, saving):
+    """A README.md put in output_dir while the run trains is not the run's: the end leaves it, the
+    manifest does not list it, push neither rewrites nor uploads it, an overwrite refuses. (With
+    checkpoints, the checkpoint saved right after it was written records the folder mid-run too.)"""
+    from transformers import TrainerCallback
+
+    from prefopt import hub, pipeline
+
+    out = tmp_path / "run"
+
+    class UserWrites(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                (out / "README.md").write_text("MY OWN NOTES")
+
+    build = pipeline.build_trainer
+
+    def with_user(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(UserWrites())
+        return trainer
+
+    monkeypatch.setattr(pipeline, "build_trainer", with_user)
+    cfg, _ = _run(ws, out, **saving)
+    monkeypatch.setattr(pipeline, "build_trainer", build)
+    record = manifest.read_manifest(out)
+    assert (out / "README.md").read_text() == "MY OWN NOTES"
+    assert record["finished"] == {"step": 2} and record.get("card") is None
+    assert "README.md" not in record["files"] and (out / "README.md") not in manifest.owned(out, record)
+    assert "model.safetensors" in record["files"]  # the run's own files are still recorded
+    assert not modelcard.may_write(out)
+    assert not modelcard.write_card(cfg, out, repo_id="me/model", log=lambda *a: None)  # what push does first
+    patterns = hub.upload_patterns(out)
+    assert "model.safetensors" in patterns and "README.md" not in patterns
+    with pytest.raises(PrefoptError, match="README.md, which this run did not write"):
+        _run(ws, out, overwrite_output_dir=True, **saving)
+    assert (out / "README.md").read_text() == "MY OWN NOTES"

@@ -111,7 +111,8 @@ def start_manifest(out: Path, previous: dict, data: dict, processes: int):
 
 def record_written(out: Path, finished_step: int | None = None):
     """Add what this run has written at the top of output_dir to its manifest (everything new but
-    the user's own files, recorded as `foreign` when the run started); mark it finished."""
+    the user's own files, recorded as `foreign` when the run started, and a README.md the run did
+    not write); mark it finished."""
     manifest = read_manifest(out)
     if not manifest:  # not a folder prefopt's pipeline set up (a Trainer built in Python)
         return
@@ -120,8 +121,12 @@ def record_written(out: Path, finished_step: int | None = None):
                and not ASIDE_NAME.fullmatch(p.name)}
     # the run's own: files of the names it writes, and whatever the final save added
     saved = present - set(manifest.get("saving_from") or present)
-    manifest["files"] = sorted(set(manifest.get("files", [])) | ({n for n in present if is_run_file(n)} | saved)
-                               - foreign)
+    ours = {n for n in present if is_run_file(n)} | saved
+    # README.md is the run's only once it wrote it: its card (hash recorded) or the final save's (PEFT's
+    # template, which the card replaces); one that is merely there is the user's, put there mid-run
+    if manifest.get("card") is None and CARD not in saved:
+        ours.discard(CARD)
+    manifest["files"] = sorted(set(manifest.get("files", [])) | (ours - foreign))
     manifest["saving_from"] = None
     if finished_step is not None:
         manifest["finished"] = {"step": finished_step}
