@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from prefopt.config import build_config, load_config, resolved_dict
-from prefopt.dialects import TOOL_DEFAULTS
+from prefopt.peers import TOOL_DEFAULTS
 from prefopt.errors import PrefoptError
 from prefopt.explanation import explain
 

@@ -36,11 +36,11 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from .dataforms import read_data
-from .dialects import (canonical, check_spellings, dialect_of, merge_overrides, read_objective, setting_differences,
-                       tool_differences)
+from .dialects import canonical, check_spellings, merge_overrides, read_objective
 from .explanation import explain, loss_formula, resolved_dict, save_resolved  # re-exported
 from .losses import HYPERPARAMETERS, METHODS, takes
 from .model_options import check_model_args, read_init_kwargs
+from .peers import dialect_of, setting_differences, tool_differences
 from .schema import (  # DatasetSource re-exported
     TRAINING_DEFAULTS, DataArgs, DatasetSource, ModelArgs, ObjectiveArgs, RunArgs, _base_types, _build, _coerce, _fail,
     _plain)
