@@ -248,3 +248,23 @@ def test_bad_option_from_a_real_process_has_no_traceback():
     assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.startswith("prefopt: error: prefopt eval: argument --do_sample: 'maybe' is not a boolean: "
                                   "use true or false (or 1/0, yes/no).\nusage: prefopt eval")
+
+
+def test_version_a_mistyped_command_and_every_config_key(capsys):
+    from prefopt import __version__
+    from prefopt.values import DATA_KEYS, MODEL_KEYS, OBJECTIVE_KEYS, RUN_KEYS
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out == f"prefopt {__version__}\n"
+    assert main(["trian", "c.yaml"]) == 2
+    assert "prefopt: unknown command 'trian'. Did you mean 'train'?" in capsys.readouterr().err
+    assert main(["config", "keys"]) == 0
+    listed = capsys.readouterr().out
+    names = {line.split()[0] for line in listed.splitlines() if line.startswith("  ") and not line.startswith("    ")}
+    assert MODEL_KEYS | DATA_KEYS | OBJECTIVE_KEYS | RUN_KEYS <= names and "learning_rate" in names
+    assert "  learning_rate  (float, default 1e-06)" in listed  # prefopt's default, not transformers' 5e-05
+    assert "      β: reward scale (λ for ORPO)." in listed  # the dataclasses' help, read at last
+    assert main(["config", "keys", "--section", "run"]) == 0
+    run = capsys.readouterr().out
+    assert run.startswith("run:\n") and "generate_during_eval" in run and "learning_rate" not in run
+    assert main(["config", "keys", "--section", "bogus"]) == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err

@@ -27,6 +27,7 @@ USAGE = """usage:
   prefopt train [CONFIG.yaml] [--key value ...]   train (no config: the built-in offline demo)
   prefopt config explain CONFIG.yaml [--key value ...]
                                                   print the resolved objective and settings
+  prefopt config keys [--section S]               every config key: type, default, help
   prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype DTYPE]
                                                   fold a LoRA adapter into its base; save a full model
   prefopt plot OUTPUT_DIR                         PNGs of a run's metrics (OUTPUT_DIR/plots)
@@ -131,7 +132,8 @@ def cmd_train(args: list[str]) -> int:
 def _config_parser() -> _Parser:
     parser = _Parser("config", "Inspect a config without loading a model or data.",
                      usage="%(prog)s explain CONFIG.yaml [--key value ...]", epilog=OVERRIDES)
-    parser.add_argument("explain", help="print the objective and settings CONFIG.yaml resolves to")
+    parser.add_argument("explain", help="print the objective and settings CONFIG.yaml resolves to "
+                                        "(`prefopt config keys [--section S]`: every key, its type, default and help)")
     parser.add_argument("config", metavar="CONFIG.yaml", help="the config (YAML)")
     return parser
 
@@ -139,14 +141,26 @@ def _config_parser() -> _Parser:
 def cmd_config(args: list[str]) -> int:
     if _help_only(_config_parser(), args):
         return 0
+    if args and args[0] == "keys":
+        return _config_keys(args[1:])
     if not args or args[0] != "explain":
-        raise PrefoptError("usage: prefopt config explain CONFIG.yaml [--key value ...]")
+        raise PrefoptError("usage: prefopt config explain CONFIG.yaml [--key value ...] | prefopt config keys "
+                           "[--section S]")
     from .config import explain, load_config
 
     path, overrides = _config_and_overrides(args[1:])
     if path is None and not overrides:
         raise PrefoptError("prefopt config explain: name a config file.")
     print(explain(load_config(path, overrides)))
+    return 0
+
+
+def _config_keys(args: list[str]) -> int:
+    from .explanation import KEY_SECTIONS, config_keys
+
+    parser = _Parser("config keys", "Every config key: its type, default and help.")
+    parser.add_argument("--section", choices=KEY_SECTIONS, help="only this section's keys")
+    print(config_keys(parser.parse_args(args).section))
     return 0
 
 
@@ -308,9 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] in ("--version", "-V"):
+        from . import __version__
+
+        print(f"prefopt {__version__}")
+        return 0
     command = COMMANDS.get(argv[0])
     if command is None:
-        print(f"prefopt: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"prefopt: unknown command {argv[0]!r}.{hint}\n{USAGE}", file=sys.stderr)
         return 2
     rank = os.environ.get("RANK", "0")  # under a launcher, say which process it was
     had_group = _process_group_open()

@@ -128,3 +128,40 @@ DERIVED_BY_TRANSFORMERS = {"disable_tqdm", "accelerator_config", "logging_dir"}
 
 def save_resolved(cfg: Config, path: str | Path):
     Path(path).write_text("# prefopt resolved config\n" + yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every key, for `prefopt config keys`
+
+KEY_SECTIONS = ("model", "data", "objective", "run", "training")
+
+
+def _type_name(annotation) -> str:
+    return annotation if isinstance(annotation, str) else str(annotation).replace("typing.", "").replace(
+        "<class '", "").replace("'>", "")
+
+
+def config_keys(section: str | None = None) -> str:
+    """Every canonical key of `section` (all when None), a line each: name, type, default, help —
+    the help texts of the dataclasses (prefopt's) and of TrainingArguments (transformers')."""
+    from .schema import DataArgs, ModelArgs, ObjectiveArgs, RunArgs
+
+    classes = {"model": ModelArgs, "data": DataArgs, "objective": ObjectiveArgs, "run": RunArgs,
+               "training": TrainingArguments}
+    if section is not None and section not in classes:
+        from .errors import PrefoptError
+
+        raise PrefoptError(f"prefopt config keys: no section {section!r}; the sections are {', '.join(KEY_SECTIONS)}.")
+    lines = []
+    for name in [section] if section else KEY_SECTIONS:
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(classes[name]):
+            if not f.init or f.name in ("train_datasets", "eval_datasets") or name == "training" and (
+                    f.name not in TRAINING_KEYS or f.name in NON_CANONICAL):
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = TRAINING_DEFAULTS.get(f.name, default) if name == "training" else default
+            shown = "required" if default is dataclasses.MISSING else repr(_plain(default))
+            help_text = " ".join(str(f.metadata.get("help", "")).split())
+            lines.append(f"  {f.name}  ({_type_name(f.type)}, default {shown})" + (f"\n      {help_text}" if help_text else ""))
+    return "\n".join(lines)
