@@ -220,7 +220,7 @@ def test_eval_passes_every_option(monkeypatch, capsys):
     monkeypatch.setattr("prefopt.evaluation.format_report", lambda report: "the report")
     assert main(["eval", "--model", "a", "--model=b", "--data", "d", "--prompts", "p", "--reward_model", "r",
                  "--alpaca_eval", "al", "--max_new_tokens", "7", "--top_p", "0.9", "--seed", "3"]) == 0
-    assert seen == dict(models=["a", "b"], data="d", split="test", prompts="p", reward_model="r", alpaca_dir="al",
+    assert seen == dict(models=["a", "b"], data="d", split=None, prompts="p", reward_model="r", alpaca_dir="al",
                         seed=3, max_new_tokens=7, top_p=0.9, do_sample=True)
     assert "the report" in capsys.readouterr().out
 

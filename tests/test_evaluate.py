@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClas
 from prefopt.cli import main
 from prefopt.config import build_config
 from prefopt.demo import make_rows, task_corpus
+from prefopt.errors import PrefoptError
 from prefopt.evaluation import Generator, evaluate, generation_metrics, preference_metrics, read_prompts
 from prefopt.pipeline import train
 from prefopt.tiny import save_tiny, tiny_model, train_tokenizer
@@ -60,9 +61,14 @@ def test_length_baseline_is_how_often_the_longer_answer_is_chosen(tmp_path, ws):
             {"prompt": "Sort: 5 4 =", "chosen": " 4", "rejected": " 4 5 6"},  # shorter chosen
             {"prompt": "Sort: 9 8 =", "chosen": " 8 9", "rejected": " 9 8"}]  # a tie counts half
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = preference_metrics(str(root / "base"), str(tmp_path / "d.jsonl"), "train", {"method": "simpo"})
+    before = sorted(p.name for p in (root / "base").iterdir())
+    metrics = preference_metrics(str(root / "base"), str(tmp_path / "d.jsonl"), None, {"method": "simpo"})
     assert metrics["length_baseline_accuracy"] == pytest.approx(0.5)
-    assert metrics["length_chosen"] > 0 and metrics["pairs"] == 3
+    assert metrics["length_chosen"] > 0 and metrics["pairs"] == 3  # a single file is the held-out set
+    assert sorted(p.name for p in (root / "base").iterdir()) == before  # nothing written beside the model
+    with pytest.raises(PrefoptError, match=r"prefopt eval: .*d.jsonl has no split 'dev'; name the one to score "
+                                           r"with --split"):
+        preference_metrics(str(root / "base"), str(tmp_path / "d.jsonl"), "dev", {"method": "simpo"})
 
 
 class _Words:

@@ -203,7 +203,7 @@ def cmd_eval(args: list[str]) -> int:
     parser.add_argument("--model", action="append", required=True, metavar="DIR",
                         help="a saved model (repeat for several; the first is the base of the win rates)")
     parser.add_argument("--data", metavar="FILE_OR_FOLDER", help="preference pairs to score")
-    parser.add_argument("--split", default="test", help="the split of --data to score (default test)")
+    parser.add_argument("--split", help="the split of --data to score (default: a file's only split, a folder's test)")
     parser.add_argument("--prompts", metavar="FILE", help="prompts to answer (.txt, .json, .jsonl)")
     parser.add_argument("--reward_model", metavar="DIR", help="a local reward model that judges the answers")
     parser.add_argument("--alpaca_eval", metavar="DIR", help="write AlpacaEval-format answers here")

@@ -42,10 +42,24 @@ def _objective_keys(models: list[str]) -> dict:
     return {"method": "simpo"}
 
 
-def preference_metrics(model_dir: str, data: str, split: str, objective: dict, batch_size: int = 8) -> dict:
+def held_out_split(data: str, split: str | None) -> str:
+    """The split `prefopt eval` scores: the one named; else a single file's only split (datasets calls
+    it train), or a folder's test split."""
+    if split is not None:
+        return split
+    return "train" if Path(data).is_file() else "test"
+
+
+def preference_metrics(model_dir: str, data: str, split: str | None, objective: dict, batch_size: int = 8) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="prefopt_eval_") as scratch:  # nothing is written beside the model
+        return _preference_metrics(model_dir, data, held_out_split(data, split), objective, batch_size, scratch)
+
+
+def _preference_metrics(model_dir: str, data: str, split: str, objective: dict, batch_size: int, scratch: str) -> dict:
     from datasets import Dataset
 
-    from . import data as data_mod
     from .collate import collator_for
     from .config import build_config
     from .models import load_model, load_tokenizer
@@ -53,13 +67,13 @@ def preference_metrics(model_dir: str, data: str, split: str, objective: dict, b
     from .trainer import PreferenceTrainer
 
     cfg = build_config({**objective, "model_name_or_path": model_dir, "datasets": [{"path": data, "split": split}],
-                        "output_dir": str(Path(model_dir) / ".prefopt_eval"), "report_to": "none",
+                        "output_dir": scratch, "report_to": "none",
                         "per_device_train_batch_size": 1, "per_device_eval_batch_size": batch_size,
                         "layout": "padded"}, "prefopt eval")
     # whatever split was named (a "test" split is routed to evaluation) is what gets scored
     cfg.data.train_datasets, cfg.data.eval_datasets = cfg.data.train_datasets + cfg.data.eval_datasets, []
     tokenizer = load_tokenizer(cfg.model)
-    pairs = data_mod.prepare(cfg, tokenizer).train
+    pairs = _scored_pairs(cfg, tokenizer, data, split)
     model = load_model(cfg.model, tokenizer, cfg.training, log=lambda *a: None).eval()
     collator = collator_for(cfg, tokenizer.pad_token_id, "padded", model.config._attn_implementation)
     trainer = PreferenceTrainer(model=model, args=cfg.training, eval_dataset=pairs, data_collator=collator,
@@ -101,6 +115,19 @@ def preference_metrics(model_dir: str, data: str, split: str, objective: dict, b
 
 
 # -- generation ---------------------------------------------------------------------------------
+
+def _scored_pairs(cfg, tokenizer, data: str, split: str):
+    """The split's tokenized pairs; a split it does not have is refused naming --split."""
+    from . import data as data_mod
+
+    try:
+        return data_mod.prepare(cfg, tokenizer).train
+    except PrefoptError as e:
+        if f"no split '{split}'" not in str(e):
+            raise
+        raise PrefoptError(f"prefopt eval: {data} has no split {split!r}; name the one to score with --split (the "
+                           f"message: {e})") from None
+
 
 def read_prompts(path: str) -> list[list[dict]]:
     """Prompts as conversations: a .txt (one per line), or .json/.jsonl rows with `prompt` (text
@@ -221,7 +248,7 @@ def alpaca_eval_rows(prompts: list[list[dict]], outputs: list[str], generator: s
     return [{"instruction": p[-1]["content"], "output": o, "generator": generator} for p, o in zip(prompts, outputs)]
 
 
-def evaluate(models: list[str], data: str | None = None, split: str = "test", prompts: str | None = None,
+def evaluate(models: list[str], data: str | None = None, split: str | None = None, prompts: str | None = None,
              reward_model: str | None = None, alpaca_dir: str | None = None, seed: int = 0, **generation) -> dict:
     if not models:
         raise PrefoptError("prefopt eval: name at least one --model.")
