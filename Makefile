@@ -1,6 +1,8 @@
-# `make demo` and `make test` bootstrap .venv on their own: torch (pinned CPU build) first,
-# then prefopt with its test extras under constraints.txt.
+# `make demo` and `make test` bootstrap .venv on their own: torch 2.13.0 first (the build pip
+# resolves on this machine; TORCH_PIP_ARGS picks another, e.g. PyTorch's CPU index), then prefopt
+# with its test extras under constraints.txt. The set-up prints which torch build it installed.
 PYTHON ?= python3
+TORCH_PIP_ARGS ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.prefopt-installed
@@ -13,8 +15,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -c "import torch; c = torch.version.cuda; print('prefopt set-up: torch', torch.__version__, f'(CUDA {c} build)' if c else '(CPU build)', 'in $(VENV); run prefopt as $(BIN)/prefopt, or source $(BIN)/activate first')"
 	touch $(STAMP)
 
 demo: $(STAMP)

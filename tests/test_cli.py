@@ -173,9 +173,9 @@ def test_every_command_has_help_and_loads_nothing_for_it():
     script = """
 import sys
 from prefopt.cli import COMMANDS, main
-for command in COMMANDS:
+for command in [[c] for c in COMMANDS] + [["config", "explain"], ["config", "keys"]]:
     for flag in ("--help", "-h"):
-        assert main([command, flag]) == 0, command
+        assert main([*command, flag]) == 0, command
 print("loaded:", sorted(m for m in ("torch", "transformers", "datasets") if m in sys.modules))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -184,8 +184,12 @@ print("loaded:", sorted(m for m in ("torch", "transformers", "datasets") if m in
     from prefopt.cli import COMMANDS
 
     for command in COMMANDS:
-        assert done.stdout.count(f"usage: prefopt {command}") == 2, command
+        assert done.stdout.count(f"usage: prefopt {command} ") == (6 if command == "config" else 2), command
     assert "--key value" in done.stdout  # train's and config's free-form overrides are documented
+    assert done.stdout.count("usage: prefopt config keys") == 2  # the subcommand's own help, not config's
+    from prefopt import cli, explanation
+
+    assert cli.KEY_SECTIONS == explanation.KEY_SECTIONS
 
 
 class FakeGenerator:

@@ -131,7 +131,8 @@ def cmd_train(args: list[str]) -> int:
 
 def _config_parser() -> _Parser:
     parser = _Parser("config", "Inspect a config without loading a model or data.",
-                     usage="%(prog)s explain CONFIG.yaml [--key value ...]", epilog=OVERRIDES)
+                     usage="%(prog)s explain CONFIG.yaml [--key value ...]\n       %(prog)s keys [--section S]",
+                     epilog=OVERRIDES)
     parser.add_argument("explain", help="print the objective and settings CONFIG.yaml resolves to "
                                         "(`prefopt config keys [--section S]`: every key, its type, default and help)")
     parser.add_argument("config", metavar="CONFIG.yaml", help="the config (YAML)")
@@ -139,10 +140,10 @@ def _config_parser() -> _Parser:
 
 
 def cmd_config(args: list[str]) -> int:
+    if args and args[0] == "keys":  # before --help: `config keys --help` is the subcommand's own
+        return _config_keys(args[1:])
     if _help_only(_config_parser(), args):
         return 0
-    if args and args[0] == "keys":
-        return _config_keys(args[1:])
     if not args or args[0] != "explain":
         raise PrefoptError("usage: prefopt config explain CONFIG.yaml [--key value ...] | prefopt config keys "
                            "[--section S]")
@@ -155,12 +156,17 @@ def cmd_config(args: list[str]) -> int:
     return 0
 
 
-def _config_keys(args: list[str]) -> int:
-    from .explanation import KEY_SECTIONS, config_keys
+# explanation.KEY_SECTIONS, spelt here so that `config keys --help` imports nothing heavy (a test holds them equal)
+KEY_SECTIONS = ("model", "data", "objective", "run", "training")
 
+
+def _config_keys(args: list[str]) -> int:
     parser = _Parser("config keys", "Every config key: its type, default and help.")
     parser.add_argument("--section", choices=KEY_SECTIONS, help="only this section's keys")
-    print(config_keys(parser.parse_args(args).section))
+    section = parser.parse_args(args).section
+    from .explanation import config_keys
+
+    print(config_keys(section))
     return 0
 
 

@@ -175,10 +175,10 @@ def run_demo(output_dir: str | Path = "demo_output", log=print, **overrides) -> 
 
     start = time.time()
     out = Path(output_dir)
-    if out.exists():
-        shutil.rmtree(out)
+    _clear_previous_demo(out)
     data_dir = out / "data"
     data_dir.mkdir(parents=True)
+    (out / DEMO_MARK).write_text("written by `prefopt train` (the offline demo); a rerun replaces this folder\n")
     train_rows = make_rows(6000, seed=1, chat=True)
     test_rows = _held_out(256, {r["prompt"][0]["content"] for r in train_rows}, seed=2)
     for name, rows in (("train", train_rows), ("test", test_rows)):
@@ -219,6 +219,53 @@ def run_demo(output_dir: str | Path = "demo_output", log=print, **overrides) -> 
         "  examples (prompt | before | after):",
         *[f"    {p:<20} | {b[:24]:<24} | {a}" for p, b, a in zip(probe[:5], before, after)],
         f"  total time {numbers['seconds']:.0f}s; eval metrics per step in {result.output_dir / 'metrics.jsonl'}",
+        *_next_steps(out),
     ]
     log("\n".join(lines))
     return numbers
+
+
+DEMO_MARK = ".prefopt_demo"
+
+
+def _clear_previous_demo(out: Path):
+    """A rerun starts afresh, but only over a folder an earlier demo wrote (it holds DEMO_MARK): a
+    folder of the user's that happens to bear the name is never deleted."""
+    from .errors import PrefoptError
+
+    if not out.exists():
+        return
+    if not (out / DEMO_MARK).is_file():
+        raise PrefoptError(f"the demo writes into {out}/, which exists and was not written by the demo (no "
+                           f"{DEMO_MARK} in it); nothing was changed. Move or rename it, or run the demo elsewhere "
+                           f"(`cd` to another folder first).")
+    shutil.rmtree(out)
+
+
+def _command() -> str:
+    """How this shell reaches prefopt: `prefopt` when it is on PATH, else the virtualenv's script."""
+    import os
+    import sys
+
+    if shutil.which("prefopt"):
+        return "prefopt"
+    script = Path(sys.executable).parent / "prefopt"
+    if script.exists():
+        try:
+            return os.path.relpath(script)
+        except ValueError:  # another drive (Windows)
+            return str(script)
+    return f"{Path(sys.executable).name} -m prefopt"
+
+
+def _next_steps(out: Path) -> list[str]:
+    run = _command()
+    model = out / "model"
+    return [
+        "",
+        f"next (prefopt is {run}; or `source .venv/bin/activate` once, then plain `prefopt`):",
+        f"  {run} generate --model {model}                       # chat with the trained model",
+        f"  {run} eval --model {out / 'base_model'} --model {model} --data {out / 'data' / 'test.jsonl'}",
+        f"  {run} plot {model}                                    # PNGs in {model / 'plots'}",
+        f"  {run} --help",
+    ]
