@@ -37,7 +37,7 @@ def load_config(config: str | Path | dict | Config | None = None, **overrides: A
     >>> cfg.objective.beta
     2.5
     """
-    from .config import Config, _negated_flags, build_config
+    from .config import Config, negated_flags, build_config
     from .config import load_config as load
     from .dialects import check_spellings, merge_overrides
 
@@ -51,7 +51,7 @@ def load_config(config: str | Path | dict | Config | None = None, **overrides: A
     if not isinstance(config, dict):
         raise PrefoptError(f"load_config: expected a YAML path, a dict of config keys or a Config, got "
                            f"{type(config).__name__}.")
-    overrides = _negated_flags(overrides)
+    overrides = negated_flags(overrides)
     check_spellings("config", dict(config))
     check_spellings("keyword arguments", overrides)
     return build_config(merge_overrides(dict(config), overrides), "config")

@@ -100,14 +100,14 @@ def load_config(path: str | None, argv: list[str] | None = None) -> Config:
     if path:
         check_spellings(str(path), raw)
         _refuse_unknown(str(path), raw, "unknown key '{}'.")
-    overrides = _negated_flags(parse_overrides(argv or []))
+    overrides = negated_flags(parse_overrides(argv or []))
     check_spellings("command line", overrides)
     _refuse_unknown("command line", overrides, "unknown option '--{}'.")
     check_values("command line", overrides)  # here, so that a bad value is blamed on the command line
     return build_config(merge_overrides(raw, overrides), where)
 
 
-def _negated_flags(overrides: dict) -> dict:
+def negated_flags(overrides: dict) -> dict:
     """HfArgumentParser's `--no_<flag>` for a true/false key: `--no_disable_dropout` is
     `--disable_dropout false`. (A key whose own name starts with no_ keeps its meaning.)"""
     out = {}
