@@ -131,6 +131,25 @@ def test_orpo_log_odds_have_their_own_panels_and_names(tmp_path):
     assert {"log_odds.png", "log_odds_ratio.png"} <= built.keys()
 
 
+def test_the_scale_is_read_from_the_data_and_only_where_a_quantity_may_fall_by_decades(tmp_path):
+    out = _write_run(tmp_path / "r", "simpo", steps=60, loss_from=0.9, loss_to=0.6)
+    lines = [json.loads(t) for t in (out / "metrics.jsonl").read_text().splitlines()]
+    for i, line in enumerate(l for l in lines if "grad_norm" in l):
+        # the norm falls 1000 → 1 (log); the learning rate 1 → 1e-4, a schedule (linear all the same)
+        line |= {"grad_norm": 1000 * 0.9 ** i, "learning_rate": 10 ** (-i / 15), "diversity/entropy": 2.0,
+                 "diversity/kl": 0.1 * i, "aux_loss": 0.01}
+    next(l for l in lines if l["step"] == 4 and "loss" in l)["loss"] = float("nan")  # a window with nothing to average: skipped, not drawn as a gap of NaN
+    (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    fig = figures(out)["overview.png"]
+    assert _axis(fig, "Gradient norm").get_yscale() == "log"
+    assert _axis(fig, "Learning rate").get_yscale() == "linear"
+    assert _axis(fig, "Loss").get_yscale() == "linear"
+    assert 4 not in _lines(fig)["loss:logged"].get_xdata() and len(_lines(fig)["loss:logged"].get_xdata()) == 59
+    legend = [t.get_text() for t in _axis(fig, "Diversity term").get_legend().get_texts()]
+    assert legend == ["entropy of chosen (train, smoothed)", "KL(rejected ‖ chosen) (train, smoothed)"]
+    assert _axis(fig, "MoE load-balancing loss").get_yscale() == "linear"  # constant: not 0, so drawn
+
+
 def test_rules():
     assert smoothing_span(49) is None and smoothing_span(50) == 2 and smoothing_span(1000) == 40
     values = [1.0] * 60 + [0.0] * 60

@@ -141,13 +141,14 @@ def overview(panels: list, info: RunInfo, last_step: int | None):
     rows = math.ceil(len(panels) / columns)
     fig = Figure(figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows + 0.6), dpi=100, layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax, (panel, found) in zip(axes, panels):
+    for i, (ax, (panel, found)) in enumerate(zip(axes, panels)):
         draw_panel(ax, panel, found, info, legend_size=7)
+        if i + columns >= len(panels):  # the lowest panel of its column carries the step axis's name
+            ax.set_xlabel("optimizer step", fontsize=9)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     steps = f" · {last_step} steps" if last_step is not None else ""
     fig.suptitle(f"{info.title}{steps}", fontsize=14, fontweight="bold")
-    fig.supxlabel("optimizer step", fontsize=10)
     return fig
 
 
