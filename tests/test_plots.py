@@ -12,7 +12,7 @@ from PIL import Image
 from prefopt.cli import main
 from prefopt.errors import PrefoptError
 from prefopt.plots import figures, plot_run
-from prefopt.plotspec import LOG_SPAN, PANELS, label, run_info, smooth, smoothing_span
+from prefopt.plotspec import LOG_SPAN, PANELS, label, log_axis, run_info, smooth, smoothing_span
 
 NLL = {"simpo": 0.0, "cpo_simpo": 1.0, "orpo": 1.0}
 
@@ -138,7 +138,8 @@ def test_the_scale_is_read_from_the_data_and_only_where_a_quantity_may_fall_by_d
         # the norm falls 1000 → 1 (log); the learning rate 1 → 1e-4, a schedule (linear all the same)
         line |= {"grad_norm": 1000 * 0.9 ** i, "learning_rate": 10 ** (-i / 15), "diversity/entropy": 2.0,
                  "diversity/kl": 0.1 * i, "aux_loss": 0.01}
-    next(l for l in lines if l["step"] == 4 and "loss" in l)["loss"] = float("nan")  # a window with nothing to average: skipped, not drawn as a gap of NaN
+    # a window with nothing to average logs NaN: skipped, not drawn
+    next(l for l in lines if l["step"] == 4 and "loss" in l)["loss"] = float("nan")
     (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     fig = figures(out)["overview.png"]
     assert _axis(fig, "Gradient norm").get_yscale() == "log"
@@ -160,7 +161,9 @@ def test_rules():
     info = run_info("/nonexistent")
     assert info.method is None and "method not recorded" in info.title
     assert label("eval_logps/chosen", info) == "chosen log-prob (as the objective reduces it, held-out)"
-    assert LOG_SPAN == 30
+    assert not log_axis(loss, [1.0, LOG_SPAN]) and log_axis(loss, [1.0, LOG_SPAN * 1.01])
+    assert not log_axis(loss, [-1.0, 100.0]) and not log_axis(loss, [0.0, 100.0]) and not log_axis(loss, [])
+    assert not log_axis(next(p for p in PANELS if p.stem == "learning_rate"), [1e-6, 1e-3])  # a schedule
 
 
 def test_pngs_written_as_a_person_sees_them(tmp_path):

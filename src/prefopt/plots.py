@@ -19,7 +19,8 @@ import math
 from pathlib import Path
 
 from .errors import PrefoptError
-from .plotspec import EVAL, PANELS, Panel, RunInfo, finite, label, log_axis, run_info, smooth, smoothing_span, worth_drawing
+from .plotspec import (EVAL, PANELS, Panel, RunInfo, finite, label, log_axis, run_info, smooth, smoothing_span,
+                       worth_drawing)
 
 OVERVIEW = "overview.png"
 SINGLE_SIZE = (7, 4)  # inches at 100 dpi: one quantity's PNG
