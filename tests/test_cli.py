@@ -80,7 +80,9 @@ def test_train_end_to_end(workspace, tmp_path, arch, data, method, capsys):
     resolved = yaml.safe_load((out / "prefopt_config.yaml").read_text())
     assert resolved["method"] == method and resolved["seed"] == 3
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
-    assert {"loss.png", "rewards.png", "lengths.png", "learning_rate.png"} <= {p.name for p in (out / "plots").iterdir()}
+    pngs = {p.name for p in (out / "plots").iterdir()}
+    assert {"overview.png", "loss.png", "rewards.png", "lengths.png", "learning_rate.png"} <= pngs
+    assert ("nll.png" in pngs) == (method != "simpo") and ("log_odds.png" in pngs) == (method == "orpo")
     assert train[0]["lengths/chosen"] > 0 and "eval_lengths/rejected" in evals[0]
 
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -71,6 +71,7 @@ def test_the_card_header_parses_and_says_what_was_trained(full):
     # plots and the record
     for png in (out / "plots").glob("*.png"):
         assert f"(plots/{png.name})" in card
+    assert card.index("(plots/overview.png)") < card.index("(plots/accuracies.png)")  # the overview first
     assert "## Reproducibility" in card and "prefopt_provenance.json" in card
     # the card is the run's own file
     assert "README.md" in manifest.read_manifest(out)["files"]

@@ -148,7 +148,9 @@ def _metrics_section(out: Path) -> list[str]:
 
 
 def _plots_section(out: Path) -> list[str]:
-    plots = sorted((out / "plots").glob("*.png")) if (out / "plots").is_dir() else []
+    # the overview (every quantity on one figure) first, then each quantity alone
+    plots = sorted((out / "plots").glob("*.png"), key=lambda p: (p.name != "overview.png", p.name)) \
+        if (out / "plots").is_dir() else []
     if not plots:
         return []
     return ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
