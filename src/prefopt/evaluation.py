@@ -9,9 +9,10 @@ the first model's for all of them, so the columns compare): accuracy (the chosen
 implicit reward above the rejected one's), the margin distribution, mean log-probs and lengths
 of chosen and rejected, and the length-only baseline (how often "pick the longer answer" is
 right). With prompts it generates, stopping at every EOS id the generation config lists, and
-reports mean length, the model's next-token entropy along its answers, repetition (repeated
-3-grams within an answer), distinct-1/2 across answers and the share of empty answers; with a reward model (`AutoModelForSequenceClassification`) and
-two models, the win rate of each over the first.
+reports mean and longest length (generated tokens up to, not counting, the stopping EOS), the model's next-token entropy along its answers, repetition (repeated
+3-grams within an answer), distinct-1/2 across answers and the share of empty answers; with a reward model (`AutoModelForSequenceClassification`)
+each answer's reward, and with two models the win rate of each over the first. Every answer goes
+into the report (`evalreport.generation_records`).
 """
 
 import json
