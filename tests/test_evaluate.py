@@ -71,15 +71,10 @@ def test_length_baseline_is_how_often_the_longer_answer_is_chosen(tmp_path, ws):
         preference_metrics(str(root / "base"), str(tmp_path / "d.jsonl"), "dev", {"method": "simpo"})
 
 
-class _Words:
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": text.split()}
-
-
 def test_generation_metrics_by_hand():
-    m = generation_metrics(["a b a b a b", "a c", ""], _Words())
+    m = generation_metrics(["a b a b a b", "a c", ""], [t.split() for t in ["a b a b a b", "a c", ""]])
     assert m["answers"] == 3 and m["empty_rate"] == pytest.approx(1 / 3)
-    assert m["mean_length"] == pytest.approx((6 + 2 + 0) / 3)
+    assert m["mean_length"] == pytest.approx((6 + 2 + 0) / 3) and m["max_length"] == 6
     # 3-grams of the first answer: aba bab aba bab -> 2 distinct of 4 -> repetition 0.5; others too short
     assert m["repetition_rate"] == pytest.approx(0.5)
     assert m["distinct_1"] == pytest.approx(3 / 8)  # a b c over 8 tokens

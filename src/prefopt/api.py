@@ -92,9 +92,10 @@ def train(config: str | Path | dict | Config | None = None, **overrides: Any) ->
 def evaluate(models: str | Path | list, data: str | None = None, split: str | None = None, prompts: str | None = None,
              reward_model: str | None = None, **generation: Any) -> dict:
     """What `prefopt eval` reports, as a dict: preference metrics on held-out pairs (`data`, its
-    `split`), generation metrics on `prompts`, and with a reward model the win rate over the first
-    model (`split`: a file's only split, a folder's test unless named). `generation`: max_new_tokens,
-    temperature, top_p, do_sample, seed."""
+    `split`), generation metrics on `prompts` and every answer (`generations`, prompt by prompt), and
+    with a reward model each answer's reward and the win rate over the first model (`split`: a
+    file's only split, a folder's test unless named). `generation`: max_new_tokens, temperature,
+    top_p, do_sample, seed."""
     from .evaluation import evaluate as run
 
     models = [models] if isinstance(models, (str, Path)) else models

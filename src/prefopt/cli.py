@@ -196,12 +196,11 @@ def _add_generation(parser: _Parser):
 
 
 def _generation(options: argparse.Namespace) -> dict:
-    """The generation settings given on the command line, for `Generator` and `evaluate`."""
-    out = {key: getattr(options, key) for key in ("max_new_tokens", "temperature", "top_p", "do_sample")
-           if getattr(options, key) is not None}
-    if "temperature" in out or "top_p" in out:
-        out.setdefault("do_sample", True)
-    return out
+    """The generation settings given on the command line, for `Generator` and `evaluate`: read as
+    the Python API reads its keyword arguments (`api._sampling`; a temperature or top_p samples)."""
+    from .api import GENERATION_KEYS, _sampling
+
+    return _sampling({key: getattr(options, key) for key in GENERATION_KEYS})
 
 
 def cmd_eval(args: list[str]) -> int:

@@ -13,6 +13,15 @@ class PrefoptError(Exception):
         self.echo = echo
 
 
+class MissingSplit(PrefoptError):
+    """A local dataset has no split of the name asked for: a type, so that a caller with its own
+    advice (`prefopt eval`'s --split) can catch this and no other error, whatever the wording."""
+
+    def __init__(self, message: str, path: str, split: str, found: list[str]):
+        super().__init__(message)
+        self.path, self.split, self.found = path, split, list(found)
+
+
 class Stopped(BaseException):
     """The run was stopped by a signal (SIGTERM, SIGINT); the CLI exits with 128 + its number.
 

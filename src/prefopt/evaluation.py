@@ -9,9 +9,10 @@ the first model's for all of them, so the columns compare): accuracy (the chosen
 implicit reward above the rejected one's), the margin distribution, mean log-probs and lengths
 of chosen and rejected, and the length-only baseline (how often "pick the longer answer" is
 right). With prompts it generates, stopping at every EOS id the generation config lists, and
-reports mean length, the model's next-token entropy along its answers, repetition (repeated
-3-grams within an answer), distinct-1/2 across answers and the share of empty answers; with a reward model (`AutoModelForSequenceClassification`) and
-two models, the win rate of each over the first.
+reports mean and longest length (generated tokens up to, not counting, the stopping EOS), the model's next-token entropy along its answers, repetition (repeated
+3-grams within an answer), distinct-1/2 across answers and the share of empty answers; with a reward model (`AutoModelForSequenceClassification`)
+each answer's reward, and with two models the win rate of each over the first. Every answer goes
+into the report (`evalreport.generation_records`).
 """
 
 import json
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import PrefoptError
+from .errors import MissingSplit, PrefoptError
+from .evalreport import LENGTH_UNIT, format_report, generation_records  # noqa: F401 (format_report: the CLI's)
 
 GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 
@@ -122,8 +124,8 @@ def _scored_pairs(cfg, tokenizer, data: str, split: str):
 
     try:
         return data_mod.prepare(cfg, tokenizer).train
-    except PrefoptError as e:
-        if f"no split '{split}'" not in str(e):
+    except MissingSplit as e:
+        if e.split != split:
             raise
         raise PrefoptError(f"prefopt eval: {data} has no split {split!r}; name the one to score with --split (the "
                            f"message: {e})") from None
@@ -180,8 +182,10 @@ class Generator:
         self.eos = sorted({i for i in eos + [self.tokenizer.eos_token_id] if i is not None})  # stop at every one
         self.generation = {**GENERATION_DEFAULTS, **generation}
         self.entropy_sum, self.entropy_count = 0.0, 0
+        self.answer_ids: list[list[int]] = []  # each answer's generated ids, up to and excluding its EOS
 
     def answer(self, conversations: list[list[dict]], batch_size: int = 8, progress: bool = True) -> list[str]:
+        """The answers' texts; their token ids (what lengths are counted in) go to `answer_ids`."""
         out = []
         batches = range(0, len(conversations), batch_size)
         for start in tqdm(batches, desc=f"generating ({self.name})", disable=not progress):
@@ -200,13 +204,18 @@ class Generator:
             live[:, 1:] = ~(ended.cumsum(1)[:, :-1] > 0)  # up to and including the first EOS
             self.entropy_sum += float((entropy * live).sum())
             self.entropy_count += int(live.sum())
-            for row in new:
-                out.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+            # a row that never stopped ran to the last step: all its tokens were generated, none is padding
+            stops = torch.where(ended.any(1), ended.int().argmax(1), new.shape[1]).tolist()
+            for row, stop in zip(new.tolist(), stops):
+                self.answer_ids.append(row[:stop])
+                out.append(self.tokenizer.decode(row[:stop], skip_special_tokens=True).strip())
         return out
 
 
-def generation_metrics(outputs: list[str], tokenizer) -> dict:
-    tokens = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
+def generation_metrics(outputs: list[str], tokens: list[list[int]]) -> dict:
+    """`tokens`: each answer's generated ids (`Generator.answer_ids`), not its text tokenized again:
+    decoded and re-tokenized, an answer can come back longer (a byte-level BPE piece that is no whole
+    UTF-8 character decodes to U+FFFD, three bytes, three tokens), past max_new_tokens."""
 
     def ngrams(seq, n):
         return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
@@ -216,6 +225,7 @@ def generation_metrics(outputs: list[str], tokenizer) -> dict:
     return {
         "answers": len(outputs),
         "mean_length": statistics.fmean(len(t) for t in tokens) if tokens else 0.0,
+        "max_length": max((len(t) for t in tokens), default=0),
         "repetition_rate": statistics.fmean(repeated) if repeated else 0.0,
         "distinct_1": len(set(every[1])) / len(every[1]) if every[1] else 0.0,
         "distinct_2": len(set(every[2])) / len(every[2]) if every[2] else 0.0,
@@ -223,8 +233,8 @@ def generation_metrics(outputs: list[str], tokenizer) -> dict:
     }
 
 
-def win_rates(reward_model: str, prompts: list[list[dict]], answers: dict[str, list[str]]) -> dict:
-    """Each model's win rate over the first, judged by a local sequence-classification reward model."""
+def reward_scores(reward_model: str, prompts: list[list[dict]], answers: dict[str, list[str]]) -> dict:
+    """Each model's answers scored by a local sequence-classification reward model: name -> scores."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(reward_model)
@@ -237,8 +247,12 @@ def win_rates(reward_model: str, prompts: list[list[dict]], answers: dict[str, l
         with torch.no_grad():
             return judge(**tok(text, return_tensors="pt", truncation=True)).logits[0, 0].item()
 
-    names = list(answers)
-    scores = {n: [score(p, a) for p, a in zip(prompts, answers[n])] for n in tqdm(names, desc="judging")}
+    return {n: [score(p, a) for p, a in zip(prompts, answers[n])] for n in tqdm(list(answers), desc="judging")}
+
+
+def win_rates(scores: dict[str, list[float]]) -> dict:
+    """Each model's win rate over the first, prompt by prompt (a tie counts half)."""
+    names = list(scores)
     first = scores[names[0]]
     return {n: statistics.fmean(1.0 if s > f else 0.5 if s == f else 0.0 for s, f in zip(scores[n], first))
             for n in names[1:]}
@@ -264,49 +278,36 @@ def evaluate(models: list[str], data: str | None = None, split: str | None = Non
         report["objective"] = objective
         report["preference"] = {n: preference_metrics(m, data, split, objective) for n, m in zip(names, models)}
     if prompts is not None:
-        from transformers import set_seed
-
-        conversations = read_prompts(prompts)
-        answers, report["generation"] = {}, {}
-        for name, model in zip(names, models):
-            set_seed(seed)  # sampled answers: each model draws from the same random stream
-            generator = Generator(model, **generation)
-            answers[name] = generator.answer(conversations)
-            report["generation"][name] = generation_metrics(answers[name], generator.tokenizer)
-            report["generation"][name]["entropy"] = generator.entropy_sum / max(generator.entropy_count, 1)
-            if alpaca_dir:
-                Path(alpaca_dir).mkdir(parents=True, exist_ok=True)
-                path = Path(alpaca_dir) / f"{Path(model).name}.json"
-                path.write_text(json.dumps(alpaca_eval_rows(conversations, answers[name], name), indent=1))
-        if reward_model and len(models) > 1:
-            report["win_rate_over_" + names[0]] = win_rates(reward_model, conversations, answers)
+        report.update(_generate(dict(zip(names, models)), read_prompts(prompts), reward_model, alpaca_dir, seed,
+                                generation))
     return report
 
 
-def format_report(report: dict) -> str:
-    names = list(report["models"])
-    rows: list[tuple[str, list]] = []
-    if "preference" in report:
-        p = report["preference"]
-        rows += [("pairs", [p[n]["pairs"] for n in names]),
-                 ("preference accuracy", [p[n]["accuracy"] for n in names]),
-                 ("length-only baseline accuracy", [p[n]["length_baseline_accuracy"] for n in names]),
-                 ("margin mean", [p[n]["margin"]["mean"] for n in names]),
-                 ("margin p10 / p50 / p90", ["{p10:.3g} / {p50:.3g} / {p90:.3g}".format(**p[n]["margin"]) for n in names]),
-                 ("log p chosen / rejected", [f"{p[n]['logps_chosen']:.4g} / {p[n]['logps_rejected']:.4g}" for n in names]),
-                 ("length chosen / rejected", [f"{p[n]['length_chosen']:.1f} / {p[n]['length_rejected']:.1f}" for n in names])]
-    if "generation" in report:
-        g = report["generation"]
-        rows += [(label, [g[n][key] for n in names]) for label, key in (
-            ("answers", "answers"), ("mean answer length (tokens)", "mean_length"),
-            ("next-token entropy (nats)", "entropy"),
-            ("repetition rate (3-grams)", "repetition_rate"), ("distinct-1", "distinct_1"),
-            ("distinct-2", "distinct_2"), ("empty answers", "empty_rate"))]
-    for key, value in report.items():
-        if key.startswith("win_rate_over_"):
-            rows.append((key.replace("_", " "), ["—"] + [value[n] for n in names[1:]]))
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    width = max(len(r[0]) for r in rows) if rows else 10
-    lines = [" " * width + "  " + "  ".join(f"{n:>22}" for n in names)]
-    lines += [f"{label:<{width}}  " + "  ".join(f"{fmt(v):>22}" for v in values) for label, values in rows]
-    return "\n".join(lines)
+def _generate(models: dict[str, str], conversations: list[list[dict]], reward_model: str | None,
+              alpaca_dir: str | None, seed: int, generation: dict) -> dict:
+    """The report's generation part: each model's metrics, every answer (with its reward, given a
+    reward model) prompt by prompt, and the win rates over the first model."""
+    from transformers import set_seed
+
+    answers, tokens, metrics = {}, {}, {}
+    for name, model in models.items():
+        set_seed(seed)  # sampled answers: each model draws from the same random stream
+        generator = Generator(model, **generation)
+        answers[name] = generator.answer(conversations)
+        tokens[name] = generator.answer_ids
+        metrics[name] = generation_metrics(answers[name], tokens[name])
+        metrics[name]["entropy"] = generator.entropy_sum / max(generator.entropy_count, 1)
+        if alpaca_dir:
+            Path(alpaca_dir).mkdir(parents=True, exist_ok=True)
+            path = Path(alpaca_dir) / f"{Path(model).name}.json"
+            path.write_text(json.dumps(alpaca_eval_rows(conversations, answers[name], name), indent=1))
+    out: dict = {"generation": metrics, "length_unit": LENGTH_UNIT}
+    rewards = reward_scores(reward_model, conversations, answers) if reward_model else None
+    if rewards is not None:
+        for name in models:
+            metrics[name]["mean_reward"] = statistics.fmean(rewards[name]) if rewards[name] else 0.0
+        if len(models) > 1:
+            out["win_rate_over_" + next(iter(models))] = win_rates(rewards)
+    out["generations"] = generation_records(conversations, answers, tokens, rewards)
+    return out
+

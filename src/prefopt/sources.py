@@ -25,7 +25,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from . import llamafactory
 from .config import DatasetSource
-from .errors import PrefoptError
+from .errors import MissingSplit, PrefoptError
 from .rows import PAIR, SCHEMAS, short
 
 LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -220,10 +220,11 @@ def _pick_split(splits, src: DatasetSource) -> Dataset:
     return splits[src.split]
 
 
-def _missing_split(src: DatasetSource, found: list[str]) -> PrefoptError:
-    return PrefoptError(
+def _missing_split(src: DatasetSource, found: list[str]) -> MissingSplit:
+    return MissingSplit(
         f"{src.path}: no split '{src.split}' (splits found: {', '.join(found)}). Ask for one of those, or hold "
-        "part of train out for evaluation instead, e.g. `dataset_splits: [train]` with `test_split_size: 0.1`."
+        "part of train out for evaluation instead, e.g. `dataset_splits: [train]` with `test_split_size: 0.1`.",
+        src.path, src.split, found,
     )
 
 
