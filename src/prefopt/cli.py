@@ -247,27 +247,15 @@ def cmd_generate(args: list[str]) -> int:
     if options.prompts:
         conversations += read_prompts(options.prompts)
     if not conversations:
-        return _chat(generator)
+        from .chat import chat
+
+        return chat(generator)
     answers = generator.answer(conversations, progress=len(conversations) > 1)
     for conversation, answer in zip(conversations, answers):
         print(f"> {conversation[-1]['content']}\n{answer}\n")
     if options.output:
         rows = alpaca_eval_rows(conversations, answers, generator.name)
         Path(options.output).write_text(json.dumps(rows, indent=1))
-    return 0
-
-
-def _chat(generator) -> int:
-    """Read a turn, answer it, keep the conversation; an empty line or end of input stops."""
-    history: list[dict] = []
-    print("prefopt chat: type a message; an empty line ends.", file=sys.stderr)
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        history.append({"role": "user", "content": line.strip()})
-        (answer,) = generator.answer([history], progress=False)
-        history.append({"role": "assistant", "content": answer})
-        print(answer, flush=True)
     return 0
 
 
