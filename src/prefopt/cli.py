@@ -168,9 +168,9 @@ def _config_keys(args: list[str]) -> int:
 
 
 def _data_parser() -> _Parser:
-    parser = _Parser("data", "Run the data pipeline only (the tokenizer loads, no model weights): print the data "
-                             "report train prints and the first train pairs as the trainer gets them, and write "
-                             "the same to output_dir/data_preview.txt.",
+    parser = _Parser("data", "Run the data pipeline only (the tokenizer loads, no model weights): print the data\n"
+                             "report train prints and the first train pairs as the trainer gets them (the scored\n"
+                             "part marked), and write the same to output_dir/data_preview.txt.",
                      usage="%(prog)s CONFIG.yaml [--examples N] [--output FILE] [--key value ...]", epilog=OVERRIDES)
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="the run's config (YAML)")
     parser.add_argument("--examples", type=_count, default=3, metavar="N", help="decoded train pairs to show (default 3)")
@@ -196,7 +196,7 @@ def cmd_data(args: list[str]) -> int:
         (own if name in ("--examples", "--output") else overrides).extend(args[i:i + 1 + takes])
         i += 1 + takes
     path, overrides = _config_and_overrides(overrides)
-    options = parser.parse_args(own + ([path] if path else []))
+    options = parser.parse_args(([path] if path else []) + own)
     if path is None and not overrides:
         parser.error("name a config file")
     from .config import load_config
