@@ -12,8 +12,9 @@
     python -m prefopt ...                             (the same)
 
 `train`, `config explain` and `data` take any config key as `--key value`, checked against the
-schema by config.py (`data` takes its own --examples and --output out first); the other commands have fixed options, parsed by argparse (`_Parser`), whose errors
-are PrefoptErrors like any other: one line naming the command, then its usage, exit 2.
+schema by config.py (`data` takes its own --examples and --output out first); the other
+commands have fixed options, parsed by argparse (`_Parser`), whose errors are PrefoptErrors like
+any other: one line naming the command, then its usage, exit 2.
 """
 
 import argparse
@@ -173,8 +174,10 @@ def _data_parser() -> _Parser:
                              "part marked), and write the same to output_dir/data_preview.txt.",
                      usage="%(prog)s CONFIG.yaml [--examples N] [--output FILE] [--key value ...]", epilog=OVERRIDES)
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="the run's config (YAML)")
-    parser.add_argument("--examples", type=_count, default=3, metavar="N", help="decoded train pairs to show (default 3)")
-    parser.add_argument("--output", metavar="FILE", help="write the preview here (default: output_dir/data_preview.txt)")
+    parser.add_argument("--examples", type=_count, default=3, metavar="N",
+                        help="decoded train pairs to show (default 3)")
+    parser.add_argument("--output", metavar="FILE",
+                        help="write the preview here (default: output_dir/data_preview.txt)")
     return parser
 
 

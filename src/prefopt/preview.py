@@ -1,6 +1,6 @@
 """`prefopt data`: the data pipeline alone, and a look at what the trainer will get from it.
 
-    text = data_preview(cfg, examples=3)          # prints the report and examples; writes data_preview.txt
+    path = data_preview(cfg, examples=3)          # prints the report and examples; writes data_preview.txt
 
 The tokenizer loads and `data.prepare` runs exactly as `train` runs them (the chat template
 installed, both splits read, tokenized, checked and reported); no model weights load. The
@@ -8,10 +8,12 @@ report is `data.format_report`'s, the lines `train` prints. Then the first `exam
 the train split, each sequence decoded from the ids the collator puts in a batch, with the
 positions it marks for scoring: the completion tokens whose log-probs enter the loss are told
 apart from the prompt (green on a terminal, between ⟦ ⟧ elsewhere), special tokens are marked
-«…» (and bold on a terminal), and each sequence's BOS and EOS are counted (a second BOS or a missing final EOS flagged).
+«…» (and bold on a terminal), and each sequence's BOS and EOS are counted (a second BOS or a
+missing final EOS flagged).
 
-The padded collator is used for this: it is the reference layout and every layout scores the
-same tokens (collate.py), so the preview needs no model config to choose one.
+The padded collator is used for this: it is the reference layout, and every layout scores the
+same tokens (collate.py's one batch contract; the tests compare the packed one), so the preview
+needs no model config to choose a layout.
 
 What is written: `data_preview.txt` in output_dir (or `--output FILE`), the plain text after one
 marker line holding its hash. A file of that name is replaced only when it is prefopt's and
@@ -81,8 +83,9 @@ def check_target(path: Path, named: str):
     if path.parent.exists() and not path.parent.is_dir():
         raise PrefoptError(f"{named}: {path.parent} is a file, not a folder: choose another {named}.")
     if path.is_symlink() or (path.exists() and not path.is_file()):
+        other = "--output FILE" if named == "--output" else "output_dir (or --output FILE)"
         raise PrefoptError(f"{named}: {path} is not a plain file; prefopt will not write through it. Move it, or "
-                           "choose another " + ("--output FILE." if named == "--output" else "output_dir (or --output FILE)."))
+                           f"choose another {other}.")
     if path.is_file() and not is_own_preview(path):
         raise PrefoptError(f"{named}: {path} exists and is not a preview prefopt wrote (or it was edited since), so "
                            "it is not overwritten. Move it, or write the preview elsewhere with --output FILE.")
@@ -122,8 +125,8 @@ def examples_text(cfg: Config, tokenizer, train, n: int, colour: bool) -> str:
 def legend(colour: bool) -> str:
     if colour:
         return (f"legend: {GREEN}green{RESET}: the scored part (completion tokens whose log-probs enter the loss); "
-                f"uncoloured: the prompt, seen but not scored; {BOLD}{MAGENTA}{SPECIAL_OPEN}…{SPECIAL_CLOSE}{RESET}: a "
-                f"special token (BOS, EOS, pad, the chat template's), bold, {GREEN}green{RESET} where it is scored")
+                f"uncoloured: the prompt, seen but not scored; {BOLD}{MAGENTA}{SPECIAL_OPEN}…{SPECIAL_CLOSE}{RESET}: "
+                f"a special token (BOS, EOS, pad, the chat template's), bold, {GREEN}green{RESET} where it is scored")
     return (f"legend: {OPEN}…{CLOSE}: the scored part (completion tokens whose log-probs enter the loss); outside "
             f"it the prompt, seen but not scored; {SPECIAL_OPEN}…{SPECIAL_CLOSE}: a special token (BOS, EOS, pad, "
             "the chat template's)")
