@@ -62,9 +62,11 @@ FINITE_POSITIVE = "must be a finite number (positive)"
     ("lora_dropout: 1.0", "lora_dropout must be in [0, 1), got 1."),
     ("lora_r: 0", "lora_r must be at least 1, got 0."),
     ("seed: -1", "seed must be in [0, 4294967295] (numpy takes 32-bit seeds), got -1."),
-    ("max_steps: -2", "max_steps must be -1 or a whole number of at least 1 (transformers would train one step for 0) "
+    ("max_steps: -2", "max_steps must be -1 or a whole number of at least 1 (transformers would train one step for 0; "
+                      "to prepare and look at the data without training, run `prefopt data CONFIG.yaml`) "
                       "(-1: as many as num_train_epochs take), got -2."),
-    ("max_steps: 0", "max_steps must be -1 or a whole number of at least 1 (transformers would train one step for 0) "
+    ("max_steps: 0", "max_steps must be -1 or a whole number of at least 1 (transformers would train one step for 0; "
+                      "to prepare and look at the data without training, run `prefopt data CONFIG.yaml`) "
                      "(-1: as many as num_train_epochs take), got 0."),
     ("max_steps: .inf", "max_steps: expected a whole number, got inf."),  # int(inf) was an OverflowError
     ("learning_rate: null", "learning_rate must be at least 0 (0: no update), got null."),

@@ -2,6 +2,7 @@
 
     prefopt train [CONFIG.yaml] [--key value ...]     (no config: the offline demo)
     prefopt config explain CONFIG.yaml [--key value ...]
+    prefopt data CONFIG.yaml [--examples N] [--output FILE] [--key value ...]
     prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype bfloat16]
     prefopt eval --model DIR [--model DIR2 ...] [--data PAIRS] [--prompts FILE] ...
     prefopt generate --model DIR [--prompt TEXT ...] [--prompts FILE] ...
@@ -10,9 +11,10 @@
     prefopt COMMAND --help                            (every command)
     python -m prefopt ...                             (the same)
 
-`train` and `config explain` take any config key as `--key value`, checked against the schema by
-config.py; the other commands have fixed options, parsed by argparse (`_Parser`), whose errors
-are PrefoptErrors like any other: one line naming the command, then its usage, exit 2.
+`train`, `config explain` and `data` take any config key as `--key value`, checked against the
+schema by config.py (`data` takes its own --examples and --output out first); the other
+commands have fixed options, parsed by argparse (`_Parser`), whose errors are PrefoptErrors like
+any other: one line naming the command, then its usage, exit 2.
 """
 
 import argparse
@@ -28,6 +30,8 @@ USAGE = """usage:
   prefopt config explain CONFIG.yaml [--key value ...]
                                                   print the resolved objective and settings
   prefopt config keys [--section S]               every config key: type, default, help
+  prefopt data CONFIG.yaml [--examples N] [--output FILE] [--key value ...]
+                                                  the data report and N decoded pairs, no model loaded
   prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype DTYPE]
                                                   fold a LoRA adapter into its base; save a full model
   prefopt plot OUTPUT_DIR                         PNGs of a run's metrics (OUTPUT_DIR/plots)
@@ -170,6 +174,47 @@ def _config_keys(args: list[str]) -> int:
     return 0
 
 
+def _data_parser() -> _Parser:
+    parser = _Parser("data", "Run the data pipeline only (the tokenizer loads, no model weights): print the data\n"
+                             "report train prints and the first train pairs as the trainer gets them (the scored\n"
+                             "part marked), and write the same to output_dir/data_preview.txt.",
+                     usage="%(prog)s CONFIG.yaml [--examples N] [--output FILE] [--key value ...]", epilog=OVERRIDES)
+    parser.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="the run's config (YAML)")
+    parser.add_argument("--examples", type=_count, default=3, metavar="N",
+                        help="decoded train pairs to show (default 3)")
+    parser.add_argument("--output", metavar="FILE",
+                        help="write the preview here (default: output_dir/data_preview.txt)")
+    return parser
+
+
+def _count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 0")
+    return int(value)
+
+
+def cmd_data(args: list[str]) -> int:
+    parser = _data_parser()
+    if _help_only(parser, args):
+        return 0
+    own, overrides = [], []
+    i = 0
+    while i < len(args):  # --examples and --output are this command's; every other --key is a config key
+        name = args[i].partition("=")[0]
+        takes = 1 if name in ("--examples", "--output") and "=" not in args[i] else 0
+        (own if name in ("--examples", "--output") else overrides).extend(args[i:i + 1 + takes])
+        i += 1 + takes
+    path, overrides = _config_and_overrides(overrides)
+    options = parser.parse_args(([path] if path else []) + own)
+    if path is None and not overrides:
+        parser.error("name a config file")
+    from .config import load_config
+    from .preview import data_preview
+
+    data_preview(load_config(path, overrides), examples=options.examples, output=options.output)
+    return 0
+
+
 def cmd_merge(args: list[str]) -> int:
     parser = _Parser("merge", "Fold a LoRA adapter into its base model and save the full model.")
     parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a folder holding adapter_config.json")
@@ -289,7 +334,7 @@ def cmd_push(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "config": cmd_config, "data": cmd_data, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
             "generate": cmd_generate, "push": cmd_push}
 
 

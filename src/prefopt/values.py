@@ -87,13 +87,15 @@ class Bound:
 @dataclass(frozen=True)
 class StepCount:
     """max_steps: -1 (as many as num_train_epochs take) or a whole number of at least 1. transformers
-    trains one step for 0; prefopt refuses it rather than guess "none" or "one"."""
+    trains one step for 0; prefopt refuses it rather than guess "none" or "one", and points to
+    `prefopt data` for what "no steps" most likely meant: the data prepared and checked."""
 
     def admits(self, v: float) -> bool:
         return math.isfinite(v) and float(v).is_integer() and (v == -1 or v >= 1)
 
     def __str__(self) -> str:
-        return "-1 or a whole number of at least 1 (transformers would train one step for 0)"
+        return ("-1 or a whole number of at least 1 (transformers would train one step for 0; to prepare and look at "
+                "the data without training, run `prefopt data CONFIG.yaml`)")
 
 
 @dataclass(frozen=True)
