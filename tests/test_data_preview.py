@@ -31,7 +31,11 @@ def ws(workspace):
 
 @pytest.fixture(autouse=True)
 def no_weights(monkeypatch):
-    """Any model load fails the test: `prefopt data` loads the tokenizer only."""
+    """Any model load fails the test: `prefopt data` loads the tokenizer only. The modules that bind
+    load_model by name are imported first, so none of them keeps the stand-in after the test."""
+    import prefopt.pipeline  # noqa: F401
+    import prefopt.trl.model  # noqa: F401
+
     def refuse(*args, **kwargs):
         raise AssertionError("prefopt data loaded model weights")
 
