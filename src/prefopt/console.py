@@ -201,8 +201,9 @@ def weights_bytes(path: str) -> int | None:
 def library_bars(terminal: bool, weights: int | None = None):
     """transformers' and datasets' own bars (loading weights, generating splits, tokenizing, writing
     shards): off when not on a terminal, where each is a line of carriage returns; on a terminal,
-    the loading bar is off for small local weights (`weights` bytes), which load before it could
-    show anything. Put back as they were afterwards (`prefopt.train` from Python)."""
+    transformers' (loading and writing the weights) are off for small local weights (`weights`
+    bytes), which load and save before a bar could show anything. Put back as they were afterwards
+    (`prefopt.train` from Python)."""
     import datasets
     from transformers.utils import logging as hf_logging
 

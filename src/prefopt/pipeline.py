@@ -222,7 +222,7 @@ def train(cfg: Config, log=print) -> RunResult:
         if plan.finished:
             log(finished_message(out, plan.finished_step))
             return RunResult(out, {}, None, None, finished=True)
-        with console.library_bars(console.is_terminal()):
+        with console.library_bars(console.is_terminal(), console.weights_bytes(cfg.model.model_name_or_path)):
             return _train(cfg, plan, lock, stop, main_process, log)
     except Exception as e:
         if not runs.is_file_system_error(e):
@@ -261,8 +261,7 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
     _on_main(commit, main_process)
     log(data_mod.format_report(prepared.report))
 
-    with console.library_bars(console.is_terminal(), console.weights_bytes(cfg.model.model_name_or_path)), \
-            console.peft_quietly():
+    with console.peft_quietly():
         model = load_model(cfg.model, tokenizer, t, log)
     # prefopt pushes once, at the end (hub.py): the Trainer's push would create the repository now,
     # upload every checkpoint and replace README.md with transformers' card
