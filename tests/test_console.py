@@ -177,3 +177,11 @@ def test_two_processes_without_the_unused_parameters_search_or_its_warning(ws, t
     asked = _train(ws, tmp_path / "asked", torchrun[:6] + [str(free_port())] + torchrun[7:],
                    "--method", "simpo", "--ddp_find_unused_parameters", "true")  # the user's own setting stands
     assert "find_unused_parameters=True was specified" in asked.stderr
+
+
+def test_weights_are_small_only_where_the_folder_itself_holds_them(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert console.weights_bytes(str(tmp_path)) == 1000
+    (tmp_path / "adapter_config.json").write_text("{}")  # an adapter: its base loads from elsewhere
+    assert console.weights_bytes(str(tmp_path)) is None
+    assert console.weights_bytes("org/some-hub-model") is None

@@ -190,11 +190,13 @@ def peft_quietly():
 
 
 def weights_bytes(path: str) -> int | None:
-    """The size of a local model folder's weight files; None for anything else (a Hub id)."""
+    """The size of a local model folder's weight files; None where it cannot be told here (a Hub id,
+    an adapter whose base loads from elsewhere, a folder with no weights of its own)."""
     folder = Path(path)
-    if not folder.is_dir():
+    if not folder.is_dir() or (folder / "adapter_config.json").is_file():
         return None
-    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return size or None
 
 
 @contextmanager
