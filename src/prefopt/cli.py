@@ -223,9 +223,11 @@ def cmd_merge(args: list[str]) -> int:
     parser.add_argument("--dtype", metavar="DTYPE",
                         help="float32, bfloat16, float16 or auto (default: the dtype the base is stored in)")
     options = parser.parse_args(args)
+    from .console import peft_quietly
     from .models import merge_adapter
 
-    merge_adapter(options.adapter_dir, options.output, base=options.base, dtype=options.dtype)
+    with peft_quietly():  # PEFT's read of a deprecated transformers property, not the user's
+        merge_adapter(options.adapter_dir, options.output, base=options.base, dtype=options.dtype)
     return 0
 
 

@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType
 from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
 
-from . import checkpoints, evalgen, hub, manifest, modelcard, provenance, runs
+from . import checkpoints, console, evalgen, hub, manifest, modelcard, provenance, runs
 from . import data as data_mod
 from .config import Config, explain, save_resolved
 from .errors import PrefoptError, Stopped
@@ -142,6 +142,7 @@ def build_trainer(cfg: Config, model, tokenizer, prepared, log=print) -> Prefere
     )
     if cfg.run.generate_during_eval and prepared.eval is not None:  # (without eval data: refused in check_runnable)
         trainer.add_callback(evalgen.EvalGenerations(trainer, prepared.eval, tokenizer, cfg.run, cfg.data))
+    console.install(trainer, nll=bool(trainer.step_objective.nll_weight))
     return trainer
 
 
@@ -198,6 +199,8 @@ def train(cfg: Config, log=print) -> RunResult:
                            f"(world size {t.world_size}); each would train alone. Check the launcher's settings.")
     main_process = t.process_index == 0
     log = log if main_process else (lambda *args: None)
+    console.quiet_deepspeed(bool(t.deepspeed or getattr(t, "deepspeed_plugin", None)
+                                 or sharding_asked_for(t) == DistributedType.DEEPSPEED), t.device.type)
     check_runnable(cfg)
     if (t.deepspeed or getattr(t, "deepspeed_plugin", None)) and not torch.cuda.is_available():
         # accelerate leaves DeepSpeed's own process group to CUDA setups; on CPU processes it is gloo
@@ -219,7 +222,8 @@ def train(cfg: Config, log=print) -> RunResult:
         if plan.finished:
             log(finished_message(out, plan.finished_step))
             return RunResult(out, {}, None, None, finished=True)
-        return _train(cfg, plan, lock, stop, main_process, log)
+        with console.library_bars(console.is_terminal(), console.weights_bytes(cfg.model.model_name_or_path)):
+            return _train(cfg, plan, lock, stop, main_process, log)
     except Exception as e:
         if not runs.is_file_system_error(e):
             raise
@@ -257,7 +261,8 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
     _on_main(commit, main_process)
     log(data_mod.format_report(prepared.report))
 
-    model = load_model(cfg.model, tokenizer, t, log)
+    with console.peft_quietly():
+        model = load_model(cfg.model, tokenizer, t, log)
     # prefopt pushes once, at the end (hub.py): the Trainer's push would create the repository now,
     # upload every checkpoint and replace README.md with transformers' card
     push, t.push_to_hub = t.push_to_hub, False

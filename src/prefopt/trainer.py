@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from transformers import Trainer, TrainerCallback
 
 from .attention import install_segmented_sdpa
@@ -47,6 +47,22 @@ def collator_for_model(cfg: Config, model, tokenizer, log=print):
     return collator_for(cfg, tokenizer.pad_token_id, layout, config._attn_implementation)
 
 
+def ddp_find_unused(model, activation_checkpointing: bool) -> bool:
+    """Whether DDP must look, after every backward, for parameters that got no gradient. In a
+    causal LM's step every trainable parameter gets one — the full model, LoRA's matrices, the head
+    (through the scorer's chunks and the diversity term too); the objectives add no parameters of
+    their own — so not looking saves a traversal of the graph per step (and torch's warning that it
+    found nothing). Two kinds of model do leave some out: mixture-of-experts models (an expert no
+    token is routed to in a step) and models with other towers (vision, audio) that a text forward
+    never runs. As transformers does, never under activation checkpointing, which the search breaks."""
+    if activation_checkpointing:
+        return False
+    config = model.config
+    text = config.get_text_config()
+    experts = max((getattr(text, k, None) or 0) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    return experts > 1 or text is not config
+
+
 class PreferenceTrainer(Trainer):
     # compute_loss already divides by the optimizer step's counts; the Trainer must not divide again
     loss_is_scaled_for_ga = True
@@ -74,6 +90,17 @@ class PreferenceTrainer(Trainer):
         self.callback_handler.callbacks.insert(0, _ChooseScorer(self))
         self.add_callback(_ApplyResume(self))
         self.add_callback(FiniteGuard(self))
+
+    def _build_accelerator_args(self, **kwargs):
+        # transformers looks for unused parameters unless activation checkpointing is on (always, for
+        # a PEFT model); the user's ddp_find_unused_parameters stands, else ddp_find_unused decides
+        built = super()._build_accelerator_args(**kwargs)
+        if self.args.ddp_find_unused_parameters is None:
+            checkpointing = self.args.activation_checkpointing or getattr(self.model, "is_activation_checkpointing", False)
+            for handler in built.get("kwargs_handlers", []):
+                if isinstance(handler, DistributedDataParallelKwargs):
+                    handler.find_unused_parameters = ddp_find_unused(self.model, bool(checkpointing))
+        return built
 
     # -- the Trainer's private state, read and written here only -------------------------------------
 
