@@ -17,7 +17,7 @@ def test_demo_learns_the_preference(tmp_path):
     assert "preference accuracy" in text and "metrics.jsonl" in text
     assert (tmp_path / "demo" / "model" / "metrics.jsonl").is_file()
     assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
-    assert "next (prefopt is" in text and "generate --model" in text  # how to go on, with a command that runs
+    assert "next, with " in text and "generate --model" in text  # how to go on, with a command that runs
 
 
 def test_demo_never_deletes_a_folder_it_did_not_write(tmp_path):

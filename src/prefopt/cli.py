@@ -206,6 +206,7 @@ def cmd_data(args: list[str]) -> int:
         i += 1 + takes
     path, overrides = _config_and_overrides(overrides)
     options = parser.parse_args(([path] if path else []) + own)
+    _quiet()
     if path is None and not overrides:
         parser.error("name a config file")
     from .config import load_config
@@ -213,6 +214,12 @@ def cmd_data(args: list[str]) -> int:
 
     data_preview(load_config(path, overrides), examples=options.examples, output=options.output)
     return 0
+
+
+def _quiet(models: list[str] = ()):
+    from .console import quiet_command
+
+    quiet_command(models)
 
 
 def cmd_merge(args: list[str]) -> int:
@@ -223,6 +230,7 @@ def cmd_merge(args: list[str]) -> int:
     parser.add_argument("--dtype", metavar="DTYPE",
                         help="float32, bfloat16, float16 or auto (default: the dtype the base is stored in)")
     options = parser.parse_args(args)
+    _quiet([options.adapter_dir])
     from .console import peft_quietly
     from .models import merge_adapter
 
@@ -262,6 +270,7 @@ def cmd_eval(args: list[str]) -> int:
     parser.add_argument("--output", metavar="REPORT.json", help="also write the report as JSON")
     _add_generation(parser)
     options = parser.parse_args(args)
+    _quiet(options.model)
     from .evaluation import evaluate, format_report
 
     report = evaluate(options.model, data=options.data, split=options.split, prompts=options.prompts,
@@ -284,6 +293,7 @@ def cmd_generate(args: list[str]) -> int:
     parser.add_argument("--output", metavar="FILE", help="write the answers as AlpacaEval-format JSON")
     _add_generation(parser)
     options = parser.parse_args(args)
+    _quiet([options.model])
     from transformers import set_seed
 
     from .evaluation import Generator, alpaca_eval_rows, read_prompts

@@ -222,3 +222,20 @@ def library_bars(terminal: bool, weights: int | None = None):
             hf_logging.enable_progress_bar()
         if not terminal and ds_was:
             datasets.enable_progress_bars()
+
+
+def quiet_command(models: list[str] = ()):
+    """For the commands that load a model but train nothing (`eval`, `generate`, `merge`, `data`):
+    DeepSpeed's probe told the accelerator, the libraries' bars off where stdout is not a terminal
+    (each is a line of carriage returns in a log), and transformers' loading bars off for small
+    local weights. For the rest of the process: a command is the whole of it."""
+    import datasets
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    quiet_deepspeed(False, "cuda" if torch.cuda.is_available() else "cpu")
+    sizes = [weights_bytes(m) for m in models]
+    if not is_terminal() or (sizes and all(s is not None and s < SMALL_WEIGHTS for s in sizes)):
+        hf_logging.disable_progress_bar()
+    if not is_terminal():
+        datasets.disable_progress_bars()

@@ -169,6 +169,16 @@ def run_demo(output_dir: str | Path = "demo_output", log=print, **overrides) -> 
 
     `overrides` replace DEMO_CONFIG entries (the tests shorten the run with them).
     """
+    import torch
+
+    from . import console
+
+    console.quiet_deepspeed(False, "cuda" if torch.cuda.is_available() else "cpu")
+    with console.library_bars(console.is_terminal(), weights=0):  # a 0.1M-parameter model: no loading bars
+        return _run_demo(output_dir, log, **overrides)
+
+
+def _run_demo(output_dir, log, **overrides) -> dict:
     from .config import build_config
     from .pipeline import train
     from .tiny import save_tiny, tiny_model, train_tokenizer
@@ -259,13 +269,19 @@ def _command() -> str:
 
 
 def _next_steps(out: Path) -> list[str]:
+    import os
+    import sys
+
     run = _command()
     model = out / "model"
+    activate = Path(sys.executable).parent / "activate"
+    how = ("" if run == "prefopt" or not activate.exists() else
+           f" (or `source {os.path.relpath(activate)}` once per shell, then plain `prefopt`)")
     return [
         "",
-        f"next (prefopt is {run}; or `source .venv/bin/activate` once, then plain `prefopt`):",
-        f"  {run} generate --model {model}                       # chat with the trained model",
+        f"next, with {run}{how}:",
+        f"  {run} generate --model {model}  # chat with the trained model",
         f"  {run} eval --model {out / 'base_model'} --model {model} --data {out / 'data' / 'test.jsonl'}",
-        f"  {run} plot {model}                                    # PNGs in {model / 'plots'}",
+        f"  {run} plot {model}  # PNGs in {model / 'plots'}",
         f"  {run} --help",
     ]

@@ -83,7 +83,7 @@ def _preference_metrics(model_dir: str, data: str, split: str, objective: dict, 
     rows = {"margin": [], "chosen_reward": [], "logps_chosen": [], "logps_rejected": [], "len_chosen": [],
             "len_rejected": []}
     with torch.no_grad():
-        for batch in tqdm(trainer.get_eval_dataloader(Dataset.from_list(list(pairs))), desc="scoring pairs"):
+        for batch in tqdm(trainer.get_eval_dataloader(Dataset.from_list(list(pairs))), desc="scoring pairs", disable=None):
             batch = trainer.on_device(batch)
             # under several processes: this process's share, without the sampler's padding duplicates
             scores = score(model, batch, trainer.scorer(model), trainer.eval_pairs_kept(len(batch["row"])))
@@ -188,7 +188,8 @@ class Generator:
         """The answers' texts; their token ids (what lengths are counted in) go to `answer_ids`."""
         out = []
         batches = range(0, len(conversations), batch_size)
-        for start in tqdm(batches, desc=f"generating ({self.name})", disable=not progress):
+        for start in tqdm(batches, desc=f"generating ({self.name})",
+                          disable=None if progress else True):  # None: shown on a terminal only
             texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                      for c in conversations[start : start + batch_size]]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -247,7 +248,7 @@ def reward_scores(reward_model: str, prompts: list[list[dict]], answers: dict[st
         with torch.no_grad():
             return judge(**tok(text, return_tensors="pt", truncation=True)).logits[0, 0].item()
 
-    return {n: [score(p, a) for p, a in zip(prompts, answers[n])] for n in tqdm(list(answers), desc="judging")}
+    return {n: [score(p, a) for p, a in zip(prompts, answers[n])] for n in tqdm(list(answers), desc="judging", disable=None)}
 
 
 def win_rates(scores: dict[str, list[float]]) -> dict:
