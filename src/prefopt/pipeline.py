@@ -235,7 +235,7 @@ def train(cfg: Config, log=print) -> RunResult:
 def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, main_process: bool, log) -> RunResult:
     t = cfg.training
     out = Path(t.output_dir)
-    log("prefopt: resolved objective\n" + explain(cfg))
+    log("prefopt: resolved objective\n" + explain(cfg, processes=t.world_size))
     for warning in before_training(cfg, t.world_size):
         log(f"prefopt: warning: {warning}")
 
