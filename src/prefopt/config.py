@@ -40,7 +40,7 @@ from .dialects import canonical, check_spellings, merge_overrides, read_objectiv
 from .explanation import explain, loss_formula, resolved_dict, save_resolved  # re-exported
 from .losses import HYPERPARAMETERS, METHODS, takes
 from .model_options import check_model_args, read_init_kwargs
-from .peers import checkpoint_differences, dialect_of, setting_differences, tool_differences
+from .peers import dialect_of, setting_differences, tool_differences
 from .schema import (  # DatasetSource re-exported
     TRAINING_DEFAULTS, DataArgs, DatasetSource, ModelArgs, ObjectiveArgs, RunArgs, _base_types, _build, _coerce, _fail,
     _plain)
@@ -150,7 +150,6 @@ def build_config(raw: dict, where: str = "config") -> Config:
     _validate(where, model, data, objective, training)
     defaulted = set(TRAINING_DEFAULTS) - set(sections["training"])
     differs += setting_differences(set(written), model, data)
-    differs += checkpoint_differences(dialect_of(set(written), tool), defaulted, training.save_total_limit)
     run = _build(where, RunArgs, sections["run"])
     return Config(model=model, data=data, objective=objective, training=training, run=run, source=where, notes=notes,
                   forced=forced, differs=differs, defaulted=defaulted)

@@ -70,16 +70,6 @@ def setting_differences(written: set[str], model, data) -> list[str]:
     return out
 
 
-def checkpoint_differences(tool: str | None, defaulted: set[str], limit: int | None) -> list[str]:
-    """prefopt keeps `limit` checkpoints where the config gives no save_total_limit; each of these
-    tools (their TrainingArguments) keeps every one. Nothing trained changes, only what stays on disk."""
-    if tool is None or "save_total_limit" not in defaulted or limit is None:
-        return []
-    name = TOOL_DEFAULTS[tool].tool
-    return [f"save_total_limit {limit} (prefopt's default: the newest {limit} checkpoints are kept); {name} would "
-            "keep every checkpoint: set save_total_limit: null for that"]
-
-
 def dialect_of(written: set[str], tool: str | None) -> str | None:
     """The tool whose defaults a config relies on: LLaMA-Factory when it names its objective with
     pref_loss, else the one `read_objective` found (None: prefopt's own `method`)."""
