@@ -72,7 +72,7 @@ def explain(config: str | Path | dict | Config, **overrides: Any) -> str:
     as what, and where the config's own tool would have trained other values."""
     from .explanation import explain as show
 
-    return show(load_config(config, **overrides))
+    return show(load_config(config, **overrides), warnings=True)
 
 
 def train(config: str | Path | dict | Config | None = None, **overrides: Any) -> RunResult:

@@ -156,7 +156,7 @@ def cmd_config(args: list[str]) -> int:
     path, overrides = _config_and_overrides(args[1:])
     if path is None and not overrides:
         raise PrefoptError("prefopt config explain: name a config file.")
-    print(explain(load_config(path, overrides)))
+    print(explain(load_config(path, overrides), warnings=True))
     return 0
 
 

@@ -61,6 +61,7 @@ class Config:
     forced: set[str] = field(default_factory=set)  # training keys set for this machine, not by the user
     notes: list[str] = field(default_factory=list)  # how dialect keys were read
     differs: list[str] = field(default_factory=list)  # values the config's own tool would not have trained
+    defaulted: set[str] = field(default_factory=set)  # keys of schema.TRAINING_DEFAULTS the config left unset
 
     @property
     def method(self):
@@ -147,10 +148,11 @@ def build_config(raw: dict, where: str = "config") -> Config:
     differs = tool_differences(dialect_of(set(written), tool), given, objective)
     training, forced = _training(where, sections["training"], notes)
     _validate(where, model, data, objective, training)
+    defaulted = set(TRAINING_DEFAULTS) - set(sections["training"])
     differs += setting_differences(set(written), model, data)
     run = _build(where, RunArgs, sections["run"])
     return Config(model=model, data=data, objective=objective, training=training, run=run, source=where, notes=notes,
-                  forced=forced, differs=differs)
+                  forced=forced, differs=differs, defaulted=defaulted)
 
 
 # Which section a canonical key belongs to, in this order; the rest are TrainingArguments'. (Keys

@@ -11,6 +11,8 @@ the training arguments only those that differ from transformers' defaults or are
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,8 +38,10 @@ def loss_formula(cfg: Config) -> str:
     return f"L = {pref}{nll}{f'  where {where}' if where else ''}"
 
 
-def explain(cfg: Config) -> str:
-    """The resolved objective, as printed by `prefopt config explain` and at the start of `train`."""
+def explain(cfg: Config, warnings: bool = False, processes: int | None = None) -> str:
+    """The resolved objective, as printed by `prefopt config explain` (with `warnings`: the ones
+    `train` prints after it, from the same `guidance.before_training`) and at the start of `train`.
+    `processes`: the run's (train knows it); else WORLD_SIZE where a launcher set it, else 1."""
     o, spec = cfg.objective, cfg.method
     rows = [
         ("method", f"{o.method} — {spec.title} [{spec.paper}]"),
@@ -67,9 +71,10 @@ def explain(cfg: Config) -> str:
         ("lengths", f"max_length {d.max_length}, max_prompt_length {d.max_prompt_length}"),
         ("completion", f"{completion_layout(d)}: {LAYOUTS[d.completion_layout]}"
                        + ("; an empty system turn opens prompts without one" if wants_empty_system(d) else "")),
-        ("batch", f"{t.per_device_train_batch_size} per device × {t.gradient_accumulation_steps} accumulation"),
-        ("learning rate", f"{t.learning_rate:g} ({_plain(t.lr_scheduler_type)}, warmup {t.warmup_steps:g})"),
+        ("batch", global_batch(t, processes)),
+        ("learning rate", f"{t.learning_rate:g} ({_plain(t.lr_scheduler_type)}, warmup {warmup(t)})"),
         ("output_dir", t.output_dir),
+        ("checkpoints", saving(cfg)),
     ]
     if m.use_peft:
         rows.append(("LoRA", f"r {m.lora_r}, alpha {m.lora_alpha}, dropout {m.lora_dropout}, "
@@ -82,7 +87,53 @@ def explain(cfg: Config) -> str:
     if cfg.differs:  # the config relies on another tool's defaults; prefopt keeps the papers'
         lines.append("  not what its own tool would train (prefopt keeps its own defaults, the papers' for the objective):")
         lines += [f"    - {n}" for n in cfg.differs]
+    if warnings:
+        from .guidance import before_training  # (guidance imports config, which imports this module)
+
+        said = before_training(cfg, _processes(processes)[0])
+        lines.append("  warnings train would print:" + ("" if said else " none"))
+        lines += [f"    - {w}" for w in said]
     return "\n".join(lines)
+
+
+def _processes(processes: int | None) -> tuple[int, str]:
+    if processes is not None:
+        return processes, ""
+    launched = os.environ.get("WORLD_SIZE")
+    if launched and launched.isdigit():
+        return int(launched), " (WORLD_SIZE)"
+    return 1, " (no launcher: WORLD_SIZE unset; a launch with N processes multiplies it)"
+
+
+def global_batch(t, processes: int | None = None) -> str:
+    """per device × accumulation × processes = pairs per optimizer step, saying where the count of
+    processes came from when the run does not know it yet."""
+    n, whence = _processes(processes)
+    return (f"{t.per_device_train_batch_size} per device × {t.gradient_accumulation_steps} accumulation × {n} "
+            f"process{'es' * (n != 1)} = {t.per_device_train_batch_size * t.gradient_accumulation_steps * n} pairs "
+            f"per optimizer step{whence}")
+
+
+def warmup(t) -> str:
+    """transformers 5 keeps warmup_ratio as a warmup_steps below 1: a share of the steps."""
+    if 0 < t.warmup_steps < 1:
+        steps = f", {math.ceil(t.max_steps * t.warmup_steps)} of max_steps {t.max_steps}" if t.max_steps > 0 else ""
+        return f"{t.warmup_steps * 100:g}% of steps{steps}"
+    return f"{int(t.warmup_steps)} step{'s' * (int(t.warmup_steps) != 1)}"
+
+
+def saving(cfg: Config) -> str:
+    """When checkpoints are written and how many are kept (save_total_limit is prefopt's 2 unless given)."""
+    t = cfg.training
+    strategy = _plain(t.save_strategy)
+    when = {"no": "none written", "epoch": "every epoch", "best": "at each new best evaluation"}.get(
+        strategy, f"every {t.save_steps:g} steps and at the end")
+    if strategy == "no":
+        return when
+    kept = ("every one kept" if t.save_total_limit is None else f"the newest {t.save_total_limit} kept"
+            + (" (prefopt's default; transformers keeps every one: save_total_limit: null)"
+               if "save_total_limit" in cfg.defaulted else ""))
+    return f"{when}, {kept}" + (", without optimizer state" if t.save_only_model else "")
 
 
 def resolved_dict(cfg: Config) -> dict:

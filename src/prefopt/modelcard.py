@@ -195,7 +195,7 @@ def render(cfg, out: str | Path, repo_id: str | None = None) -> str:
              f"{t.gradient_accumulation_steps} accumulation × {processes} = "
              f"{t.per_device_train_batch_size * t.gradient_accumulation_steps * processes} pairs per step, "
              f"seed {t.seed}. The resolved objective and settings (`prefopt config explain`):", "", "```",
-             explain(cfg), "```", "",
+             explain(cfg, processes=processes), "```", "",
              "The whole resolved config is `prefopt_config.yaml`: `prefopt train prefopt_config.yaml --output_dir "
              "NEW_DIR` trains this run again.", ""]
     lines += _data_section(out) + _metrics_section(out) + _plots_section(out)

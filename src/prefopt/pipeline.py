@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType
 from transformers import set_seed
 from transformers.integrations import get_available_reporting_integrations
 
-from . import checkpoints, console, evalgen, hub, manifest, modelcard, provenance, runs
+from . import checkpoints, console, disk, evalgen, hub, manifest, modelcard, provenance, runs
 from . import data as data_mod
 from .config import Config, explain, save_resolved
 from .errors import PrefoptError, Stopped
@@ -239,7 +239,7 @@ def train(cfg: Config, log=print) -> RunResult:
 def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, main_process: bool, log) -> RunResult:
     t = cfg.training
     out = Path(t.output_dir)
-    log("prefopt: resolved objective\n" + explain(cfg))
+    log("prefopt: resolved objective\n" + explain(cfg, processes=t.world_size))
     for warning in before_training(cfg, t.world_size):
         log(f"prefopt: warning: {warning}")
 
@@ -263,6 +263,8 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
 
     with console.peft_quietly():
         model = load_model(cfg.model, tokenizer, t, log)
+    for warning in _on_main(lambda: check_disk(cfg, plan, model, tokenizer, len(prepared.train)), main_process):
+        log(f"prefopt: warning: {warning}")
     # prefopt pushes once, at the end (hub.py): the Trainer's push would create the repository now,
     # upload every checkpoint and replace README.md with transformers' card
     push, t.push_to_hub = t.push_to_hub, False
@@ -286,6 +288,19 @@ def _train(cfg: Config, plan: runs.Plan, lock: runs.Lock, stop: StopRequest, mai
     if push and trainer.is_world_process_zero():
         hub.push_after_run(cfg, log)
     return RunResult(out, result.metrics, eval_metrics, trainer)
+
+
+def check_disk(cfg: Config, plan: runs.Plan, model, tokenizer, train_pairs: int) -> list[str]:
+    """The checkpoints the schedule will write against the free space under output_dir (disk.py):
+    refused when they cannot fit, a warning when they barely do. Once the model is loaded (its exact
+    trainable parameters and dtypes) and before the Trainer is built."""
+    t, out = cfg.training, Path(cfg.training.output_dir)
+    plugin = getattr(t, "deepspeed_plugin", None)
+    stage = (plugin.deepspeed_config.get("zero_optimization") or {}).get("stage", 0) if plugin is not None else None
+    start = checkpoints.state_step(Path(plan.resume)) if plan.resume else 0
+    present = [c for c in checkpoints.complete_checkpoints(out) if checkpoints.step(c) <= start]
+    need = disk.estimate(cfg, model, tokenizer, train_pairs, start, len(present), stage)
+    return disk.check(need, out)
 
 
 def _save_final(cfg: Config, trainer: PreferenceTrainer, model, log):

@@ -208,6 +208,9 @@ TRAINING_DEFAULTS = {
     "logging_steps": 10,
     "remove_unused_columns": False,
     "report_to": "none",
+    # transformers keeps every checkpoint; two are the newest and, should it be damaged, the one
+    # before it (rotation never removes the newest complete one). `save_total_limit: null` keeps all.
+    "save_total_limit": 2,
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class _DropIn(PreferenceTrainer):
 
     def explain(self) -> str:
         """The objective this trainer optimizes, with its formula and the effective values."""
-        text = explain_config(self.prefopt_config)
+        text = explain_config(self.prefopt_config, processes=self.args.world_size)
         return text + ("\n  " + CPO_ALPHA_NOTE if self._kind == "CPO" else "")
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
