@@ -151,3 +151,28 @@ def test_explain_prints_the_warnings_the_global_batch_and_the_warmup_share(monke
     assert "warnings train would print" not in explain(cfg, processes=16)  # train prints them itself, after it
     monkeypatch.delenv("WORLD_SIZE")
     assert "warmup 3 steps" in explain(build_config({"method": "simpo", "warmup_steps": 3}))
+
+
+def test_a_resumed_run_keeps_the_limit_it_started_with(tmp_path):
+    """prefopt's default limit of 2 never rotates away the checkpoints of a run that began keeping
+    them all (saved config without the key: a run from before the default; or null); a limit the
+    config gives wins; a fresh run takes the default."""
+    from prefopt.runs import Plan
+
+    saved = tmp_path / "prefopt_config.yaml"
+    said = []
+    for started, expect in (("method: simpo\n", None), ("save_total_limit: null\n", None),
+                            ("save_total_limit: 2\n", 2), ("save_total_limit: 5\n", 5)):
+        saved.write_text(started)
+        cfg = build_config({"method": "simpo"})
+        disk.keep_run_limit(cfg, Plan(out=tmp_path, fresh=False), said.append)
+        assert cfg.training.save_total_limit == expect, started
+    assert said[0] == ("prefopt: resuming a run that kept every checkpoint: it goes on doing so "
+                       "(set save_total_limit to change it).") and len(said) == 3
+    given = build_config({"method": "simpo", "save_total_limit": 2})
+    saved.write_text("method: simpo\n")
+    disk.keep_run_limit(given, Plan(out=tmp_path, fresh=False), said.append)
+    assert given.training.save_total_limit == 2
+    fresh = build_config({"method": "simpo"})
+    disk.keep_run_limit(fresh, Plan(out=tmp_path, fresh=True), said.append)
+    assert fresh.training.save_total_limit == 2 and len(said) == 3

@@ -4,6 +4,7 @@ titles) on synthetic metrics.jsonl files of SimPO's, CPO-SimPO's and ORPO's shap
 import json
 import math
 import random
+import shutil
 
 import pytest
 import yaml
@@ -183,8 +184,11 @@ def test_pngs_written_as_a_person_sees_them(tmp_path):
             assert len(set(image.convert("L").getdata())) > 10  # lines and text were drawn
     simpo = _write_run(tmp_path / "simpo", "simpo")
     (simpo / "plots").mkdir()
-    (simpo / "plots" / "nll.png").write_bytes(b"stale")
+    shutil.copy(out / "plots" / "nll.png", simpo / "plots" / "nll.png")  # prefopt's own, from an ORPO run
     assert "nll.png" not in plot_run(simpo) and not (simpo / "plots" / "nll.png").exists()
+    (simpo / "plots" / "nll.png").write_bytes(b"the user's picture")  # not drawn by prefopt: kept
+    plot_run(simpo)
+    assert (simpo / "plots" / "nll.png").read_bytes() == b"the user's picture"
 
 
 def test_cli_and_errors(tmp_path, capsys):

@@ -218,3 +218,26 @@ def check(need: Estimate, output_dir: str | Path) -> list[str]:
         return [f"output_dir {output_dir}: the run's checkpoints will barely fit: {describe(need)}, and the disk "
                 f"holding {where} has {_gb(free)} free (less than {MARGIN:g}× what they need). To be safe: {FIXES}."]
     return []
+
+
+def keep_run_limit(cfg, plan, log) -> None:
+    """A resumed run keeps the checkpoint limit it started with when this config leaves the key unset:
+    prefopt's default of 2 must not rotate away the checkpoints of a run that began keeping them all
+    (a run started before the default, whose saved config has no save_total_limit, or one set to
+    null). A limit the config gives wins, as ever."""
+    import yaml
+
+    from .manifest import CONFIG_FILE
+
+    saved = plan.out / CONFIG_FILE
+    if plan.fresh or "save_total_limit" not in cfg.defaulted or not saved.is_file():
+        return
+    try:
+        started = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # runs.plan has read this file already; nothing better to do here than the default
+    limit = started.get("save_total_limit") if isinstance(started, dict) else None
+    if limit != cfg.training.save_total_limit:
+        cfg.training.save_total_limit = limit
+        kept = "every checkpoint" if limit is None else f"the newest {limit} checkpoints"
+        log(f"prefopt: resuming a run that kept {kept}: it goes on doing so (set save_total_limit to change it).")

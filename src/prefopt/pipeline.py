@@ -222,6 +222,7 @@ def train(cfg: Config, log=print) -> RunResult:
         if plan.finished:
             log(finished_message(out, plan.finished_step))
             return RunResult(out, {}, None, None, finished=True)
+        disk.keep_run_limit(cfg, plan, log)
         with console.library_bars(console.is_terminal(), console.weights_bytes(cfg.model.model_name_or_path)):
             return _train(cfg, plan, lock, stop, main_process, log)
     except Exception as e:

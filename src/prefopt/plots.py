@@ -164,11 +164,24 @@ def plot_run(output_dir: str | Path) -> dict[str, list[str]]:
     built = figures(output_dir)
     folder.mkdir(exist_ok=True)
     written = {}
-    for panel in PANELS:  # a picture of a quantity this run no longer shows is not left behind
-        if f"{panel.stem}.png" not in built:
-            (folder / f"{panel.stem}.png").unlink(missing_ok=True)
+    for panel in PANELS:  # a picture of a quantity this run no longer shows is not left behind,
+        stale = folder / f"{panel.stem}.png"  # if prefopt drew it: a file of the user's is never deleted
+        if f"{panel.stem}.png" not in built and _drawn_by_prefopt(stale):
+            stale.unlink()
     for name, fig in built.items():
-        fig.savefig(folder / name)
+        fig.savefig(folder / name, metadata={"Software": SOFTWARE})
         written[name] = [line.get_gid() for ax in fig.axes for line in ax.get_lines()
                          if line.get_gid() and not line.get_gid().endswith(":logged")]
     return written
+
+
+SOFTWARE = "prefopt plot"  # the PNG's Software text, by which a later plot_run knows its own pictures
+
+
+def _drawn_by_prefopt(png: Path) -> bool:
+    try:
+        with png.open("rb") as f:
+            head = f.read(4096)  # matplotlib writes its text chunks before the image data
+    except OSError:
+        return False
+    return b"Software\x00" + SOFTWARE.encode() in head
