@@ -190,3 +190,20 @@ def test_weights_are_small_only_where_the_folder_itself_holds_them(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")  # an adapter: its base loads from elsewhere
     assert console.weights_bytes(str(tmp_path)) is None
     assert console.weights_bytes("org/some-hub-model") is None
+
+
+def test_a_notebooks_display_is_left_to_the_trainer():
+    from transformers.trainer_callback import CallbackHandler, TrainerCallback
+
+    class Notebook(TrainerCallback):  # stands for transformers' NotebookProgressCallback
+        pass
+
+    trainer = SimpleNamespace(callback_handler=CallbackHandler([Notebook()], None, None, None, None),
+                              args=SimpleNamespace(disable_tqdm=False))
+    trainer.remove_callback, trainer.add_callback = trainer.callback_handler.remove_callback, \
+        trainer.callback_handler.add_callback
+    console.install(trainer, nll=False, terminal=False)
+    assert [type(c) for c in trainer.callback_handler.callbacks] == [Notebook]
+    trainer.callback_handler.add_callback(console.ProgressCallback)
+    console.install(trainer, nll=False, terminal=False)
+    assert [type(c) for c in trainer.callback_handler.callbacks] == [Notebook, console.PlainProgress]
