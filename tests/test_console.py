@@ -86,7 +86,8 @@ def test_plain_progress_also_prints_after_a_long_wait_between_its_steps():
     for step, t in ((1, 10.0), (2, 61.0), (3, 62.0)):
         state.global_step, now[0] = step, t
         progress.on_step_end(None, state, None)
-    assert [x for x in "".join(lines).splitlines() if x] == ["step 2/1000 (0%) elapsed 1:01 eta 8:27:19"]  # 61 s for 2 steps: 30,439 s for 998 more
+    # 61 s for 2 steps: 30,439 s for 998 more
+    assert [x for x in "".join(lines).splitlines() if x] == ["step 2/1000 (0%) elapsed 1:01 eta 8:27:19"]
 
 
 # -- the libraries -----------------------------------------------------------------------------------
