@@ -86,7 +86,8 @@ def test_plain_progress_also_prints_after_a_long_wait_between_its_steps():
     for step, t in ((1, 10.0), (2, 61.0), (3, 62.0)):
         state.global_step, now[0] = step, t
         progress.on_step_end(None, state, None)
-    assert [x for x in "".join(lines).splitlines() if x] == ["step 2/1000 (0%) elapsed 1:01 eta 8:27:19"]  # 61 s for 2 steps: 30,439 s for 998 more
+    # 61 s for 2 steps: 30,439 s for 998 more
+    assert [x for x in "".join(lines).splitlines() if x] == ["step 2/1000 (0%) elapsed 1:01 eta 8:27:19"]
 
 
 # -- the libraries -----------------------------------------------------------------------------------
@@ -190,3 +191,20 @@ def test_weights_are_small_only_where_the_folder_itself_holds_them(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")  # an adapter: its base loads from elsewhere
     assert console.weights_bytes(str(tmp_path)) is None
     assert console.weights_bytes("org/some-hub-model") is None
+
+
+def test_a_notebooks_display_is_left_to_the_trainer():
+    from transformers.trainer_callback import CallbackHandler, TrainerCallback
+
+    class Notebook(TrainerCallback):  # stands for transformers' NotebookProgressCallback
+        pass
+
+    trainer = SimpleNamespace(callback_handler=CallbackHandler([Notebook()], None, None, None, None),
+                              args=SimpleNamespace(disable_tqdm=False))
+    trainer.remove_callback, trainer.add_callback = trainer.callback_handler.remove_callback, \
+        trainer.callback_handler.add_callback
+    console.install(trainer, nll=False, terminal=False)
+    assert [type(c) for c in trainer.callback_handler.callbacks] == [Notebook]
+    trainer.callback_handler.add_callback(console.ProgressCallback)
+    console.install(trainer, nll=False, terminal=False)
+    assert [type(c) for c in trainer.callback_handler.callbacks] == [Notebook, console.PlainProgress]

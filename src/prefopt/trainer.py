@@ -96,7 +96,8 @@ class PreferenceTrainer(Trainer):
         # a PEFT model); the user's ddp_find_unused_parameters stands, else ddp_find_unused decides
         built = super()._build_accelerator_args(**kwargs)
         if self.args.ddp_find_unused_parameters is None:
-            checkpointing = self.args.activation_checkpointing or getattr(self.model, "is_activation_checkpointing", False)
+            checkpointing = self.args.activation_checkpointing or getattr(self.model, "is_activation_checkpointing",
+                                                                           False)
             for handler in built.get("kwargs_handlers", []):
                 if isinstance(handler, DistributedDataParallelKwargs):
                     handler.find_unused_parameters = ddp_find_unused(self.model, bool(checkpointing))
