@@ -157,6 +157,15 @@ def test_a_run_into_a_file_prints_plain_short_lines_and_keeps_every_metric(ws, t
         merged = subprocess.run([sys.executable, "-m", "prefopt", "merge", str(out), "--output", str(tmp_path / "m")],
                                 env=env, capture_output=True, text=True, timeout=600)
         assert merged.returncode == 0 and "Warning" not in merged.stdout + merged.stderr, merged.stderr[-2000:]
+        # the commands that load models and train nothing are as quiet in a file: no bars, no DeepSpeed line
+        (tmp_path / "prompts.txt").write_text("Sort: 3 1 2 =\nSort: 9 4 7 =\n")
+        evaluated = subprocess.run([sys.executable, "-m", "prefopt", "eval", "--model", str(ws / "model"), "--model",
+                                    str(tmp_path / "m"), "--data", str(ws / "data" / "test.jsonl"), "--prompts",
+                                    str(tmp_path / "prompts.txt"), "--max_new_tokens", "4"],
+                                   env=env, capture_output=True, text=True, timeout=600)
+        assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+        _assert_quiet_file_output(evaluated)
+        assert "preference accuracy" in evaluated.stdout
 
 
 def test_on_a_terminal_the_bar_stays_with_short_lines_above_it(ws, tmp_path, monkeypatch, capsys):

@@ -176,3 +176,20 @@ def test_a_resumed_run_keeps_the_limit_it_started_with(tmp_path):
     fresh = build_config({"method": "simpo"})
     disk.keep_run_limit(fresh, Plan(out=tmp_path, fresh=True), said.append)
     assert fresh.training.save_total_limit == 2 and len(said) == 3
+
+
+def test_an_8bit_optimizer_is_counted_in_bytes_and_a_ratio_save_steps_read_as_a_share():
+    """8-bit moments are 1 byte each whatever the weights' dtype (fp32 weights: a quarter of Adam's
+    state, not half), plus at most one 4-byte scale per 256 values; save_steps 0.05 is a share."""
+    import types
+
+    import torch
+
+    model = torch.nn.Linear(16, 16)  # 272 fp32 parameters
+    t = types.SimpleNamespace(save_only_model=False, optim="adamw_bnb_8bit")
+    size, how = disk.optimizer_bytes(model, t, None, weights=272 * 4)
+    assert size == int(2 * 272 * (1 + 4 / 256)) and "1-byte moments" in how
+    t.optim = "adamw_torch"
+    assert disk.optimizer_bytes(model, t, None, weights=272 * 4)[0] == 2 * 272 * 4
+    ratio = build_config({"method": "simpo", "save_strategy": "steps", "save_steps": 0.05})
+    assert "every 5% of the steps and at the end" in explain(ratio)

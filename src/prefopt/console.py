@@ -230,12 +230,23 @@ def quiet_command(models: list[str] = ()):
     (each is a line of carriage returns in a log), and transformers' loading bars off for small
     local weights. For the rest of the process: a command is the whole of it."""
     import datasets
-    import torch
     from transformers.utils import logging as hf_logging
 
-    quiet_deepspeed(False, "cuda" if torch.cuda.is_available() else "cpu")
+    quiet_deepspeed(False, device_type())
     sizes = [weights_bytes(m) for m in models]
     if not is_terminal() or (sizes and all(s is not None and s < SMALL_WEIGHTS for s in sizes)):
         hf_logging.disable_progress_bar()
     if not is_terminal():
         datasets.disable_progress_bars()
+
+
+def device_type() -> str:
+    """"cpu" where torch sees no accelerator (CUDA, Apple's MPS, Intel's XPU), else the first found:
+    DeepSpeed is told the CPU only on a machine that has nothing else."""
+    import torch
+
+    for name, backend in (("cuda", torch.cuda), ("mps", getattr(torch.backends, "mps", None)),
+                          ("xpu", getattr(torch, "xpu", None))):
+        if backend is not None and backend.is_available():
+            return name
+    return "cpu"

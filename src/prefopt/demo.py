@@ -169,11 +169,9 @@ def run_demo(output_dir: str | Path = "demo_output", log=print, **overrides) -> 
 
     `overrides` replace DEMO_CONFIG entries (the tests shorten the run with them).
     """
-    import torch
-
     from . import console
 
-    console.quiet_deepspeed(False, "cuda" if torch.cuda.is_available() else "cpu")
+    console.quiet_deepspeed(False, console.device_type())
     with console.library_bars(console.is_terminal(), weights=0):  # a 0.1M-parameter model: no loading bars
         return _run_demo(output_dir, log, **overrides)
 

@@ -106,11 +106,9 @@ def _persistent(model, name: str) -> bool:
 
 
 def moments(optim: str) -> float:
-    """Optimizer state per trainable parameter, in units of the parameter's own size (8-bit: bytes
-    over the parameter's size, taken as 2 bytes)."""
+    """Optimizer state per trainable parameter, in units of the parameter's own size (8-bit
+    optimizers are counted in bytes by the caller)."""
     optim = optim.lower()
-    if "8bit" in optim:
-        return 1.0  # two 1-byte states per 2-byte parameter
     if "adafactor" in optim:
         return 0.0  # factored second moments: a row and a column per matrix
     if "sgd" in optim or "lion" in optim or "rmsprop" in optim:
@@ -130,6 +128,9 @@ def optimizer_bytes(model, t, zero_stage: int | None, weights: int) -> tuple[int
                 f"DeepSpeed ZeRO-{zero_stage} optimizer state ({DEEPSPEED_BYTES} bytes per trainable parameter"
                 + (", and the weights again in its model states)" if extra else ")"))
     optim = str(getattr(t.optim, "value", t.optim))
+    if "8bit" in optim.lower():  # two 1-byte moments whatever the weights' dtype, and a 4-byte scale
+        count = sum(p.numel() for p in trainable)  # per block of at least 256 values
+        return int(2 * count * (1 + 4 / 256)), f"{optim} state (two 1-byte moments per trainable parameter)"
     share = moments(optim)
     return int(share * sum(tensor_bytes(p) for p in trainable)), f"{optim} state ({share:g}× the trainable weights)"
 

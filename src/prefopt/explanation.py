@@ -127,7 +127,8 @@ def saving(cfg: Config) -> str:
     t = cfg.training
     strategy = _plain(t.save_strategy)
     when = {"no": "none written", "epoch": "every epoch", "best": "at each new best evaluation"}.get(
-        strategy, f"every {t.save_steps:g} steps and at the end")
+        strategy, f"every {t.save_steps:.0%} of the steps and at the end" if 0 < t.save_steps < 1
+        else f"every {t.save_steps:g} steps and at the end")
     if strategy == "no":
         return when
     kept = ("every one kept" if t.save_total_limit is None else f"the newest {t.save_total_limit} kept"
