@@ -3,6 +3,7 @@
     prefopt train [CONFIG.yaml] [--key value ...]     (no config: the offline demo)
     prefopt config explain CONFIG.yaml [--key value ...]
     prefopt data CONFIG.yaml [--examples N] [--output FILE] [--key value ...]
+    prefopt pairs CONFIG.yaml [--key value ...]       (on-policy pairs: sample, score, keep best and worst)
     prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype bfloat16]
     prefopt eval --model DIR [--model DIR2 ...] [--data PAIRS] [--prompts FILE] ...
     prefopt generate --model DIR [--prompt TEXT ...] [--prompts FILE] ...
@@ -11,7 +12,7 @@
     prefopt COMMAND --help                            (every command)
     python -m prefopt ...                             (the same)
 
-`train`, `config explain` and `data` take any config key as `--key value`, checked against the
+`train`, `config explain`, `data` and `pairs` take any config key as `--key value`, checked against the
 schema by config.py (`data` takes its own --examples and --output out first); the other
 commands have fixed options, parsed by argparse (`_Parser`), whose errors are PrefoptErrors like
 any other: one line naming the command, then its usage, exit 2.
@@ -32,6 +33,7 @@ USAGE = """usage:
   prefopt config keys [--section S]               every config key: type, default, help
   prefopt data CONFIG.yaml [--examples N] [--output FILE] [--key value ...]
                                                   the data report and N decoded pairs, no model loaded
+  prefopt pairs CONFIG.yaml [--key value ...]     the policy's own answers, scored, as a pairs file for train
   prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype DTYPE]
                                                   fold a LoRA adapter into its base; save a full model
   prefopt plot OUTPUT_DIR                         PNGs of a run's metrics (OUTPUT_DIR/plots)
@@ -161,7 +163,7 @@ def cmd_config(args: list[str]) -> int:
 
 
 # explanation.KEY_SECTIONS, spelt here so that `config keys --help` imports nothing heavy (a test holds them equal)
-KEY_SECTIONS = ("model", "data", "objective", "run", "training")
+KEY_SECTIONS = ("model", "data", "objective", "run", "pairs", "training")
 
 
 def _config_keys(args: list[str]) -> int:
@@ -213,6 +215,28 @@ def cmd_data(args: list[str]) -> int:
     from .preview import data_preview
 
     data_preview(load_config(path, overrides), examples=options.examples, output=options.output)
+    return 0
+
+
+def _pairs_parser() -> _Parser:
+    return _Parser("pairs", "Sample num_samples answers per prompt from the policy (model_name_or_path), score each "
+                   "(reward_model or reward_function), and write the best and the worst as a pair: a file `prefopt "
+                   "train` reads as it stands. Resumes where a killed run stopped; under torchrun the processes "
+                   "share the prompts. The keys: `prefopt config keys --section pairs`.",
+                   usage="%(prog)s CONFIG.yaml [--key value ...]", epilog=OVERRIDES)
+
+
+def cmd_pairs(args: list[str]) -> int:
+    if _help_only(_pairs_parser(), args):
+        return 0
+    path, overrides = _config_and_overrides(args)
+    if path is None and not overrides:
+        _pairs_parser().error("name a config file")
+    _quiet()
+    from .config import load_config
+    from .onpolicy import make_pairs
+
+    make_pairs(load_config(path, overrides, objective_optional=True))
     return 0
 
 
@@ -346,7 +370,7 @@ def cmd_push(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "data": cmd_data, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "config": cmd_config, "data": cmd_data, "pairs": cmd_pairs, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
             "generate": cmd_generate, "push": cmd_push}
 
 

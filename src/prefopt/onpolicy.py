@@ -1,0 +1,369 @@
+"""`prefopt pairs CONFIG.yaml`: the policy's own answers made into preference pairs (on-policy data).
+
+    prompts ──► sample num_samples answers each (sampling: one per seed) ──► score each (rewards)
+            ──► keep the best as chosen, the worst (or a random worse one) as rejected (pairselect)
+            ──► output.jsonl (prompt, chosen, rejected, scores, seeds) + output.report.json
+
+The config is a training config's: `model_name_or_path` is the policy, the data keys name the
+prompts (their `prompt` column: text or messages; `chat_template` as in training), and the pairs
+keys (`prefopt config keys --section pairs`) the scorer and the sampling. The file it writes is
+read by `prefopt train` as it stands.
+
+Work is done in batches of `generation_batch_size` prompts; batch b covers prompts
+[b·size, (b+1)·size), and each batch's answers and scores are written to its own file in
+`output.parts/` as soon as they exist (written whole or not at all). A run that is killed
+resumes at its first missing batch and ends with the same file; under torchrun/accelerate the
+processes take every world-size-th batch, and the file equals one process's (the batches and
+their seeds are the same). The parts folder records what made it (`settings.json`: the policy,
+the prompts, the sampling and the scorer); a rerun with other settings is refused, not mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PrefoptError
+
+PARTS_SUFFIX = ".parts"
+SETTINGS_FILE = "settings.json"
+
+
+@dataclass
+class PromptRow:
+    prompt: str | list[dict]
+    row: dict  # every column of the row as read
+    where: str  # "path[split] row N"
+
+
+@dataclass
+class PairsResult:
+    output: Path
+    report: dict
+    finished_before: bool = False  # the file was already complete: nothing was done
+    lines: list[str] = field(default_factory=list)  # the printed report
+
+
+# -- what the run is ------------------------------------------------------------------------------
+
+def output_path(cfg) -> Path:
+    out = Path(cfg.pairs.output) if cfg.pairs.output else Path(cfg.training.output_dir) / "pairs.jsonl"
+    if out.suffix != ".jsonl":
+        raise PrefoptError(f"output: {out} must end in .jsonl (the pairs are written as JSON Lines, which `prefopt "
+                           "train` reads); name a .jsonl file.")
+    return out
+
+
+def report_path(output: Path) -> Path:
+    return output.with_suffix(".report.json")
+
+
+DEFAULT_SAMPLES = 5  # the SimPO recipe's five seeds
+
+
+def seeds_of(cfg) -> list[int]:
+    """One seed per answer: `seeds` as listed, else seed, seed+1, ... (`num_samples` of them, 5 unset)."""
+    p = cfg.pairs
+    if p.seeds is None:
+        return [cfg.training.seed + i for i in range(p.num_samples or DEFAULT_SAMPLES)]
+    if len(p.seeds) < 2 or len(set(p.seeds)) != len(p.seeds):
+        raise PrefoptError(f"seeds: {p.seeds} needs at least two different seeds (one answer is sampled per seed).")
+    if p.num_samples is not None and p.num_samples != len(p.seeds):
+        raise PrefoptError(f"num_samples is {p.num_samples} but seeds lists {len(p.seeds)}; one answer is sampled "
+                           "per seed: drop num_samples, or list that many seeds.")
+    return list(p.seeds)
+
+
+def check_settings(cfg):
+    """The pairs keys' own rules, before anything loads."""
+    from .schema import ENGINES, SELECTIONS
+
+    p = cfg.pairs
+    if cfg.model.model_name_or_path is None:
+        raise PrefoptError("prefopt pairs: set model_name_or_path, the policy whose answers become the pairs.")
+    if (p.reward_model is None) == (p.reward_function is None):
+        raise PrefoptError("prefopt pairs: name one scorer: `reward_model: PATH` (a sequence-classification "
+                           "model) or `reward_function: module:function` (a Python function of prompt, answer, row)"
+                           + ("; both are set." if p.reward_model is not None else "."))
+    if p.selection not in SELECTIONS:
+        raise PrefoptError(f"selection: {p.selection!r} is not one of {', '.join(SELECTIONS)}.")
+    if p.engine not in ENGINES:
+        raise PrefoptError(f"engine: {p.engine!r} is not one of {', '.join(ENGINES)}.")
+    seeds_of(cfg)
+    output_path(cfg)
+
+
+def read_prompts(cfg) -> list[PromptRow]:
+    """The training sources' prompts, in order (mixed as training mixes them), each checked."""
+    from .sources import load_prompts, mix
+
+    sources = cfg.data.train_datasets
+    if not sources:
+        raise PrefoptError("prefopt pairs: no prompts given: name a dataset with a prompt column (`datasets:`, "
+                           "`dataset_mixer:`, `dataset_name:` ...), as for training.")
+    loaded = [load_prompts(s, cfg.data.column_mapping) for s in sources]
+    parts = mix(sources, [ds for _, ds in loaded])
+    rows: list[PromptRow] = []
+    for (label, _), ds in zip(loaded, parts):
+        for i, row in enumerate(ds):
+            where = f"{label} row {i}"
+            rows.append(PromptRow(_checked_prompt(row["prompt"], where), row, where))
+    if not rows:
+        raise PrefoptError(f"{', '.join(label for label, _ in loaded)}: no prompts (the files hold no rows, or "
+                           "keep_fraction/fraction left none).")
+    return rows[: cfg.pairs.max_prompts] if cfg.pairs.max_prompts else rows
+
+
+def _checked_prompt(value, where: str):
+    if isinstance(value, str):
+        if not value.strip():
+            raise PrefoptError(f"{where}: the prompt is empty; remove the row or give it a prompt.")
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in value):
+        if value[-1]["role"] == "assistant":
+            raise PrefoptError(f"{where}: the prompt's last message is the assistant's; a prompt ends with the turn "
+                               "to be answered (drop the assistant message, or keep it in another column).")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise PrefoptError(f"{where}: prompt is {type(value).__name__} {str(value)[:60]!r}; a prompt is text or a list of "
+                       "chat messages ({role, content}).")
+
+
+def fingerprint(cfg, prompts: list[PromptRow], engine: str) -> dict:
+    """What the answers depend on: a rerun continues only a run with the same."""
+    p = cfg.pairs
+    texts = hashlib.blake2b(digest_size=16)
+    for r in prompts:
+        texts.update(json.dumps(r.prompt, ensure_ascii=False).encode() + b"\n")
+    return {"policy": _model_identity(cfg.model.model_name_or_path), "chat_template": cfg.data.chat_template,
+            "prompts": len(prompts), "prompts_hash": texts.hexdigest(), "seeds": seeds_of(cfg),
+            "temperature": p.temperature, "top_p": p.top_p, "max_new_tokens": p.max_new_tokens,
+            "generation_batch_size": p.generation_batch_size, "engine": engine,
+            "scorer": {"reward_model": p.reward_model and _model_identity(p.reward_model),
+                       "reward_function": p.reward_function}}
+
+
+def _model_identity(name: str) -> str:
+    """A local folder's config and weight files (name, size, modification time); a Hub id as written."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return name
+    h = hashlib.blake2b(digest_size=12)
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".json", ".bin", ".model")):
+            stat = f.stat()
+            h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return f"{folder.resolve()} ({h.hexdigest()})"
+
+
+# -- the parts ------------------------------------------------------------------------------------
+
+def parts_dir(output: Path) -> Path:
+    return output.with_name(output.name + PARTS_SUFFIX)
+
+
+def part_file(parts: Path, batch: int) -> Path:
+    return parts / f"batch-{batch:06d}.jsonl"
+
+
+def open_parts(output: Path, settings: dict, main: bool) -> Path:
+    """The parts folder of this run: new, or an earlier run's with the same settings (resumed)."""
+    parts = parts_dir(output)
+    mark = parts / SETTINGS_FILE
+    if mark.is_file():
+        before = json.loads(mark.read_text())
+        if before != settings:
+            changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+            raise PrefoptError(f"{parts} holds an earlier `prefopt pairs` run's answers made with other settings "
+                               f"({', '.join(changed)} differ); nothing was changed. Run with those settings to "
+                               f"finish it, or delete {parts} to start afresh, or set another output.")
+    elif parts.exists() and any(parts.iterdir()):
+        raise PrefoptError(f"{parts} exists and was not written by `prefopt pairs` (no {SETTINGS_FILE}); nothing was "
+                           "changed. Move it, or set another output.")
+    elif main:
+        parts.mkdir(parents=True, exist_ok=True)
+        write_atomic(mark, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    return parts
+
+
+def write_atomic(path: Path, text: str):
+    """`text` into `path` whole or not at all (a kill mid-write leaves the old file or none)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_parts(parts: Path, batches: int):
+    """Only what `open_parts` and the batches wrote; anything else is left, and the folder with it."""
+    for b in range(batches):
+        part_file(parts, b).unlink(missing_ok=True)
+    (parts / SETTINGS_FILE).unlink(missing_ok=True)
+    for tmp in parts.glob(".batch-*.jsonl.tmp*"):
+        tmp.unlink(missing_ok=True)
+    try:
+        parts.rmdir()
+    except OSError:
+        pass
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def finished(output: Path, settings: dict) -> dict | None:
+    """The report of a finished run of these settings into `output` (None: not finished). An output
+    file that is not such a run's is refused, never replaced."""
+    report = report_path(output)
+    if not output.exists():
+        return None
+    if report.is_file():
+        try:
+            done = json.loads(report.read_text())
+        except (OSError, json.JSONDecodeError):
+            done = {}
+        if done.get("settings") == settings and done.get("output_hash") == file_hash(output):
+            return done
+        if done.get("output_hash") == file_hash(output):
+            raise PrefoptError(f"{output} holds pairs an earlier `prefopt pairs` run made with other settings; nothing "
+                               "was changed. Delete it (and its .report.json) to make new ones, or set another output.")
+    raise PrefoptError(f"{output} exists and is not a finished `prefopt pairs` file of this config; nothing was "
+                       "changed. Set another output, or move the file.")
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_pairs(cfg, log=print) -> PairsResult:
+    """`prefopt pairs`: see the module's docstring."""
+    from . import pairselect
+    from .sampling import choose_engine
+
+    check_settings(cfg)
+    output = output_path(cfg)
+    prompts = read_prompts(cfg)
+    engine_name = choose_engine(cfg.pairs.engine)
+    settings = fingerprint(cfg, prompts, engine_name)
+    done = finished(output, settings)
+    if done is not None:
+        lines = [f"prefopt pairs: {output} is finished with these settings; nothing was done."]
+        log(lines[0])
+        return PairsResult(output, done, finished_before=True, lines=lines)
+    from accelerate import PartialState
+
+    state = PartialState()
+    parts = open_parts(output, settings, state.is_main_process)
+    state.wait_for_everyone()
+    size = cfg.pairs.generation_batch_size
+    batches = (len(prompts) + size - 1) // size
+    start = time.time()
+    _generate_and_score(cfg, prompts, parts, batches, engine_name, state, log)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        records = _read_parts(parts, batches, len(prompts))
+        rows, report = pairselect.build(cfg, prompts, records, seeds_of(cfg))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        report.update(settings=settings, output=str(output), output_hash=file_hash(output), engine=engine_name,
+                      seconds=round(time.time() - start, 1))
+        write_atomic(report_path(output), json.dumps(report, indent=1) + "\n")
+        remove_parts(parts, batches)
+    state.wait_for_everyone()
+    report = json.loads(report_path(output).read_text())
+    lines = pairselect.format_report(report, output)
+    if state.is_main_process:
+        log("\n".join(lines))
+    return PairsResult(output, report, lines=lines)
+
+
+def _generate_and_score(cfg, prompts, parts: Path, batches: int, engine_name: str, state, log):
+    from .console import clock
+    from .rewards import ScoreItem, load_scorer
+
+    size = cfg.pairs.generation_batch_size
+    mine = [b for b in range(state.process_index, batches, state.num_processes) if not part_file(parts, b).is_file()]
+    if state.is_main_process:
+        log(f"prefopt pairs: {len(prompts)} prompts x {len(seeds_of(cfg))} answers, {batches} batches of {size} "
+            f"({batches - len(mine) * state.num_processes if state.num_processes == 1 else 'some'} done before), "
+            f"engine {engine_name}, {state.num_processes} process(es)")
+    if not mine:
+        return
+    engine, tokenizer = _open_engine(cfg, engine_name, state.device)
+    p = cfg.pairs
+    scorer = load_scorer(p.reward_model, p.reward_function, trust_remote_code=p.reward_trust_remote_code,
+                         batch_size=p.reward_batch_size, device=state.device,
+                         search_paths=[str(Path(cfg.source).parent)] if cfg.source and Path(cfg.source).is_file() else [])
+    from .sampling import render_prompt
+
+    began, last = time.time(), 0.0
+    for n, b in enumerate(mine, 1):
+        batch = prompts[b * size : (b + 1) * size]
+        ids = [render_prompt(tokenizer, r.prompt, r.where) for r in batch]
+        answers = [engine.sample(ids, seed, b * size) for seed in seeds_of(cfg)]  # [seed][prompt]
+        items = [ScoreItem(r.prompt, answers[s][i].text, r.row, r.where)
+                 for i, r in enumerate(batch) for s in range(len(answers))]
+        scores = scorer.score(items)
+        k = len(answers)
+        lines = [json.dumps({"index": b * size + i, "answers": [a[i].text for a in answers],
+                             "tokens": [a[i].tokens for a in answers], "stopped": [a[i].stopped for a in answers],
+                             "scores": scores[i * k : (i + 1) * k]}, ensure_ascii=False) + "\n"
+                 for i in range(len(batch))]
+        write_atomic(part_file(parts, b), "".join(lines))
+        elapsed = time.time() - began
+        if state.is_main_process and (n == len(mine) or elapsed - last >= 30 or n == 1):
+            last = elapsed
+            log(f"pairs: batch {n}/{len(mine)} of this process ({100 * n // len(mine)}%) elapsed {clock(elapsed)} "
+                f"eta {clock(elapsed / n * (len(mine) - n))}")
+
+
+def _open_engine(cfg, engine_name: str, device):
+    """The policy's tokenizer (its chat template installed as training installs it) and the engine."""
+    import torch
+
+    from .models import check_weights_format, load_tokenizer
+    from .sampling import TransformersEngine, VllmEngine, stop_ids
+    from .templates import setup_chat_template
+
+    m = cfg.model
+    check_weights_format(m, "prefopt pairs")
+    tokenizer = load_tokenizer(m)
+    grew = setup_chat_template(tokenizer, cfg.data.chat_template)
+    dtype = {None: torch.float32, "auto": "auto"}.get(m.dtype, getattr(torch, m.dtype or "float32", torch.float32))
+    if engine_name == "vllm":
+        if grew:
+            raise PrefoptError("engine: vllm cannot add the chat template's new tokens to the policy's vocabulary; "
+                               "use a model that has them, or `engine: transformers`.")
+        return VllmEngine(m.model_name_or_path, tokenizer, cfg.pairs, stop_ids(None, tokenizer),
+                          m.trust_remote_code, m.dtype), tokenizer
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(m.model_name_or_path, revision=m.model_revision, dtype=dtype,
+                                                     trust_remote_code=m.trust_remote_code,
+                                                     use_safetensors=None if m.allow_pickle_weights else True)
+    except OSError as e:
+        raise PrefoptError(f"could not load the policy from {m.model_name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if grew:
+        model.resize_token_embeddings(len(tokenizer))
+    return TransformersEngine(model.to(device), tokenizer, cfg.pairs), tokenizer
+
+
+def _read_parts(parts: Path, batches: int, n: int) -> list[dict]:
+    records = []
+    for b in range(batches):
+        path = part_file(parts, b)
+        if not path.is_file():
+            raise PrefoptError(f"{path} is missing after every process finished; rerun the same command to make it.")
+        records += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if [r["index"] for r in records] != list(range(n)):
+        raise PrefoptError(f"{parts}: the parts do not cover the {n} prompts in order; delete {parts} and rerun.")
+    return records

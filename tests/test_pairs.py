@@ -1,0 +1,228 @@
+"""`prefopt pairs`: the policy's sampled answers, scored, as a pairs file `prefopt train` reads.
+
+A tiny random Llama answers the demo's sort prompts with a few digits and words; the scorer
+below grades them (1 for a correct sort, else minus the positions that differ from it), so the
+answers of one prompt score differently and pairs are made.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prefopt.errors import PrefoptError
+
+SCORER = '''
+import re
+
+def sort_score(prompt, answer, row):
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    digits = re.findall(r"\\d", text.split("Sort:")[1])
+    want, got = sorted(digits), answer.split()
+    return float(sum(a == b for a, b in zip(want, got)) - abs(len(want) - len(got)))
+
+def raises(prompt, answer, row):
+    raise ValueError("no grader for this one")
+
+def text(prompt, answer, row):
+    return "high"
+'''
+
+
+@pytest.fixture
+def ws(workspace, tmp_path, monkeypatch):
+    """A workspace with prompt-only files (chat and text), the scorer module in the cwd."""
+    w = workspace("pairs", {"train": (6, 0)}, chat=True)
+    from prefopt.demo import make_rows
+
+    data = tmp_path / "prompts"
+    data.mkdir()
+    chat = [{"prompt": r["prompt"], "id": i} for i, r in enumerate(make_rows(10, 3, chat=True))]
+    text = [{"prompt": r["prompt"]} for r in make_rows(10, 3)]
+    (data / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    (data / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text))
+    (tmp_path / "scorers.py").write_text(SCORER)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return w, data
+
+
+def config(w, data, name="chat.jsonl", **extra):
+    return {"model_name_or_path": str(w.model), "datasets": [{"path": str(data / name)}],
+            "reward_function": "scorers:sort_score", "num_samples": 4, "max_new_tokens": 8,
+            "generation_batch_size": 4, "output": str(data.parent / "out" / "pairs.jsonl"), "temperature": 1.5,
+            **extra}
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_pairs_are_the_best_and_worst_answers_and_train_reads_them(ws):
+    import prefopt
+
+    w, data = ws
+    made = prefopt.pairs(config(w, data))
+    rows = rows_of(made.output)
+    report = made.report
+    assert report["prompts"] == 10 and report["answers"] == 40
+    assert report["pairs"] == len(rows) > 0
+    assert report["pairs"] + sum(report["dropped"].values()) == 10
+    for r in rows:
+        assert r["chosen_score"] == max(r["all_scores"]) and r["rejected_score"] == min(r["all_scores"])
+        assert r["chosen_score"] > r["rejected_score"]
+        assert r["chosen"][0]["role"] == "assistant" and isinstance(r["prompt"], list)
+        assert r["seeds"] == [42, 43, 44, 45] and r["chosen_seed"] in r["seeds"]
+    saved = json.loads(made.output.with_suffix(".report.json").read_text())
+    assert saved["pairs"] == len(rows) and not (made.output.parent / "pairs.jsonl.parts").exists()
+    lengths = report["lengths"]
+    assert 0 <= lengths["length_baseline_accuracy"] <= 1
+    # the file is training data as it stands
+    run = prefopt.train({"model_name_or_path": str(w.model), "datasets": [{"path": str(made.output)}],
+                         "method": "simpo", "max_steps": 1, "per_device_train_batch_size": 2,
+                         "output_dir": str(data.parent / "trained"), "save_strategy": "no"})
+    assert run.train_metrics
+
+
+def test_text_prompts_give_text_answers(ws):
+    import prefopt
+
+    w, data = ws
+    made = prefopt.pairs(config(w, data, "text.jsonl", selection="best_random"))
+    for r in rows_of(made.output):
+        assert isinstance(r["prompt"], str) and isinstance(r["chosen"], str) and isinstance(r["rejected"], str)
+        assert r["chosen_score"] == max(r["all_scores"]) and r["rejected_score"] < r["chosen_score"]
+
+
+def test_the_same_settings_give_the_same_file_and_a_rerun_does_nothing(ws):
+    import prefopt
+
+    w, data = ws
+    first = prefopt.pairs(config(w, data))
+    text = first.output.read_text()
+    again = prefopt.pairs(config(w, data))
+    assert again.finished_before and first.output.read_text() == text
+    other = config(w, data, output=str(data.parent / "other" / "pairs.jsonl"))
+    assert prefopt.pairs(other).output.read_text() == text  # the seeds decide, not the run
+    with pytest.raises(PrefoptError, match="other settings"):
+        prefopt.pairs(config(w, data, temperature=0.9))
+    assert first.output.read_text() == text
+
+
+def test_a_users_file_is_never_replaced(ws):
+    import prefopt
+
+    w, data = ws
+    out = data.parent / "out" / "pairs.jsonl"
+    out.parent.mkdir()
+    out.write_text("mine\n")
+    with pytest.raises(PrefoptError, match="not a finished"):
+        prefopt.pairs(config(w, data))
+    assert out.read_text() == "mine\n"
+
+
+def test_a_min_score_gap_drops_close_calls(ws):
+    import prefopt
+
+    w, data = ws
+    made = prefopt.pairs(config(w, data, min_score_gap=1000.0))
+    assert made.report["pairs"] == 0 and made.report["dropped"]["gap_below_min"] + made.report["dropped"][
+        "all_tie"] + made.report["dropped"]["identical_answers"] == 10
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"reward_function": None}, "name one scorer"),
+    ({"reward_model": "x"}, "both are set"),
+    ({"selection": "best_of"}, "selection"),
+    ({"engine": "vllm"}, "vllm cannot run here"),
+    ({"output": "pairs.json"}, "must end in .jsonl"),
+    ({"seeds": [1, 2, 3]}, "num_samples is 4 but seeds lists 3"),
+    ({"reward_function": "scorers:raises"}, r"chat.jsonl\[train\] row 0.*ValueError: no grader"),
+    ({"reward_function": "scorers:text"}, r"row 0.*'high'"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(ws, extra, message):
+    import prefopt
+
+    w, data = ws
+    if extra.get("engine") == "vllm":
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("vLLM may run on this machine")
+    with pytest.raises(PrefoptError, match=message):
+        prefopt.pairs(config(w, data, **extra))
+    assert not (data.parent / "out" / "pairs.jsonl").exists()
+
+
+def test_prompt_problems_name_the_row(ws):
+    import prefopt
+
+    w, data = ws
+    bad = data / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Sort: 1 2 ="}) + "\n" + json.dumps({"prompt": "  "}) + "\n")
+    with pytest.raises(PrefoptError, match=r"bad.jsonl\[train\] row 1: the prompt is empty"):
+        prefopt.pairs(config(w, data, "bad.jsonl"))
+    (data / "nocol.jsonl").write_text(json.dumps({"question": "Sort: 1 2 ="}) + "\n")
+    with pytest.raises(PrefoptError, match=r"no prompt column .*column_mapping: \{prompt: question\}"):
+        prefopt.pairs(config(w, data, "nocol.jsonl"))
+    made = prefopt.pairs(config(w, data, "nocol.jsonl", column_mapping={"prompt": "question"}))
+    assert made.report["prompts"] == 1
+    (data / "empty.jsonl").write_text("")
+    with pytest.raises(PrefoptError):
+        prefopt.pairs(config(w, data, "empty.jsonl"))
+
+
+def _command(cfg: dict, path: Path) -> list[str]:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return [sys.executable, "-m", "prefopt", "pairs", str(path)]
+
+
+def test_a_killed_run_resumes_and_ends_with_the_same_file(ws, tmp_path):
+    """SIGKILL after some batches are written; the rerun makes only the missing ones."""
+    import prefopt
+
+    w, data = ws
+    whole = prefopt.pairs(config(w, data, output=str(tmp_path / "whole" / "pairs.jsonl"), generation_batch_size=2))
+    cfg = config(w, data, output=str(tmp_path / "killed" / "pairs.jsonl"), generation_batch_size=2)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.Popen(_command(cfg, tmp_path / "c.yaml"), env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parts = tmp_path / "killed" / "pairs.jsonl.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("batch-*.jsonl"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = sorted(p.name for p in parts.glob("batch-*.jsonl"))
+    assert 2 <= len(written) < 5, written  # stopped part-way
+    done = subprocess.run(_command(cfg, tmp_path / "c.yaml"), env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(written)} done before" in done.stdout
+    assert (tmp_path / "killed" / "pairs.jsonl").read_text() == whole.output.read_text()
+    assert not parts.exists()
+
+
+def test_two_processes_write_what_one_writes(ws, tmp_path):
+    """torchrun with 2 processes: each takes every other batch; the merged file is one process's."""
+    import prefopt
+    from helpers import free_port
+
+    w, data = ws
+    one = prefopt.pairs(config(w, data, output=str(tmp_path / "one" / "pairs.jsonl"), generation_batch_size=3))
+    cfg = config(w, data, output=str(tmp_path / "two" / "pairs.jsonl"), generation_batch_size=3)
+    cmd = _command(cfg, tmp_path / "c.yaml")
+    cmd[1:3] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+                "prefopt"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "2 process(es)" in done.stdout
+    assert (tmp_path / "two" / "pairs.jsonl").read_text() == one.output.read_text()
