@@ -226,3 +226,74 @@ def test_two_processes_write_what_one_writes(ws, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "2 process(es)" in done.stdout
     assert (tmp_path / "two" / "pairs.jsonl").read_text() == one.output.read_text()
+
+
+def test_rounds_alternate_pairs_and_training_and_a_rerun_redoes_nothing(ws, tmp_path):
+    import prefopt
+    from prefopt.demo import make_rows
+
+    w, data = ws
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in make_rows(4, 9, chat=True)))
+    cfg = {**config(w, data), "output": None, "method": "simpo", "max_steps": 2, "per_device_train_batch_size": 2,
+           "learning_rate": 0.01, "logging_steps": 1, "per_device_eval_batch_size": 4, "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "no",
+           "output_dir": str(tmp_path / "rounds"),
+           "datasets": [{"path": str(data / "chat.jsonl")}, {"path": str(held_out), "eval": True}]}
+    summary = prefopt.iterate(cfg, rounds=2)
+    root = tmp_path / "rounds"
+    assert [e["round"] for e in summary["rounds"]] == [1, 2, 3]
+    assert summary["rounds"][1]["policy"] == summary["rounds"][0]["model"] == str(root / "round-1" / "model")
+    assert summary["rounds"][2]["policy"] == str(root / "round-2" / "model") and "model" not in summary["rounds"][2]
+    for e in summary["rounds"][:2]:
+        assert e["pairs"] > 0 and "eval_rewards/accuracies" in e["eval"]
+        assert e["train"]["train_loss"] > 0 and 0 <= e["train"]["rewards/accuracies"] <= 1
+    # each round's policy answered differently: the model trained in the round before
+    assert (root / "round-2" / "pairs.jsonl").read_text() != (root / "round-1" / "pairs.jsonl").read_text()
+    assert json.loads((root / "iterate.json").read_text()) == summary
+    stamp = (root / "round-2" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert prefopt.iterate(cfg, rounds=2) == summary
+    assert (root / "round-2" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_the_vllm_engine_asks_for_what_transformers_does_and_answers_in_the_same_form(monkeypatch):
+    """No GPU here: a stand-in `vllm` module records the requests. Each prompt goes as its token ids,
+    with the sampling settings, every EOS id as a stop id, and a seed of its own (seed, prompt index),
+    so an answer does not depend on the batch it is in."""
+    import types
+    from dataclasses import dataclass as dc
+
+    from prefopt.sampling import VllmEngine, derived_seed
+
+    seen = {}
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    @dc
+    class Out:
+        token_ids: list
+        finish_reason: str
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["llm"] = kw
+
+        def generate(self, prompts, params, use_tqdm):
+            seen["prompts"], seen["params"] = prompts, params
+            return [types.SimpleNamespace(outputs=[Out([5, 6, 2], "stop")]), types.SimpleNamespace(outputs=[Out([7], "length")])]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens):
+            return " ".join(map(str, ids))
+
+    settings = types.SimpleNamespace(temperature=0.8, top_p=0.95, max_new_tokens=12)
+    engine = VllmEngine("policy", Tok(), settings, eos=[2], trust_remote_code=False, dtype=None)
+    answers = engine.sample([[1, 3], [1, 4, 4]], seed=7, first_index=10)
+    assert seen["prompts"] == [{"prompt_token_ids": [1, 3]}, {"prompt_token_ids": [1, 4, 4]}]
+    p = seen["params"]
+    assert [x.seed for x in p] == [derived_seed(7, 10) % 2**31, derived_seed(7, 11) % 2**31]
+    assert (p[0].temperature, p[0].top_p, p[0].max_tokens, p[0].stop_token_ids) == (0.8, 0.95, 12, [2])
+    assert [(a.text, a.tokens, a.stopped) for a in answers] == [("5 6", 2, True), ("7", 1, False)]

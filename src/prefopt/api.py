@@ -102,6 +102,15 @@ def pairs(config: str | Path | dict | Config, **overrides: Any):
     return make_pairs(_load(config, overrides, objective_optional=True))
 
 
+def iterate(config: str | Path | dict | Config, rounds: int, **overrides: Any) -> dict:
+    """What `prefopt iterate CONFIG --rounds K` does: K rounds of pairs from the policy and training on
+    them, each in output_dir/round-K/; returns what output_dir/iterate.json holds (each round's pairs,
+    rewards and final metrics)."""
+    from .rounds import iterate as run
+
+    return run(load_config(config, **overrides), rounds)
+
+
 def evaluate(models: str | Path | list, data: str | None = None, split: str | None = None, prompts: str | None = None,
              reward_model: str | None = None, **generation: Any) -> dict:
     """What `prefopt eval` reports, as a dict: preference metrics on held-out pairs (`data`, its

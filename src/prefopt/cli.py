@@ -4,6 +4,7 @@
     prefopt config explain CONFIG.yaml [--key value ...]
     prefopt data CONFIG.yaml [--examples N] [--output FILE] [--key value ...]
     prefopt pairs CONFIG.yaml [--key value ...]       (on-policy pairs: sample, score, keep best and worst)
+    prefopt iterate CONFIG.yaml --rounds K [--key value ...]   (pairs -> train -> pairs from the new model ...)
     prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype bfloat16]
     prefopt eval --model DIR [--model DIR2 ...] [--data PAIRS] [--prompts FILE] ...
     prefopt generate --model DIR [--prompt TEXT ...] [--prompts FILE] ...
@@ -34,6 +35,8 @@ USAGE = """usage:
   prefopt data CONFIG.yaml [--examples N] [--output FILE] [--key value ...]
                                                   the data report and N decoded pairs, no model loaded
   prefopt pairs CONFIG.yaml [--key value ...]     the policy's own answers, scored, as a pairs file for train
+  prefopt iterate CONFIG.yaml --rounds K [--key value ...]
+                                                  on-policy rounds: pairs, train, pairs from the new model, ...
   prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype DTYPE]
                                                   fold a LoRA adapter into its base; save a full model
   prefopt plot OUTPUT_DIR                         PNGs of a run's metrics (OUTPUT_DIR/plots)
@@ -199,13 +202,7 @@ def cmd_data(args: list[str]) -> int:
     parser = _data_parser()
     if _help_only(parser, args):
         return 0
-    own, overrides = [], []
-    i = 0
-    while i < len(args):  # --examples and --output are this command's; every other --key is a config key
-        name = args[i].partition("=")[0]
-        takes = 1 if name in ("--examples", "--output") and "=" not in args[i] else 0
-        (own if name in ("--examples", "--output") else overrides).extend(args[i:i + 1 + takes])
-        i += 1 + takes
+    own, overrides = _own_options(args, ("--examples", "--output"))  # every other --key is a config key
     path, overrides = _config_and_overrides(overrides)
     options = parser.parse_args(([path] if path else []) + own)
     _quiet()
@@ -238,6 +235,44 @@ def cmd_pairs(args: list[str]) -> int:
 
     make_pairs(load_config(path, overrides, objective_optional=True))
     return 0
+
+
+def _iterate_parser() -> _Parser:
+    parser = _Parser("iterate", "On-policy rounds: pairs from the policy (prefopt pairs), training on them (prefopt "
+                     "train), pairs from the new model, and so on; each round in output_dir/round-K/, a table of "
+                     "every round's rewards and metrics at the end (output_dir/iterate.json). A rerun skips what is "
+                     "finished and resumes what is not.",
+                     usage="%(prog)s CONFIG.yaml --rounds K [--key value ...]", epilog=OVERRIDES)
+    parser.add_argument("config", metavar="CONFIG.yaml", help="a training config with the pairs keys")
+    parser.add_argument("--rounds", type=_count, required=True, help="how many rounds of pairs and training")
+    return parser
+
+
+def cmd_iterate(args: list[str]) -> int:
+    parser = _iterate_parser()
+    if _help_only(parser, args):
+        return 0
+    own, overrides = _own_options(args, ("--rounds",))
+    path, overrides = _config_and_overrides(overrides)
+    options = parser.parse_args(([path] if path else []) + own)
+    _quiet()
+    from .config import load_config
+    from .rounds import iterate
+
+    iterate(load_config(path, overrides), options.rounds)
+    return 0
+
+
+def _own_options(args: list[str], names: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """A command's own `--name value` options apart from the config's free-form `--key value`s."""
+    own, rest = [], []
+    i = 0
+    while i < len(args):
+        name = args[i].partition("=")[0]
+        takes = 1 if name in names and "=" not in args[i] else 0
+        (own if name in names else rest).extend(args[i:i + 1 + takes])
+        i += 1 + takes
+    return own, rest
 
 
 def _quiet(models: list[str] = ()):
@@ -370,7 +405,7 @@ def cmd_push(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "data": cmd_data, "pairs": cmd_pairs, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "config": cmd_config, "data": cmd_data, "pairs": cmd_pairs, "iterate": cmd_iterate, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
             "generate": cmd_generate, "push": cmd_push}
 
 
