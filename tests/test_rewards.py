@@ -92,7 +92,8 @@ def test_bad_function_specs_are_refused_with_the_fix(checks, spec, expected):
 
 def test_a_module_whose_own_import_fails_is_told_apart_from_a_missing_one(tmp_path):
     (tmp_path / "needs_dep.py").write_text("import no_such_dependency_xyz\ndef score(p, a, r):\n    return 1.0\n")
-    with pytest.raises(PrefoptError, match="importing it raised ModuleNotFoundError.*no_such_dependency_xyz.*install"):
+    message = "importing it raised ModuleNotFoundError.*no_such_dependency_xyz.*install"
+    with pytest.raises(PrefoptError, match=message):
         RewardFunction("needs_dep:score", search_paths=[str(tmp_path)])
 
 
