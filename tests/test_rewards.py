@@ -98,8 +98,9 @@ def test_a_module_whose_own_import_fails_is_told_apart_from_a_missing_one(tmp_pa
 
 
 def test_exactly_one_scorer_must_be_set(checks):
+    message = r"set one of `reward_model: PATH` .* or `reward_function: module:function`"
     for args in ((None, None), ("some/model", "reward_checks:exact")):
-        with pytest.raises(PrefoptError, match=r"set one of `reward_model: PATH` .* or `reward_function: module:function`"):
+        with pytest.raises(PrefoptError, match=message):
             load_scorer(*args, search_paths=[str(checks)])
 
 
