@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoints import file_hash, write_atomic
 from .errors import PrefoptError
 
 PARTS_SUFFIX = ".parts"
@@ -190,23 +190,12 @@ def open_parts(output: Path, settings: dict, main: bool) -> Path:
     return parts
 
 
-def write_atomic(path: Path, text: str):
-    """`text` into `path` whole or not at all (a kill mid-write leaves the old file or none)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def remove_parts(parts: Path, batches: int):
     """Only what `open_parts` and the batches wrote; anything else is left, and the folder with it."""
     for b in range(batches):
-        part_file(parts, b).unlink(missing_ok=True)
+        for path in (part_file(parts, b), part_file(parts, b).with_name(part_file(parts, b).name + ".tmp")):
+            path.unlink(missing_ok=True)  # and the half-written copy a kill left (write_atomic's)
     (parts / SETTINGS_FILE).unlink(missing_ok=True)
-    for tmp in parts.glob(".batch-*.jsonl.tmp*"):
-        tmp.unlink(missing_ok=True)
     try:
         parts.rmdir()
     except OSError:
@@ -233,14 +222,6 @@ def finished(output: Path, settings: dict) -> dict | None:
                                "was changed. Delete it (and its .report.json) to make new ones, or set another output.")
     raise PrefoptError(f"{output} exists and is not a finished `prefopt pairs` file of this config; nothing was "
                        "changed. Set another output, or move the file.")
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_pairs(cfg, log=print) -> PairsResult:
