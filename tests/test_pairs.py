@@ -210,6 +210,31 @@ def test_a_killed_run_resumes_and_ends_with_the_same_file(ws, tmp_path):
     assert not parts.exists()
 
 
+def test_sigterm_stops_in_one_line_and_the_same_command_continues(ws, tmp_path):
+    import prefopt
+
+    w, data = ws
+    cfg = config(w, data, output=str(tmp_path / "termed" / "pairs.jsonl"), generation_batch_size=2)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.Popen(_command(cfg, tmp_path / "c.yaml"), env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "termed" / "pairs.jsonl.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(parts.glob("batch-*.jsonl")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM; the batches finished so far are kept" in err and "Traceback" not in err
+    assert not (tmp_path / "termed" / "pairs.jsonl").exists()
+    done = subprocess.run(_command(cfg, tmp_path / "c.yaml"), env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    whole = prefopt.pairs(config(w, data, output=str(tmp_path / "whole" / "pairs.jsonl"), generation_batch_size=2))
+    assert (tmp_path / "termed" / "pairs.jsonl").read_text() == whole.output.read_text()
+
+
 def test_two_processes_write_what_one_writes(ws, tmp_path):
     """torchrun with 2 processes: each takes every other batch; the merged file is one process's."""
     import prefopt

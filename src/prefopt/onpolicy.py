@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,7 +248,8 @@ def make_pairs(cfg, log=print) -> PairsResult:
     size = cfg.pairs.generation_batch_size
     batches = (len(prompts) + size - 1) // size
     start = time.time()
-    _generate_and_score(cfg, prompts, parts, batches, engine_name, state, log)
+    with _stops_cleanly(parts):
+        _generate_and_score(cfg, prompts, parts, batches, engine_name, state, log)
     state.wait_for_everyone()
     if state.is_main_process:
         records = _read_parts(parts, batches, len(prompts))
@@ -264,6 +266,31 @@ def make_pairs(cfg, log=print) -> PairsResult:
     if state.is_main_process:
         log("\n".join(lines))
     return PairsResult(output, report, lines=lines)
+
+
+@contextmanager
+def _stops_cleanly(parts: Path):
+    """SIGTERM or Ctrl-C: stop at once, saying so in one line (exit 128 + the signal); every batch
+    written so far is whole and is kept, and the same command continues from them."""
+    import signal
+    import threading
+
+    from .errors import Stopped
+    from .stopping import SIGNALS
+
+    def handle(signum, frame):
+        raise Stopped(signum, f"stopped by {signal.Signals(signum).name}; the batches finished so far are kept in "
+                              f"{parts}. Run the same command again to continue from them.")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handle) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _generate_and_score(cfg, prompts, parts: Path, batches: int, engine_name: str, state, log):
