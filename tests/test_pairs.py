@@ -93,10 +93,38 @@ def test_text_prompts_give_text_answers(ws):
     import prefopt
 
     w, data = ws
-    made = prefopt.pairs(config(w, data, "text.jsonl", selection="best_random"))
+    made = prefopt.pairs(config(w, data, "text.jsonl", selection="best_random", prompt_format="text"))
     for r in rows_of(made.output):
         assert isinstance(r["prompt"], str) and isinstance(r["chosen"], str) and isinstance(r["rejected"], str)
         assert r["chosen_score"] == max(r["all_scores"]) and r["rejected_score"] < r["chosen_score"]
+
+
+def test_text_prompts_are_a_user_turn_where_the_policy_chats(ws):
+    """prompt_format auto: the policy has a chat template, so a text prompt is asked as a user turn and
+    the pairs are chat rows, which training renders with the same template (what was sampled is trained)."""
+    import prefopt
+
+    w, data = ws
+    made = prefopt.pairs(config(w, data, "text.jsonl"))
+    text = [json.loads(x)["prompt"] for x in (data / "text.jsonl").read_text().splitlines()]
+    for r in rows_of(made.output):
+        assert r["prompt"][0]["role"] == "user" and r["prompt"][0]["content"] in text
+        assert r["chosen"][0]["role"] == "assistant"
+    import shutil
+
+    bare = shutil.copytree(w.model, data.parent / "bare")  # the same policy without a chat template
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    settings = json.loads((bare / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(settings))
+    elsewhere = str(data.parent / "bare_out" / "pairs.jsonl")
+    with pytest.raises(PrefoptError, match=r"chat.jsonl\[train\] row 0: the prompt is chat messages"):
+        prefopt.pairs(config(w, data, "chat.jsonl", model_name_or_path=str(bare), output=elsewhere))
+    with pytest.raises(PrefoptError, match="prompt_format: chat, but the policy's tokenizer has no chat template"):
+        prefopt.pairs(config(w, data, "text.jsonl", model_name_or_path=str(bare), output=elsewhere,
+                             prompt_format="chat"))
+    text_pairs = prefopt.pairs(config(w, data, "text.jsonl", model_name_or_path=str(bare), output=elsewhere))
+    assert all(isinstance(r["prompt"], str) for r in rows_of(text_pairs.output))
 
 
 def test_the_same_settings_give_the_same_file_and_a_rerun_does_nothing(ws):

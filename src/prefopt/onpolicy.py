@@ -232,7 +232,8 @@ def make_pairs(cfg, log=print) -> PairsResult:
 
     check_settings(cfg)
     output = output_path(cfg)
-    prompts = read_prompts(cfg)
+    policy = policy_tokenizer(cfg)
+    prompts = as_format(read_prompts(cfg), prompt_format(cfg, policy[0]))
     engine_name = choose_engine(cfg.pairs.engine)
     settings = fingerprint(cfg, prompts, engine_name)
     done = finished(output, settings)
@@ -249,7 +250,7 @@ def make_pairs(cfg, log=print) -> PairsResult:
     batches = (len(prompts) + size - 1) // size
     start = time.time()
     with _stops_cleanly(parts):
-        _generate_and_score(cfg, prompts, parts, batches, engine_name, state, log)
+        _generate_and_score(cfg, prompts, parts, batches, engine_name, state, policy, log)
     state.wait_for_everyone()
     if state.is_main_process:
         records = _read_parts(parts, batches, len(prompts))
@@ -293,7 +294,7 @@ def _stops_cleanly(parts: Path):
             signal.signal(s, h)
 
 
-def _generate_and_score(cfg, prompts, parts: Path, batches: int, engine_name: str, state, log):
+def _generate_and_score(cfg, prompts, parts: Path, batches: int, engine_name: str, state, policy, log):
     from .console import clock
     from .rewards import ScoreItem, load_scorer
 
@@ -305,7 +306,8 @@ def _generate_and_score(cfg, prompts, parts: Path, batches: int, engine_name: st
             f"engine {engine_name}, {state.num_processes} process(es)")
     if not mine:
         return
-    engine, tokenizer = _open_engine(cfg, engine_name, state.device)
+    tokenizer = policy[0]
+    engine = _open_engine(cfg, engine_name, state.device, *policy)
     p = cfg.pairs
     scorer = load_scorer(p.reward_model, p.reward_function, trust_remote_code=p.reward_trust_remote_code,
                          batch_size=p.reward_batch_size, device=state.device,
@@ -333,25 +335,62 @@ def _generate_and_score(cfg, prompts, parts: Path, batches: int, engine_name: st
                 f"eta {clock(elapsed / n * (len(mine) - n))}")
 
 
-def _open_engine(cfg, engine_name: str, device):
-    """The policy's tokenizer (its chat template installed as training installs it) and the engine."""
-    import torch
-
+def policy_tokenizer(cfg):
+    """The policy's tokenizer with its chat template installed as training installs it, and whether
+    that added tokens to the vocabulary."""
     from .models import check_weights_format, load_tokenizer
-    from .sampling import TransformersEngine, VllmEngine, stop_ids
     from .templates import setup_chat_template
 
+    check_weights_format(cfg.model, "prefopt pairs")
+    tokenizer = load_tokenizer(cfg.model)
+    return tokenizer, setup_chat_template(tokenizer, cfg.data.chat_template)
+
+
+def prompt_format(cfg, tokenizer) -> str:
+    """chat or text: `prompt_format`, or under auto chat where the policy has a chat template."""
+    asked = cfg.pairs.prompt_format
+    if asked not in ("auto", "chat", "text"):
+        raise PrefoptError(f"prompt_format: {asked!r} is not one of auto, chat, text.")
+    if asked == "chat" and not tokenizer.chat_template:
+        raise PrefoptError("prompt_format: chat, but the policy's tokenizer has no chat template; set "
+                           "`chat_template: chatml` (or a .jinja file), or prompt_format: text.")
+    if asked == "auto":
+        return "chat" if tokenizer.chat_template else "text"
+    return asked
+
+
+def as_format(prompts: list[PromptRow], fmt: str) -> list[PromptRow]:
+    """Text prompts as one user turn where the policy answers in chat (its pairs are then chat rows, which
+    training renders with the same template); a chat prompt without a template to render it is refused."""
+    for p in prompts:
+        if fmt == "chat" and isinstance(p.prompt, str):
+            p.prompt = [{"role": "user", "content": p.prompt}]
+        elif fmt == "text" and not isinstance(p.prompt, str):
+            raise PrefoptError(f"{p.where}: the prompt is chat messages, but prompt_format is text (or the policy's "
+                               "tokenizer has no chat template); set `chat_template: chatml`, or give text prompts.")
+    return prompts
+
+
+def _open_engine(cfg, engine_name: str, device, tokenizer, grew: bool):
+    """The engine that samples the policy's answers."""
+    import torch
+
+    from .sampling import TransformersEngine, VllmEngine, stop_ids
+
     m = cfg.model
-    check_weights_format(m, "prefopt pairs")
-    tokenizer = load_tokenizer(m)
-    grew = setup_chat_template(tokenizer, cfg.data.chat_template)
     dtype = {None: torch.float32, "auto": "auto"}.get(m.dtype, getattr(torch, m.dtype or "float32", torch.float32))
     if engine_name == "vllm":
         if grew:
             raise PrefoptError("engine: vllm cannot add the chat template's new tokens to the policy's vocabulary; "
                                "use a model that has them, or `engine: transformers`.")
-        return VllmEngine(m.model_name_or_path, tokenizer, cfg.pairs, stop_ids(None, tokenizer),
-                          m.trust_remote_code, m.dtype), tokenizer
+        from transformers import GenerationConfig
+
+        try:
+            generation = GenerationConfig.from_pretrained(m.model_name_or_path, revision=m.model_revision)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            generation = None
+        return VllmEngine(m.model_name_or_path, tokenizer, cfg.pairs, stop_ids(generation, tokenizer),
+                          m.trust_remote_code, m.dtype)
     from transformers import AutoModelForCausalLM
 
     try:
@@ -362,7 +401,7 @@ def _open_engine(cfg, engine_name: str, device):
         raise PrefoptError(f"could not load the policy from {m.model_name_or_path!r}: {str(e).splitlines()[0]}") from None
     if grew:
         model.resize_token_embeddings(len(tokenizer))
-    return TransformersEngine(model.to(device), tokenizer, cfg.pairs), tokenizer
+    return TransformersEngine(model.to(device), tokenizer, cfg.pairs)
 
 
 def _read_parts(parts: Path, batches: int, n: int) -> list[dict]:

@@ -52,8 +52,9 @@ def render_prompt(tokenizer, prompt, where: str) -> list[int]:
     return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None) if model is not None else None
+def stop_ids(generation_config, tokenizer) -> list[int]:
+    """Every EOS id the policy's generation config names, and the tokenizer's."""
+    eos = getattr(generation_config, "eos_token_id", None)
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     return sorted({i for i in eos + [tokenizer.eos_token_id] if i is not None})
 
@@ -65,7 +66,7 @@ class TransformersEngine:
 
     def __init__(self, model, tokenizer, settings):
         self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
-        self.eos = stop_ids(model, tokenizer)
+        self.eos = stop_ids(model.generation_config, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
 
     def sample(self, prompts: list[list[int]], seed: int, first_index: int) -> list[Answer]:

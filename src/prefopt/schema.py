@@ -238,6 +238,10 @@ class PairsArgs:
     engine: str = field(
         default="auto", metadata={"help": "auto (vllm where it is installed and a GPU is present, else transformers), "
                                           "transformers or vllm."})
+    prompt_format: str = field(
+        default="auto", metadata={"help": "auto (chat where the policy has a chat template: a text prompt becomes one "
+                                          "user turn and the pairs chat rows), chat, or text (prompt and answer "
+                                          "concatenated, as training reads text rows)."})
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts generated for at once."})
     reward_batch_size: int = field(default=16, metadata={"help": "Answers scored at once by a reward model."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (None: all)."})
