@@ -149,9 +149,86 @@ def test_a_users_file_is_never_replaced(ws):
     out = data.parent / "out" / "pairs.jsonl"
     out.parent.mkdir()
     out.write_text("mine\n")
-    with pytest.raises(PrefoptError, match="not a finished"):
+    with pytest.raises(PrefoptError, match="is not a `prefopt pairs` file"):
         prefopt.pairs(config(w, data))
     assert out.read_text() == "mine\n"
+    out.unlink()
+    report = out.with_suffix(".report.json")
+    report.write_text("my notes\n")  # a file of the user's where the report would go
+    with pytest.raises(PrefoptError, match="report.json exists and was not written by `prefopt pairs`"):
+        prefopt.pairs(config(w, data))
+    assert report.read_text() == "my notes\n" and not out.exists()
+
+
+def test_another_selection_is_made_from_the_kept_answers(ws, capsys):
+    """selection, min_score_gap and min_chosen_score change the pairs, not the answers: a rerun makes
+    the pairs again from output.answers.jsonl without sampling; a pairs file lost after its report
+    was written is made again the same way."""
+    import prefopt
+
+    w, data = ws
+    first = prefopt.pairs(config(w, data))
+    answers = first.output.with_suffix(".answers.jsonl").read_text()
+    assert len(answers.splitlines()) == 10
+    capsys.readouterr()
+    none = prefopt.pairs(config(w, data, min_score_gap=1000.0))
+    assert "making the pairs again" in capsys.readouterr().out and none.report["pairs"] == 0
+    assert first.output.with_suffix(".answers.jsonl").read_text() == answers
+    best = max(s for x in answers.splitlines() for s in json.loads(x)["scores"])
+    only = prefopt.pairs(config(w, data, min_chosen_score=best))
+    assert all(r["chosen_score"] == best for r in rows_of(only.output)) and only.report["dropped"]["best_below_min"]
+    again = prefopt.pairs(config(w, data))
+    assert again.output.read_text() == first.output.read_text()
+    first.output.unlink()  # as a kill between the report and the pairs file leaves it
+    assert prefopt.pairs(config(w, data)).output.read_text() == again.output.read_text()
+
+
+def test_the_policys_generation_config_does_not_change_the_sampling(ws, tmp_path):
+    """The settings alone decide: a repetition_penalty in the policy's generation_config.json is not applied
+    (the vLLM engine would not apply it either)."""
+    import shutil
+
+    import prefopt
+
+    w, data = ws
+    plain = prefopt.pairs(config(w, data, output=str(tmp_path / "a" / "pairs.jsonl")))
+    odd = shutil.copytree(w.model, tmp_path / "odd")
+    generation = json.loads((odd / "generation_config.json").read_text())
+    (odd / "generation_config.json").write_text(json.dumps({**generation, "repetition_penalty": 50.0, "top_k": 2}))
+    other = prefopt.pairs(config(w, data, model_name_or_path=str(odd), output=str(tmp_path / "b" / "pairs.jsonl")))
+    assert rows_of(other.output) == rows_of(plain.output)
+
+
+def test_an_answer_reads_as_it_follows_its_prompt():
+    """A SentencePiece-style decoder drops a leading space when the answer is decoded alone; training
+    joins prompt and answer text, so the answer keeps the space it has after its prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from prefopt.sampling import answer_text
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "▁Hello", "▁world,", "▁how", "▁are", "▁you"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    assert tok.decode([3, 4, 5]) == "how are you"  # alone: no leading space
+    assert answer_text(tok, [1, 2], [3, 4, 5]) == " how are you"
+    assert tok("Hello world," + answer_text(tok, [1, 2], [3, 4, 5]))["input_ids"] == [1, 2, 3, 4, 5]
+
+
+def test_chat_prompts_are_asked_as_training_renders_them(ws):
+    """auto_insert_empty_system_msg: the prompt sampled from opens with the empty system turn training
+    puts before it; a role the template does not know is refused by row."""
+    from prefopt.config import build_config
+    from prefopt.sampling import render_prompt
+    from prefopt.templates import rendering
+
+    w, _ = ws
+    cfg = build_config({"method": "simpo", "auto_insert_empty_system_msg": True})
+    ids = render_prompt(w.tokenizer, [{"role": "user", "content": "Sort: 2 1"}], "row 0", rendering(w.tokenizer, cfg.data))
+    assert w.tokenizer.decode(ids).startswith("<s><|im_start|>system\n<|im_end|>\n<|im_start|>user\nSort: 2 1")
+    with pytest.raises(PrefoptError, match="row 0: column 'prompt', message 0 has the role 'wizard'"):
+        render_prompt(w.tokenizer, [{"role": "wizard", "content": "x"}], "row 0", rendering(w.tokenizer, cfg.data))
 
 
 def test_a_min_score_gap_drops_close_calls(ws):
@@ -342,14 +419,16 @@ def test_the_vllm_engine_asks_for_what_transformers_does_and_answers_in_the_same
         def decode(self, ids, skip_special_tokens):
             return " ".join(map(str, ids))
 
-    settings = types.SimpleNamespace(temperature=0.8, top_p=0.95, max_new_tokens=12)
+    settings = types.SimpleNamespace(temperature=0.8, top_p=0.95, max_new_tokens=12, vllm_gpu_memory_utilization=0.6)
     engine = VllmEngine("policy", Tok(), settings, eos=[2], trust_remote_code=False, dtype=None)
     answers = engine.sample([[1, 3], [1, 4, 4]], seed=7, first_index=10)
     assert seen["prompts"] == [{"prompt_token_ids": [1, 3]}, {"prompt_token_ids": [1, 4, 4]}]
     p = seen["params"]
     assert [x.seed for x in p] == [derived_seed(7, 10) % 2**31, derived_seed(7, 11) % 2**31]
     assert (p[0].temperature, p[0].top_p, p[0].max_tokens, p[0].stop_token_ids) == (0.8, 0.95, 12, [2])
-    assert [(a.text, a.tokens, a.stopped) for a in answers] == [("5 6", 2, True), ("7", 1, False)]
+    # decoded after the prompt (the stand-in tokenizer joins ids with spaces), up to the EOS
+    assert [(a.text, a.tokens, a.stopped) for a in answers] == [(" 5 6", 2, True), (" 7", 1, False)]
+    assert seen["llm"]["gpu_memory_utilization"] == 0.6 and seen["llm"]["revision"] == "main"
 
 
 def test_a_reward_model_trained_here_scores_the_answers_end_to_end(ws, tmp_path):

@@ -27,11 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import file_hash, write_atomic
+from .checkpoints import write_atomic
 from .errors import PrefoptError
 
-PARTS_SUFFIX = ".parts"
-SETTINGS_FILE = "settings.json"
 
 
 @dataclass
@@ -57,10 +55,6 @@ def output_path(cfg) -> Path:
         raise PrefoptError(f"output: {out} must end in .jsonl (the pairs are written as JSON Lines, which `prefopt "
                            "train` reads); name a .jsonl file.")
     return out
-
-
-def report_path(output: Path) -> Path:
-    return output.with_suffix(".report.json")
 
 
 DEFAULT_SAMPLES = 5  # the SimPO recipe's five seeds
@@ -134,13 +128,18 @@ def _checked_prompt(value, where: str):
                        "chat messages ({role, content}).")
 
 
-def fingerprint(cfg, prompts: list[PromptRow], engine: str) -> dict:
+def fingerprint(cfg, prompts: list[PromptRow], engine: str, tokenizer) -> dict:
     """What the answers depend on: a rerun continues only a run with the same."""
-    p = cfg.pairs
+    from .templates import rendering
+
+    p, m = cfg.pairs, cfg.model
     texts = hashlib.blake2b(digest_size=16)
     for r in prompts:
         texts.update(json.dumps(r.prompt, ensure_ascii=False).encode() + b"\n")
-    return {"policy": _model_identity(cfg.model.model_name_or_path), "chat_template": cfg.data.chat_template,
+    style = rendering(tokenizer, cfg.data) if tokenizer.chat_template else None
+    return {"policy": _model_identity(m.model_name_or_path), "revision": m.model_revision, "dtype": m.dtype,
+            "tokenizer": _model_identity(m.tokenizer_name_or_path) if m.tokenizer_name_or_path else None,
+            "chat_template": cfg.data.chat_template, "empty_system_turn": bool(style and style.empty_system),
             "prompts": len(prompts), "prompts_hash": texts.hexdigest(), "seeds": seeds_of(cfg),
             "temperature": p.temperature, "top_p": p.top_p, "max_new_tokens": p.max_new_tokens,
             "generation_batch_size": p.generation_batch_size, "engine": engine,
@@ -161,73 +160,11 @@ def _model_identity(name: str) -> str:
     return f"{folder.resolve()} ({h.hexdigest()})"
 
 
-# -- the parts ------------------------------------------------------------------------------------
-
-def parts_dir(output: Path) -> Path:
-    return output.with_name(output.name + PARTS_SUFFIX)
-
-
-def part_file(parts: Path, batch: int) -> Path:
-    return parts / f"batch-{batch:06d}.jsonl"
-
-
-def open_parts(output: Path, settings: dict, main: bool) -> Path:
-    """The parts folder of this run: new, or an earlier run's with the same settings (resumed)."""
-    parts = parts_dir(output)
-    mark = parts / SETTINGS_FILE
-    if mark.is_file():
-        before = json.loads(mark.read_text())
-        if before != settings:
-            changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
-            raise PrefoptError(f"{parts} holds an earlier `prefopt pairs` run's answers made with other settings "
-                               f"({', '.join(changed)} differ); nothing was changed. Run with those settings to "
-                               f"finish it, or delete {parts} to start afresh, or set another output.")
-    elif parts.exists() and any(parts.iterdir()):
-        raise PrefoptError(f"{parts} exists and was not written by `prefopt pairs` (no {SETTINGS_FILE}); nothing was "
-                           "changed. Move it, or set another output.")
-    elif main:
-        parts.mkdir(parents=True, exist_ok=True)
-        write_atomic(mark, json.dumps(settings, indent=1, sort_keys=True) + "\n")
-    return parts
-
-
-def remove_parts(parts: Path, batches: int):
-    """Only what `open_parts` and the batches wrote; anything else is left, and the folder with it."""
-    for b in range(batches):
-        for path in (part_file(parts, b), part_file(parts, b).with_name(part_file(parts, b).name + ".tmp")):
-            path.unlink(missing_ok=True)  # and the half-written copy a kill left (write_atomic's)
-    (parts / SETTINGS_FILE).unlink(missing_ok=True)
-    try:
-        parts.rmdir()
-    except OSError:
-        pass
-
-
 # -- the run ---------------------------------------------------------------------------------------
-
-def finished(output: Path, settings: dict) -> dict | None:
-    """The report of a finished run of these settings into `output` (None: not finished). An output
-    file that is not such a run's is refused, never replaced."""
-    report = report_path(output)
-    if not output.exists():
-        return None
-    if report.is_file():
-        try:
-            done = json.loads(report.read_text())
-        except (OSError, json.JSONDecodeError):
-            done = {}
-        if done.get("settings") == settings and done.get("output_hash") == file_hash(output):
-            return done
-        if done.get("output_hash") == file_hash(output):
-            raise PrefoptError(f"{output} holds pairs an earlier `prefopt pairs` run made with other settings; nothing "
-                               "was changed. Delete it (and its .report.json) to make new ones, or set another output.")
-    raise PrefoptError(f"{output} exists and is not a finished `prefopt pairs` file of this config; nothing was "
-                       "changed. Set another output, or move the file.")
-
 
 def make_pairs(cfg, log=print) -> PairsResult:
     """`prefopt pairs`: see the module's docstring."""
-    from . import pairselect
+    from . import pairsfiles as files
     from .sampling import choose_engine
 
     check_settings(cfg)
@@ -235,37 +172,81 @@ def make_pairs(cfg, log=print) -> PairsResult:
     policy = policy_tokenizer(cfg)
     prompts = as_format(read_prompts(cfg), prompt_format(cfg, policy[0]))
     engine_name = choose_engine(cfg.pairs.engine)
-    settings = fingerprint(cfg, prompts, engine_name)
-    done = finished(output, settings)
-    if done is not None:
+    settings = fingerprint(cfg, prompts, engine_name, policy[0])
+    selection = selection_of(cfg)
+    what, report = files.state(output, settings, selection)
+    if what == "done":
+        if (files.parts_dir(output) / files.SETTINGS_FILE).is_file():  # a run stopped after its pairs were written
+            files.open_parts(output, settings, main=False)  # (its own: the same settings)
+            files.remove_parts(files.parts_dir(output), -(-len(prompts) // cfg.pairs.generation_batch_size))
         lines = [f"prefopt pairs: {output} is finished with these settings; nothing was done."]
         log(lines[0])
-        return PairsResult(output, done, finished_before=True, lines=lines)
+        return PairsResult(output, report, finished_before=True, lines=lines)
+    if what == "reselect":
+        log(f"prefopt pairs: {output}: the answers are these settings'; making the pairs again for selection "
+            f"{selection}")
+        return _finish(cfg, output, prompts, files.read_answers(output), None, settings, selection, 0.0, log)
+    return _sample(cfg, output, prompts, settings, selection, engine_name, policy, log)
+
+
+def selection_of(cfg) -> dict:
+    """What turns the answers into pairs (a change of it needs no new answers)."""
+    p = cfg.pairs
+    return {"selection": p.selection, "min_score_gap": p.min_score_gap, "min_chosen_score": p.min_chosen_score,
+            "seed": cfg.training.seed}
+
+
+def _sample(cfg, output, prompts, settings, selection, engine_name, policy, log) -> PairsResult:
+    """Every batch not on disk yet, this process's share; then the first process merges them."""
     from accelerate import PartialState
 
+    from . import pairsfiles as files
+
     state = PartialState()
-    parts = open_parts(output, settings, state.is_main_process)
+    if engine_name == "vllm" and state.num_processes > 1:
+        raise PrefoptError(f"engine: vllm runs as one process and uses the GPUs itself; started as "
+                           f"{state.num_processes} processes. Run `prefopt pairs` without a launcher, or use "
+                           "`engine: transformers` to share the prompts between processes.")
+    if state.is_main_process:  # made (or checked) by the first process, then checked by the others
+        parts = files.open_parts(output, settings, main=True)
     state.wait_for_everyone()
+    if not state.is_main_process:
+        parts = files.open_parts(output, settings, main=False)
     size = cfg.pairs.generation_batch_size
     batches = (len(prompts) + size - 1) // size
     start = time.time()
     with _stops_cleanly(parts):
         _generate_and_score(cfg, prompts, parts, batches, engine_name, state, policy, log)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        records = _read_parts(parts, batches, len(prompts))
-        rows, report = pairselect.build(cfg, prompts, records, seeds_of(cfg))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        report.update(settings=settings, output=str(output), output_hash=file_hash(output), engine=engine_name,
-                      seconds=round(time.time() - start, 1))
-        write_atomic(report_path(output), json.dumps(report, indent=1) + "\n")
-        remove_parts(parts, batches)
-    state.wait_for_everyone()
-    report = json.loads(report_path(output).read_text())
+        if not state.is_main_process:  # no barrier: a process with fewer batches would wait past its timeout
+            return PairsResult(output, {}, lines=[])
+        _wait_for_parts(parts, batches)
+    records = files.read_parts(parts, batches, len(prompts))
+    return _finish(cfg, output, prompts, records, parts, settings, selection, time.time() - start, log,
+                   engine=engine_name, batches=batches)
+
+
+def _wait_for_parts(parts: Path, batches: int):
+    """The other processes' batches, on the shared file system (polled: no collective timeout)."""
+    from . import pairsfiles as files
+
+    while not all(files.part_file(parts, b).is_file() for b in range(batches)):
+        time.sleep(1.0)
+
+
+def _finish(cfg, output, prompts, records, parts, settings, selection, seconds, log, engine=None,
+            batches=0) -> PairsResult:
+    from . import pairselect
+    from . import pairsfiles as files
+
+    rows, report = pairselect.build(cfg, prompts, records, seeds_of(cfg))
+    report.update(settings=settings, selection=selection, seconds=round(seconds, 1))
+    if engine is not None:
+        report["engine"] = engine
+    files.write_result(output, records if parts is not None else None, rows, report)
+    if parts is not None:
+        files.remove_parts(parts, batches)
     lines = pairselect.format_report(report, output)
-    if state.is_main_process:
-        log("\n".join(lines))
+    log("\n".join(lines))
     return PairsResult(output, report, lines=lines)
 
 
@@ -296,28 +277,31 @@ def _stops_cleanly(parts: Path):
 
 def _generate_and_score(cfg, prompts, parts: Path, batches: int, engine_name: str, state, policy, log):
     from .console import clock
+    from .pairsfiles import part_file
     from .rewards import ScoreItem, load_scorer
+    from .sampling import render_prompt
+    from .templates import rendering
 
     size = cfg.pairs.generation_batch_size
-    mine = [b for b in range(state.process_index, batches, state.num_processes) if not part_file(parts, b).is_file()]
+    done = [part_file(parts, b).is_file() for b in range(batches)]
+    mine = [b for b in range(state.process_index, batches, state.num_processes) if not done[b]]
     if state.is_main_process:
         log(f"prefopt pairs: {len(prompts)} prompts x {len(seeds_of(cfg))} answers, {batches} batches of {size} "
-            f"({batches - len(mine) * state.num_processes if state.num_processes == 1 else 'some'} done before), "
-            f"engine {engine_name}, {state.num_processes} process(es)")
+            f"({sum(done)} done before), engine {engine_name}, {state.num_processes} process(es)")
     if not mine:
         return
     tokenizer = policy[0]
+    style = rendering(tokenizer, cfg.data) if tokenizer.chat_template else None  # as training renders the prompts
     engine = _open_engine(cfg, engine_name, state.device, *policy)
     p = cfg.pairs
     scorer = load_scorer(p.reward_model, p.reward_function, trust_remote_code=p.reward_trust_remote_code,
                          batch_size=p.reward_batch_size, device=state.device,
                          search_paths=[str(Path(cfg.source).parent)] if cfg.source and Path(cfg.source).is_file() else [])
-    from .sampling import render_prompt
 
     began, last = time.time(), 0.0
     for n, b in enumerate(mine, 1):
         batch = prompts[b * size : (b + 1) * size]
-        ids = [render_prompt(tokenizer, r.prompt, r.where) for r in batch]
+        ids = [render_prompt(tokenizer, r.prompt, r.where, style) for r in batch]
         answers = [engine.sample(ids, seed, b * size) for seed in seeds_of(cfg)]  # [seed][prompt]
         items = [ScoreItem(r.prompt, answers[s][i].text, r.row, r.where)
                  for i, r in enumerate(batch) for s in range(len(answers))]
@@ -402,15 +386,3 @@ def _open_engine(cfg, engine_name: str, device, tokenizer, grew: bool):
     if grew:
         model.resize_token_embeddings(len(tokenizer))
     return TransformersEngine(model.to(device), tokenizer, cfg.pairs)
-
-
-def _read_parts(parts: Path, batches: int, n: int) -> list[dict]:
-    records = []
-    for b in range(batches):
-        path = part_file(parts, b)
-        if not path.is_file():
-            raise PrefoptError(f"{path} is missing after every process finished; rerun the same command to make it.")
-        records += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if [r["index"] for r in records] != list(range(n)):
-        raise PrefoptError(f"{parts}: the parts do not cover the {n} prompts in order; delete {parts} and rerun.")
-    return records

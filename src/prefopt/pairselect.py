@@ -3,10 +3,12 @@
 A prompt's answers are candidates when they are not empty (training drops a pair with an empty
 answer). `best_worst`: the highest-scored candidate is chosen and the lowest rejected (the first
 of equals, in seed order); `best_random`: the highest chosen and, at random, one of those scored at
-least `min_score_gap` lower rejected (seeded by the run's seed and the prompt's index). A prompt
-yields no pair, counted by reason, when its candidates are all the same text (`identical_answers`),
-all scored the same (`all_tie`), fewer than two (`fewer_than_two_answers`), or its best and worst
-are less than `min_score_gap` apart (`gap_below_min`).
+least `min_score_gap` lower rejected (seeded by the run's seed and the prompt's index); the
+rejected answer is never the chosen one's text. A prompt yields no pair, counted by reason, when
+its candidates are all the same text (`identical_answers`), no other text scores below the best
+(`all_tie`), fewer than two (`fewer_than_two_answers`), or its best and worst are less than
+`min_score_gap` apart (`gap_below_min`), or its best scores below `min_chosen_score` (`best_below_min`:
+with a pass/fail scorer, 1 keeps only pairs whose chosen answer passed).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import statistics
 
 from .sampling import derived_seed
 
-DROP_REASONS = ("fewer_than_two_answers", "identical_answers", "all_tie", "gap_below_min")
+DROP_REASONS = ("fewer_than_two_answers", "identical_answers", "all_tie", "gap_below_min", "best_below_min")
 
 
 def choose(answers: list[str], scores: list[float], selection: str, min_gap: float,
-           rng: random.Random) -> tuple[int, int] | str:
+           rng: random.Random, min_chosen: float | None = None) -> tuple[int, int] | str:
     """(chosen, rejected) indices, or the reason the prompt yields no pair."""
     live = [i for i, a in enumerate(answers) if a.strip()]
     if len(live) < 2:
@@ -28,14 +30,17 @@ def choose(answers: list[str], scores: list[float], selection: str, min_gap: flo
     if len({answers[i].strip() for i in live}) == 1:
         return "identical_answers"
     best = max(live, key=lambda i: (scores[i], -i))
-    worst = min(live, key=lambda i: (scores[i], i))
-    if scores[best] == scores[worst]:
+    # never the chosen answer's own text again (a reward model can score one text a hair differently twice)
+    others = [i for i in live if answers[i].strip() != answers[best].strip()]
+    worst = min(others, key=lambda i: (scores[i], i))
+    if scores[best] <= scores[worst]:
         return "all_tie"
     if scores[best] - scores[worst] < min_gap:
         return "gap_below_min"
+    if min_chosen is not None and scores[best] < min_chosen:
+        return "best_below_min"
     if selection == "best_random":
-        lower = [i for i in live if scores[best] - scores[i] >= max(min_gap, 0.0) and scores[i] < scores[best]]
-        worst = rng.choice(lower)
+        worst = rng.choice([i for i in others if scores[best] - scores[i] >= min_gap and scores[i] < scores[best]])
     return best, worst
 
 
@@ -52,7 +57,7 @@ def build(cfg, prompts, records: list[dict], seeds: list[int]) -> tuple[list[dic
     for prompt, rec in zip(prompts, records):
         all_scores += rec["scores"]
         rng = random.Random(derived_seed(cfg.training.seed, rec["index"]))
-        picked = choose(rec["answers"], rec["scores"], p.selection, p.min_score_gap, rng)
+        picked = choose(rec["answers"], rec["scores"], p.selection, p.min_score_gap, rng, p.min_chosen_score)
         if isinstance(picked, str):
             drops[picked] += 1
             continue
@@ -69,7 +74,7 @@ def build(cfg, prompts, records: list[dict], seeds: list[int]) -> tuple[list[dic
         "prompts": len(records), "answers": len(answers), "pairs": len(rows),
         "dropped": drops, "empty_answers": sum(not a.strip() for a in answers),
         "answers_cut_at_max_new_tokens": sum(not s for s in stopped),
-        "selection": p.selection, "min_score_gap": p.min_score_gap,
+        "selection": p.selection, "min_score_gap": p.min_score_gap, "min_chosen_score": p.min_chosen_score,
         "scores": {"all": _distribution(all_scores),
                    "chosen": _distribution([r["chosen_score"] for r in rows]),
                    "rejected": _distribution([r["rejected_score"] for r in rows]),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from jinja2.exceptions import TemplateError
 
 from .errors import PrefoptError
 
@@ -323,7 +324,13 @@ class RewardModel(Scorer):
     def _encode(self, items: list[ScoreItem]) -> list[list[int]]:
         out = []
         for item in items:
-            text, templated = render(self.tokenizer, item.prompt, item.answer)
+            try:
+                text, templated = render(self.tokenizer, item.prompt, item.answer)
+            except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+                raise PrefoptError(f"{item.where}: the reward model's chat template cannot render the conversation "
+                                   f"({e}); give prompts it accepts (a template that refuses a system turn: fold the "
+                                   "system message into the user's), or a reward model whose template takes them."
+                                   ) from None
             limit = {"truncation": True, "max_length": self.max_length + 1} if self.max_length else {}
             ids = self.tokenizer(text, add_special_tokens=not templated, **limit)["input_ids"]
             if self.max_length and len(ids) > self.max_length:

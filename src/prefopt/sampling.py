@@ -38,18 +38,28 @@ def derived_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def render_prompt(tokenizer, prompt, where: str) -> list[int]:
-    """`prompt` (text, or a list of messages) as the token ids an answer follows."""
+def render_prompt(tokenizer, prompt, where: str, style=None) -> list[int]:
+    """`prompt` (text, or a list of messages) as the token ids an answer follows: a chat prompt as
+    `templates.generation_prompt` renders it for the run's `style` (`templates.rendering`)."""
+    from .templates import Rendering, generation_prompt
+
     if isinstance(prompt, str):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     else:
-        try:
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # the template's own error (a role it does not take, a raise_exception)
-            raise PrefoptError(f"{where}: the policy's chat template could not render the prompt: {e}") from None
+        text = generation_prompt(tokenizer, prompt, where, style or Rendering())
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
+
+
+def answer_text(tokenizer, prompt: list[int], answer: list[int]) -> str:
+    """The answer's text as it reads after its prompt: decoded with the prompt and the prompt's text
+    cut off, since a SentencePiece tokenizer decoding the answer alone drops its first space
+    (" how" -> "how"), and training, joining prompt and answer text, would tokenize another answer."""
+    alone = tokenizer.decode(answer, skip_special_tokens=True)
+    head = tokenizer.decode(prompt, skip_special_tokens=True)
+    whole = tokenizer.decode(prompt + answer, skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) else alone
 
 
 def stop_ids(generation_config, tokenizer) -> list[int]:
@@ -68,6 +78,15 @@ class TransformersEngine:
         self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
         self.eos = stop_ids(model.generation_config, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        from transformers import GenerationConfig
+
+        # the settings alone: not the policy's generation_config.json (a repetition_penalty in it would
+        # sample another distribution than the one asked for, and than the vLLM engine's)
+        self.config = GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+                                       max_new_tokens=settings.max_new_tokens, eos_token_id=self.eos,
+                                       pad_token_id=self.pad)
+        # generate() fills what a given config leaves at its default from the model's own: replaced, it has none
+        model.generation_config = self.config
 
     def sample(self, prompts: list[list[int]], seed: int, first_index: int) -> list[Answer]:
         width = max(len(p) for p in prompts)
@@ -79,20 +98,17 @@ class TransformersEngine:
         torch.manual_seed(derived_seed(seed, first_index))  # seeds the CPU and every CUDA device
         try:
             with torch.no_grad():
-                out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=self.settings.temperature,
-                    top_p=self.settings.top_p, top_k=0, max_new_tokens=self.settings.max_new_tokens,
-                    eos_token_id=self.eos, pad_token_id=self.pad)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
         finally:  # the caller's random stream is left as it was
             torch.random.set_rng_state(generator_state)
             if cuda_state is not None:
                 torch.cuda.set_rng_state_all(cuda_state)
-        return [self._answer(row) for row in out[:, width:].tolist()]
+        return [self._answer(p, row) for p, row in zip(prompts, out[:, width:].tolist())]
 
-    def _answer(self, row: list[int]) -> Answer:
+    def _answer(self, prompt: list[int], row: list[int]) -> Answer:
         stop = next((i for i, t in enumerate(row) if t in self.eos), None)
         kept = row if stop is None else row[:stop]
-        return Answer(self.tokenizer.decode(kept, skip_special_tokens=True), len(kept), stop is not None)
+        return Answer(answer_text(self.tokenizer, prompt, kept), len(kept), stop is not None)
 
 
 class VllmEngine:
@@ -100,12 +116,15 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, model_path: str, tokenizer, settings, eos: list[int], trust_remote_code: bool, dtype):
+    def __init__(self, model_path: str, tokenizer, settings, eos: list[int], trust_remote_code: bool, dtype,
+                 revision: str = "main"):
         from vllm import LLM
 
         self.settings, self.tokenizer, self.eos = settings, tokenizer, eos
+        # vLLM takes gpu_memory_utilization of the GPU for itself; the rest holds the reward model
         self.llm = LLM(model=model_path, tokenizer=model_path, trust_remote_code=trust_remote_code,
-                       dtype=dtype or "auto", seed=0)
+                       dtype=dtype or "auto", seed=0, revision=revision,
+                       gpu_memory_utilization=settings.vllm_gpu_memory_utilization)
 
     def sample(self, prompts: list[list[int]], seed: int, first_index: int) -> list[Answer]:
         from vllm import SamplingParams
@@ -116,11 +135,12 @@ class VllmEngine:
                   for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         answers = []
-        for out in outs:
+        for prompt, out in zip(prompts, outs):
             done = out.outputs[0]
-            ids = [t for t in done.token_ids if t not in self.eos]
-            answers.append(Answer(self.tokenizer.decode(ids, skip_special_tokens=True), len(ids),
-                                  done.finish_reason == "stop"))
+            ids = list(done.token_ids)
+            stop = next((i for i, t in enumerate(ids) if t in self.eos), None)
+            kept = ids if stop is None else ids[:stop]
+            answers.append(Answer(answer_text(self.tokenizer, prompt, kept), len(kept), done.finish_reason == "stop"))
         return answers
 
 

@@ -230,8 +230,11 @@ class PairsArgs:
         default="best_worst", metadata={"help": "best_worst: highest-scored answer chosen, lowest rejected; "
                                                 "best_random: highest chosen, a random lower-scored one rejected."})
     min_score_gap: float = field(
-        default=0.0, metadata={"help": "A prompt whose chosen and rejected scores differ by no more than this yields "
-                                       "no pair (0: only ties are dropped)."})
+        default=0.0, metadata={"help": "A prompt whose chosen and rejected scores differ by less than this yields "
+                                       "no pair (ties never yield one)."})
+    min_chosen_score: float | None = field(
+        default=None, metadata={"help": "A prompt whose best answer scores below this yields no pair (with a "
+                                        "pass/fail scorer, 1: only answers that passed are chosen; None: any)."})
     output: str | None = field(
         default=None, metadata={"help": "The pairs file, JSON Lines (None: output_dir/pairs.jsonl); its report is "
                                         "written beside it (.report.json)."})
@@ -242,6 +245,9 @@ class PairsArgs:
         default="auto", metadata={"help": "auto (chat where the policy has a chat template: a text prompt becomes one "
                                           "user turn and the pairs chat rows), chat, or text (prompt and answer "
                                           "concatenated, as training reads text rows)."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.6, metadata={"help": "engine vllm: the share of the GPU's memory vLLM takes; the rest holds the "
+                                       "reward model."})
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts generated for at once."})
     reward_batch_size: int = field(default=16, metadata={"help": "Answers scored at once by a reward model."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (None: all)."})

@@ -184,7 +184,9 @@ VALUE_RULES: dict[str, tuple[Bound | ShareOrCount, str]] = {
     "top_p": (Bound(0, 1, low_open=True, what="a share"), "1: no nucleus cut"),
     "max_new_tokens": (COUNT, ""),
     "min_score_gap": (AT_LEAST_0, "0: only ties are dropped"),
+    "min_chosen_score": (Bound(None, None), "or unset: any best answer is chosen"),
     "generation_batch_size": (COUNT, ""),
+    "vllm_gpu_memory_utilization": (Bound(0, 1, low_open=True, what="a share"), "of the GPU's memory"),
     "reward_batch_size": (COUNT, ""),
     "max_prompts": (COUNT, "or unset: every prompt"),
 }
