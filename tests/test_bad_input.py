@@ -242,10 +242,12 @@ def test_9_duplicates_and_identical_answers_are_dropped_and_counted(toks, tmp_pa
 def test_10_empty_data_and_too_few_pairs_for_one_step(toks, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert refusal(load, str(empty)) == f"{empty}: the file holds no rows; give a file with preference pairs in it."
+    assert refusal(load, str(empty)) == (f"{empty}: the file holds no rows; give a file with rows in "
+                                         "it (preference pairs; prompts for prefopt pairs).")
     no_rows = tmp_path / "none.parquet"
     Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}).to_parquet(str(no_rows))
-    assert refusal(load, str(no_rows)) == f"{no_rows}: the file holds no rows; give a file with preference pairs in it."
+    assert refusal(load, str(no_rows)) == (f"{no_rows}: the file holds no rows; give a file with rows "
+                                           "in it (preference pairs; prompts for prefopt pairs).")
     path = write_jsonl(tmp_path / "d.jsonl", pairs(5))
     assert refusal(load_raw, DataArgs(train_datasets=[DatasetSource(path=path, keep_fraction=0.1)]), seed=0) == (
         f"{path}[train]: no training rows left; check that the files hold rows and that keep_fraction/fraction "

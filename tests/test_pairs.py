@@ -279,7 +279,7 @@ def test_prompt_problems_name_the_row(ws):
     made = prefopt.pairs(config(w, data, "nocol.jsonl", column_mapping={"prompt": "question"}))
     assert made.report["prompts"] == 1
     (data / "empty.jsonl").write_text("")
-    with pytest.raises(PrefoptError):
+    with pytest.raises(PrefoptError, match=r"empty.jsonl: the file holds no rows; .*prompts for prefopt pairs"):
         prefopt.pairs(config(w, data, "empty.jsonl"))
 
 

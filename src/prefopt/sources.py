@@ -216,7 +216,8 @@ def _int64(digits: str) -> int:
 
 
 def _no_rows(path) -> PrefoptError:
-    return PrefoptError(f"{path}: the file holds no rows; give a file with preference pairs in it.")
+    return PrefoptError(f"{path}: the file holds no rows; give a file with rows in it (preference pairs; prompts "
+                        "for prefopt pairs).")
 
 
 def _read_hub(src: DatasetSource) -> Dataset:
