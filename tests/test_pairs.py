@@ -448,3 +448,13 @@ def test_a_reward_model_trained_here_scores_the_answers_end_to_end(ws, tmp_path)
     # the same text through the same model, once alone and once in a padded batch: float32 round-off only
     assert again[0] == pytest.approx(first["chosen_score"], abs=1e-4)
     assert all(r["chosen_score"] > r["rejected_score"] for r in rows)
+
+
+def test_a_chat_answer_ends_at_the_templates_turn_end(ws):
+    """ChatML closes a turn with <|im_end|>, which is not this tokenizer's EOS: sampling stops there, and
+    the answer carries no newline the template writes after it."""
+    from prefopt.sampling import turn_end_ids
+
+    w, _ = ws
+    assert turn_end_ids(w.tokenizer) == {w.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert w.tokenizer.eos_token != "<|im_end|>"

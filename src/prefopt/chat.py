@@ -86,8 +86,10 @@ def stream_answer(generator, conversation: list[dict], write: Callable[[str], No
     from transformers import StoppingCriteriaList
 
     tokenizer = generator.tokenizer
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    enc = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    import torch
+
+    ids = torch.tensor([generator.prompt_ids(conversation)])
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     stream, stop = AnswerStream(tokenizer, write), _StopOnRequest()
 
     def on_sigint(signum, frame):

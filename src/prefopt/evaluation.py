@@ -184,15 +184,21 @@ class Generator:
         self.entropy_sum, self.entropy_count = 0.0, 0
         self.answer_ids: list[list[int]] = []  # each answer's generated ids, up to and excluding its EOS
 
+    def prompt_ids(self, conversation: list[dict]) -> list[int]:
+        """The conversation with the generation prompt, as training tokenizes a prompt (BOS first, once)."""
+        from .sampling import text_ids
+
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return text_ids(self.tokenizer, text)
+
     def answer(self, conversations: list[list[dict]], batch_size: int = 8, progress: bool = True) -> list[str]:
         """The answers' texts; their token ids (what lengths are counted in) go to `answer_ids`."""
         out = []
         batches = range(0, len(conversations), batch_size)
         for start in tqdm(batches, desc=f"generating ({self.name})",
                           disable=None if progress else True):  # None: shown on a terminal only
-            texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                     for c in conversations[start : start + batch_size]]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = self.tokenizer.pad({"input_ids": [self.prompt_ids(c) for c in conversations[start : start + batch_size]]},
+                                     return_tensors="pt")
             with torch.no_grad():
                 result = self.model.generate(**enc, eos_token_id=self.eos, pad_token_id=self.tokenizer.pad_token_id,
                                              output_logits=True, return_dict_in_generate=True, **self.generation)

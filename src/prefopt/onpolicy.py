@@ -303,6 +303,9 @@ def _generate_and_score(cfg, prompts, parts: Path, batches: int, engine_name: st
         batch = prompts[b * size : (b + 1) * size]
         ids = [render_prompt(tokenizer, r.prompt, r.where, style) for r in batch]
         answers = [engine.sample(ids, seed, b * size) for seed in seeds_of(cfg)]  # [seed][prompt]
+        for a in answers:  # a chat answer's surrounding space is the template's to render
+            for i, r in enumerate(batch):
+                a[i].text = a[i].text if isinstance(r.prompt, str) else a[i].text.strip()
         items = [ScoreItem(r.prompt, answers[s][i].text, r.row, r.where)
                  for i, r in enumerate(batch) for s in range(len(answers))]
         scores = scorer.score(items)
@@ -359,7 +362,7 @@ def _open_engine(cfg, engine_name: str, device, tokenizer, grew: bool):
     """The engine that samples the policy's answers."""
     import torch
 
-    from .sampling import TransformersEngine, VllmEngine, stop_ids
+    from .sampling import TransformersEngine, VllmEngine, stop_ids, turn_end_ids
 
     m = cfg.model
     dtype = {None: torch.float32, "auto": "auto"}.get(m.dtype, getattr(torch, m.dtype or "float32", torch.float32))
@@ -373,7 +376,8 @@ def _open_engine(cfg, engine_name: str, device, tokenizer, grew: bool):
             generation = GenerationConfig.from_pretrained(m.model_name_or_path, revision=m.model_revision)
         except OSError:  # no generation_config.json: the tokenizer's EOS alone
             generation = None
-        return VllmEngine(m.model_name_or_path, tokenizer, cfg.pairs, stop_ids(generation, tokenizer),
+        stops = sorted(set(stop_ids(generation, tokenizer)) | turn_end_ids(tokenizer))
+        return VllmEngine(m.model_name_or_path, tokenizer, cfg.pairs, stops,
                           m.trust_remote_code, m.dtype)
     from transformers import AutoModelForCausalLM
 

@@ -43,13 +43,32 @@ def render_prompt(tokenizer, prompt, where: str, style=None) -> list[int]:
     `templates.generation_prompt` renders it for the run's `style` (`templates.rendering`)."""
     from .templates import Rendering, generation_prompt
 
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    else:
-        text = generation_prompt(tokenizer, prompt, where, style or Rendering())
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = prompt if isinstance(prompt, str) else generation_prompt(tokenizer, prompt, where, style or Rendering())
+    return text_ids(tokenizer, text)
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """A prompt's text as training tokenizes it: no special tokens added by the tokenizer, BOS first
+    where it has one and the text does not start with it (`tokens._split_ids`: never twice)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
+
+
+def turn_end_ids(tokenizer) -> set[int]:
+    """The special token the chat template closes an assistant turn with (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>), where it is not the EOS: a chat answer ends there, not at an EOS the model writes after
+    the template's newline (which would then be trained as part of the answer)."""
+    mark = "\u2063answer\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation names no turn end here
+        return set()
+    if mark not in text:
+        return set()
+    tail = tokenizer(text.split(mark, 1)[1], add_special_tokens=False)["input_ids"]
+    return {tail[0]} if tail and tail[0] in tokenizer.all_special_ids else set()
 
 
 def answer_text(tokenizer, prompt: list[int], answer: list[int]) -> str:
@@ -76,7 +95,7 @@ class TransformersEngine:
 
     def __init__(self, model, tokenizer, settings):
         self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
-        self.eos = stop_ids(model.generation_config, tokenizer)
+        self.eos = sorted(set(stop_ids(model.generation_config, tokenizer)) | turn_end_ids(tokenizer))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         from transformers import GenerationConfig
 
