@@ -28,7 +28,6 @@ import torch
 
 from prefopt.demo import DEMO_CONFIG, _held_out, is_correct, make_rows, task_corpus
 
-STEPS_PER_EPOCH_ROWS = 6000  # the demo's training pairs
 
 
 def edit_distance(a: list[str], b: list[str]) -> int:
@@ -136,10 +135,10 @@ def one_seed(out: Path, seed: int, a: argparse.Namespace) -> dict:
     model_a = model_b = start
     rng = random.Random(seed)
     for r in range(a.rounds):
-        model_a = train(model_a, fixed, out / f"A{r}", per, seed + r, a.lr)
+        model_a = train(model_a, fixed, out / f"A{r}{a.tag}", per, seed + r, a.lr)
         prompts = rng.sample(train_prompts, a.prompts)
         rows, info = onpolicy_rows(model_b, prompts, a.n, a.scorer, seed * 100 + r)
-        model_b = train(model_b, write_data(out / f"pairs{r}", rows), out / f"B{r}", per, seed + r, a.lr)
+        model_b = train(model_b, write_data(out / f"pairs{r}{a.tag}", rows), out / f"B{r}{a.tag}", per, seed + r, a.lr)
         info.update(A_acc=greedy_accuracy(model_a, held), B_acc=greedy_accuracy(model_b, held))
         res["rounds"].append(info)
         print(f"seed {seed} round {r}: {info}", flush=True)
@@ -157,6 +156,7 @@ def main():
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--prompts", type=int, default=512)
     p.add_argument("--lr", type=float, default=None, help="continuation runs' peak lr (default: the demo's)")
+    p.add_argument("--tag", default="", help="suffix of the arms' folders: reruns into OUT_DIR reuse its start model")
     p.add_argument("--scorer", choices=["exact", "graded"], default="exact")
     a = p.parse_args()
     results = []
@@ -165,7 +165,7 @@ def main():
         print(f"seed {seed}: start {r['start_acc']:.3f} -> A {r['rounds'][-1]['A_acc']:.3f}  "
               f"B {r['rounds'][-1]['B_acc']:.3f}  ({r['seconds']:.0f}s)", flush=True)
         results.append(r)
-    (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
+    (a.out / f"results{a.tag}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
                                                      "results": results}, indent=1))
 
 
