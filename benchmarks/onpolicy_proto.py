@@ -29,7 +29,6 @@ import torch
 from prefopt.demo import DEMO_CONFIG, _held_out, is_correct, make_rows, task_corpus
 
 
-
 def edit_distance(a: list[str], b: list[str]) -> int:
     row = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
@@ -67,8 +66,8 @@ class Sampler:
                                               add_generation_prompt=True) for p in prompts]
         for s in range(0, len(texts), batch):
             enc = self.tok(texts[s:s + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            kw = dict(do_sample=True, temperature=0.8, top_p=0.95, num_return_sequences=n) if sample else \
-                dict(do_sample=False)
+            kw = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "num_return_sequences": n} if sample else \
+                {"do_sample": False}
             with torch.no_grad():
                 seqs = self.model.generate(**enc, max_new_tokens=16, eos_token_id=self.eos,
                                            pad_token_id=self.tok.pad_token_id, **kw)
