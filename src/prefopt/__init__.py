@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 # name → the module that defines it
 _EXPORTS = {
-    "train": "api", "load_config": "api", "explain": "api", "evaluate": "api", "generate": "api",
+    "train": "api", "load_config": "api", "explain": "api", "evaluate": "api", "generate": "api", "pairs": "api", "iterate": "api",
     "Config": "config", "RunResult": "pipeline", "PrefoptError": "errors", "Stopped": "errors",
     "CPOConfig": "trl", "CPOTrainer": "trl", "ORPOConfig": "trl", "ORPOTrainer": "trl",
 }

@@ -7,6 +7,7 @@ functions, with the same config keys, the same runs and the same `PrefoptError`s
     print(prefopt.explain(cfg))                                   # or a Config; keys as keyword overrides
     result = prefopt.train(cfg)                                   # RunResult: output_dir, metrics, trainer
     report = prefopt.evaluate([base, result.output_dir], data="data")
+    made = prefopt.pairs("onpolicy.yaml")                         # PairsResult: output (pairs.jsonl), report
     answers = prefopt.generate(result.output_dir, ["Sort: 3 1 2"], max_new_tokens=16)
 
 `train` in a notebook: the console lines print into the cell, transformers' own notebook progress
@@ -37,6 +38,10 @@ def load_config(config: str | Path | dict | Config | None = None, **overrides: A
     >>> cfg.objective.beta
     2.5
     """
+    return _load(config, overrides, objective_optional=False)
+
+
+def _load(config, overrides: dict, objective_optional: bool) -> Config:
     from .config import Config, negated_flags, build_config
     from .config import load_config as load
     from .dialects import check_spellings, merge_overrides
@@ -47,14 +52,14 @@ def load_config(config: str | Path | dict | Config | None = None, **overrides: A
                                "path or a dict of keys instead, or change the Config's fields.")
         return config
     if config is None or isinstance(config, (str, Path)):
-        return load(str(config) if config is not None else None, _as_argv(overrides))
+        return load(str(config) if config is not None else None, _as_argv(overrides), objective_optional)
     if not isinstance(config, dict):
         raise PrefoptError(f"load_config: expected a YAML path, a dict of config keys or a Config, got "
                            f"{type(config).__name__}.")
     overrides = negated_flags(overrides)
     check_spellings("config", dict(config))
     check_spellings("keyword arguments", overrides)
-    return build_config(merge_overrides(dict(config), overrides), "config")
+    return build_config(merge_overrides(dict(config), overrides), "config", objective_optional)
 
 
 def _as_argv(overrides: dict) -> list[str]:
@@ -87,6 +92,23 @@ def train(config: str | Path | dict | Config | None = None, **overrides: Any) ->
     from .pipeline import train as run
 
     return run(load_config(config, **overrides))
+
+
+def pairs(config: str | Path | dict | Config, **overrides: Any):
+    """What `prefopt pairs` does: the policy's sampled answers, scored, written as pairs; returns
+    `PairsResult` (`output`, the pairs file; `report`, its counts and statistics as a dict)."""
+    from .onpolicy import make_pairs
+
+    return make_pairs(_load(config, overrides, objective_optional=True))
+
+
+def iterate(config: str | Path | dict | Config, rounds: int, **overrides: Any) -> dict:
+    """What `prefopt iterate CONFIG --rounds K` does: K rounds of pairs from the policy and training on
+    them, each in output_dir/round-K/; returns what output_dir/iterate.json holds (each round's pairs,
+    rewards and final metrics)."""
+    from .rounds import iterate as run
+
+    return run(load_config(config, **overrides), rounds)
 
 
 def evaluate(models: str | Path | list, data: str | None = None, split: str | None = None, prompts: str | None = None,

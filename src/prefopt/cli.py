@@ -3,6 +3,8 @@
     prefopt train [CONFIG.yaml] [--key value ...]     (no config: the offline demo)
     prefopt config explain CONFIG.yaml [--key value ...]
     prefopt data CONFIG.yaml [--examples N] [--output FILE] [--key value ...]
+    prefopt pairs CONFIG.yaml [--key value ...]       (on-policy pairs: sample, score, keep best and worst)
+    prefopt iterate CONFIG.yaml --rounds K [--key value ...]   (pairs -> train -> pairs from the new model ...)
     prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype bfloat16]
     prefopt eval --model DIR [--model DIR2 ...] [--data PAIRS] [--prompts FILE] ...
     prefopt generate --model DIR [--prompt TEXT ...] [--prompts FILE] ...
@@ -11,18 +13,17 @@
     prefopt COMMAND --help                            (every command)
     python -m prefopt ...                             (the same)
 
-`train`, `config explain` and `data` take any config key as `--key value`, checked against the
-schema by config.py (`data` takes its own --examples and --output out first); the other
-commands have fixed options, parsed by argparse (`_Parser`), whose errors are PrefoptErrors like
+`train`, `config explain`, `data`, `pairs` and `iterate` take any config key as `--key value`, checked against the
+schema by config.py (`data` takes its own --examples and --output out first, `iterate` its --rounds); the other
+commands (`commands`: merge, eval, generate, plot, push) have fixed options, parsed by argparse (`cliparse._Parser`), whose errors are PrefoptErrors like
 any other: one line naming the command, then its usage, exit 2.
 """
 
-import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
+from .cliparse import OVERRIDES, _count, _Exit, _help_only, _own_options, _Parser, boolean  # noqa: F401 (re-exported)
+from .commands import _quiet, cmd_eval, cmd_generate, cmd_merge, cmd_plot, cmd_push
 from .errors import PrefoptError, Stopped
 
 USAGE = """usage:
@@ -32,6 +33,9 @@ USAGE = """usage:
   prefopt config keys [--section S]               every config key: type, default, help
   prefopt data CONFIG.yaml [--examples N] [--output FILE] [--key value ...]
                                                   the data report and N decoded pairs, no model loaded
+  prefopt pairs CONFIG.yaml [--key value ...]     the policy's own answers, scored, as a pairs file for train
+  prefopt iterate CONFIG.yaml --rounds K [--key value ...]
+                                                  on-policy rounds: pairs, train, pairs from the new model, ...
   prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype DTYPE]
                                                   fold a LoRA adapter into its base; save a full model
   prefopt plot OUTPUT_DIR                         PNGs of a run's metrics (OUTPUT_DIR/plots)
@@ -43,65 +47,6 @@ USAGE = """usage:
                                                   answer prompts (none given: an interactive chat)
 Any config key can be given or overridden as --key value. prefopt COMMAND --help: its options."""
 
-OVERRIDES = """\
-Any config key can be given or overridden as --key value (or --key=value), in prefopt's
-spelling or another tool's (TRL, the SimPO repository, alignment-handbook). Keys are checked
-against the schema, a misspelt one refused with the nearest name; `prefopt config explain`
-prints what they resolve to."""
-
-
-class _Exit(Exception):
-    """argparse has printed --help: the command ends with this status."""
-
-    def __init__(self, status: int):
-        self.status = status
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse the prefopt way: a bad option is a PrefoptError naming the command, with its usage
-    (exit 2, no traceback); --help prints and the command returns 0. Options are spelt out in
-    full (no abbreviations), as config keys are."""
-
-    def __init__(self, command: str, description: str, **kwargs):
-        self.known = set()  # every option's spellings, filled by add_argument (also argparse's own -h)
-        super().__init__(prog=f"prefopt {command}", description=description, allow_abbrev=False,
-                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-
-    def add_argument(self, *names, **kwargs):
-        self.known.update(names)
-        return super().add_argument(*names, **kwargs)
-
-    def parse_args(self, args: list[str]) -> argparse.Namespace:
-        # an unknown option is named before a missing one: `--out o` is a misspelt --output
-        unknown = [a for a in args if a.startswith("--") and a.partition("=")[0] not in self.known]
-        if unknown:
-            self.error(f"unrecognized arguments: {' '.join(unknown)}")
-        return super().parse_args(args)
-
-    def error(self, message: str):
-        raise PrefoptError(f"{self.prog}: {message}.\n{self.format_usage().rstrip()}")
-
-    def exit(self, status: int = 0, message: str | None = None):
-        if message:
-            print(message, end="", file=sys.stderr)
-        raise _Exit(status)
-
-
-def boolean(value: str) -> bool:
-    """true/false, 1/0, yes/no in any case; anything else is refused, never read as False."""
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: use true or false (or 1/0, yes/no)")
-
-
-def _help_only(parser: _Parser, args: list[str]) -> bool:
-    """For the commands whose --key value options are free-form: print the help if asked."""
-    if "-h" in args or "--help" in args:
-        parser.print_help()
-        return True
-    return False
 
 
 def _config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
@@ -161,7 +106,7 @@ def cmd_config(args: list[str]) -> int:
 
 
 # explanation.KEY_SECTIONS, spelt here so that `config keys --help` imports nothing heavy (a test holds them equal)
-KEY_SECTIONS = ("model", "data", "objective", "run", "training")
+KEY_SECTIONS = ("model", "data", "objective", "run", "pairs", "training")
 
 
 def _config_keys(args: list[str]) -> int:
@@ -186,24 +131,11 @@ def _data_parser() -> _Parser:
                         help="write the preview here (default: output_dir/data_preview.txt)")
     return parser
 
-
-def _count(value: str) -> int:
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 0")
-    return int(value)
-
-
 def cmd_data(args: list[str]) -> int:
     parser = _data_parser()
     if _help_only(parser, args):
         return 0
-    own, overrides = [], []
-    i = 0
-    while i < len(args):  # --examples and --output are this command's; every other --key is a config key
-        name = args[i].partition("=")[0]
-        takes = 1 if name in ("--examples", "--output") and "=" not in args[i] else 0
-        (own if name in ("--examples", "--output") else overrides).extend(args[i:i + 1 + takes])
-        i += 1 + takes
+    own, overrides = _own_options(args, ("--examples", "--output"))  # every other --key is a config key
     path, overrides = _config_and_overrides(overrides)
     options = parser.parse_args(([path] if path else []) + own)
     _quiet()
@@ -216,137 +148,54 @@ def cmd_data(args: list[str]) -> int:
     return 0
 
 
-def _quiet(models: list[str] = ()):
-    from .console import quiet_command
-
-    quiet_command(models)
-
-
-def cmd_merge(args: list[str]) -> int:
-    parser = _Parser("merge", "Fold a LoRA adapter into its base model and save the full model.")
-    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a folder holding adapter_config.json")
-    parser.add_argument("--output", required=True, metavar="DIR", help="where to save the merged model")
-    parser.add_argument("--base", metavar="BASE", help="the base model (default: the one the adapter names)")
-    parser.add_argument("--dtype", metavar="DTYPE",
-                        help="float32, bfloat16, float16 or auto (default: the dtype the base is stored in)")
-    options = parser.parse_args(args)
-    _quiet([options.adapter_dir])
-    from .console import peft_quietly
-    from .models import merge_adapter
-
-    with peft_quietly():  # PEFT's read of a deprecated transformers property, not the user's
-        merge_adapter(options.adapter_dir, options.output, base=options.base, dtype=options.dtype)
-    return 0
+def _pairs_parser() -> _Parser:
+    return _Parser("pairs", "Sample num_samples answers per prompt from the policy (model_name_or_path), score each "
+                   "(reward_model or reward_function), and write the best and the worst as a pair: a file `prefopt "
+                   "train` reads as it stands. Resumes where a killed run stopped; under torchrun the processes "
+                   "share the prompts. The keys: `prefopt config keys --section pairs`.",
+                   usage="%(prog)s CONFIG.yaml [--key value ...]", epilog=OVERRIDES)
 
 
-def _add_generation(parser: _Parser):
-    """The generation settings; one not given is the model's generation config's."""
-    parser.add_argument("--max_new_tokens", type=int, metavar="N", help="most tokens per answer")
-    parser.add_argument("--temperature", type=float, metavar="T",
-                        help="sampling temperature (implies --do_sample true)")
-    parser.add_argument("--top_p", type=float, metavar="P", help="nucleus sampling mass (implies --do_sample true)")
-    parser.add_argument("--do_sample", type=boolean, metavar="BOOL",
-                        help="sample (true) or decode greedily (false); true/false, 1/0, yes/no")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="the random seed (default 0)")
-
-
-def _generation(options: argparse.Namespace) -> dict:
-    """The generation settings given on the command line, for `Generator` and `evaluate`: read as
-    the Python API reads its keyword arguments (`api._sampling`; a temperature or top_p samples)."""
-    from .api import GENERATION_KEYS, _sampling
-
-    return _sampling({key: getattr(options, key) for key in GENERATION_KEYS})
-
-
-def cmd_eval(args: list[str]) -> int:
-    parser = _Parser("eval", "Preference and generation metrics of one or more models, side by side.")
-    parser.add_argument("--model", action="append", required=True, metavar="DIR",
-                        help="a saved model (repeat for several; the first is the base of the win rates)")
-    parser.add_argument("--data", metavar="FILE_OR_FOLDER", help="preference pairs to score")
-    parser.add_argument("--split", help="the split of --data to score (default: a file's only split, a folder's test)")
-    parser.add_argument("--prompts", metavar="FILE", help="prompts to answer (.txt, .json, .jsonl)")
-    parser.add_argument("--reward_model", metavar="DIR", help="a local reward model that judges the answers")
-    parser.add_argument("--alpaca_eval", metavar="DIR", help="write AlpacaEval-format answers here")
-    parser.add_argument("--output", metavar="REPORT.json", help="also write the report as JSON")
-    _add_generation(parser)
-    options = parser.parse_args(args)
-    _quiet(options.model)
-    from .evaluation import evaluate, format_report
-
-    report = evaluate(options.model, data=options.data, split=options.split, prompts=options.prompts,
-                      reward_model=options.reward_model, alpaca_dir=options.alpaca_eval, seed=options.seed,
-                      **_generation(options))
-    if os.environ.get("RANK", "0") != "0":  # under a launcher every process holds the whole report
+def cmd_pairs(args: list[str]) -> int:
+    if _help_only(_pairs_parser(), args):
         return 0
-    print(format_report(report))
-    if options.output:
-        Path(options.output).write_text(json.dumps(report, indent=1))
-        print(f"prefopt: report in {options.output}")
+    path, overrides = _config_and_overrides(args)
+    if path is None and not overrides:
+        _pairs_parser().error("name a config file")
+    _quiet()
+    from .config import load_config
+    from .onpolicy import make_pairs
+
+    make_pairs(load_config(path, overrides, objective_optional=True))
     return 0
 
 
-def cmd_generate(args: list[str]) -> int:
-    parser = _Parser("generate", "Answer prompts with a saved model; with no prompt, an interactive chat.")
-    parser.add_argument("--model", required=True, metavar="DIR", help="a saved model")
-    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for several)")
-    parser.add_argument("--prompts", metavar="FILE", help="prompts from a file (.txt, .json, .jsonl)")
-    parser.add_argument("--output", metavar="FILE", help="write the answers as AlpacaEval-format JSON")
-    _add_generation(parser)
-    options = parser.parse_args(args)
-    _quiet([options.model])
-    from transformers import set_seed
+def _iterate_parser() -> _Parser:
+    parser = _Parser("iterate", "On-policy rounds: pairs from the policy (prefopt pairs), training on them (prefopt "
+                     "train), pairs from the new model, and so on; each round in output_dir/round-K/, a table of "
+                     "every round's rewards and metrics at the end (output_dir/iterate.json). A rerun skips what is "
+                     "finished and resumes what is not.",
+                     usage="%(prog)s CONFIG.yaml --rounds K [--key value ...]", epilog=OVERRIDES)
+    parser.add_argument("config", metavar="CONFIG.yaml", help="a training config with the pairs keys")
+    parser.add_argument("--rounds", type=_count, required=True, help="how many rounds of pairs and training")
+    return parser
 
-    from .evaluation import Generator, alpaca_eval_rows, read_prompts
 
-    set_seed(options.seed)
-    generator = Generator(options.model, **_generation(options))
-    conversations = [[{"role": "user", "content": p}] for p in options.prompt]
-    if options.prompts:
-        conversations += read_prompts(options.prompts)
-    if not conversations:
-        from .chat import chat
+def cmd_iterate(args: list[str]) -> int:
+    parser = _iterate_parser()
+    if _help_only(parser, args):
+        return 0
+    own, overrides = _own_options(args, ("--rounds",))
+    path, overrides = _config_and_overrides(overrides)
+    options = parser.parse_args(([path] if path else []) + own)
+    _quiet()
+    from .config import load_config
+    from .rounds import iterate
 
-        return chat(generator)
-    answers = generator.answer(conversations, progress=len(conversations) > 1)
-    for conversation, answer in zip(conversations, answers):
-        print(f"> {conversation[-1]['content']}\n{answer}\n")
-    if options.output:
-        rows = alpaca_eval_rows(conversations, answers, generator.name)
-        Path(options.output).write_text(json.dumps(rows, indent=1))
+    iterate(load_config(path, overrides), options.rounds)
     return 0
 
-
-def cmd_plot(args: list[str]) -> int:
-    parser = _Parser("plot", "PNGs of a run's metrics.jsonl, in OUTPUT_DIR/plots (training also writes them).")
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir")
-    output_dir = parser.parse_args(args).output_dir
-    from .plots import plot_run
-
-    written = plot_run(output_dir)
-    print(f"prefopt: wrote {', '.join(written)} in {output_dir}/plots")
-    return 0
-
-
-def cmd_push(args: list[str]) -> int:
-    parser = _Parser("push", "Upload a finished run to the Hugging Face Hub: its model (or adapter), tokenizer, "
-                             "model card (README.md, rendered again to name the repository), plots and records.")
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a finished run's output_dir")
-    parser.add_argument("--repo_id", required=True, metavar="ID",
-                        help="the model repository, NAME or OWNER/NAME (created if it does not exist)")
-    parser.add_argument("--private", type=boolean, metavar="BOOL",
-                        help="create the repository private (true) or public (false); default: the owner's default")
-    parser.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if needed; default main)")
-    parser.add_argument("--token", metavar="TOKEN", help="a Hub token with write access (default: HF_TOKEN, or the "
-                                                         "one `hf auth login` saved)")
-    options = parser.parse_args(args)
-    from .hub import push
-
-    push(options.output_dir, options.repo_id, token=options.token, private=options.private,
-         revision=options.revision)
-    return 0
-
-
-COMMANDS = {"train": cmd_train, "config": cmd_config, "data": cmd_data, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "config": cmd_config, "data": cmd_data, "pairs": cmd_pairs, "iterate": cmd_iterate, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
             "generate": cmd_generate, "push": cmd_push}
 
 

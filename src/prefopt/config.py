@@ -42,11 +42,11 @@ from .losses import HYPERPARAMETERS, METHODS, takes
 from .model_options import check_model_args, read_init_kwargs
 from .peers import dialect_of, setting_differences, tool_differences
 from .schema import (  # DatasetSource re-exported
-    TRAINING_DEFAULTS, DataArgs, DatasetSource, ModelArgs, ObjectiveArgs, RunArgs, _base_types, _build, _coerce, _fail,
+    TRAINING_DEFAULTS, DataArgs, DatasetSource, ModelArgs, ObjectiveArgs, PairsArgs, RunArgs, _base_types, _build, _coerce, _fail,
     _plain)
 from .templates import LAYOUTS
 from .recipes import dpo_loss, likely_method, not_preference_recipe
-from .values import DATA_KEYS, FIELD_TYPES, MODEL_KEYS, OBJECTIVE_KEYS, RUN_KEYS, VALID_KEYS, check_values
+from .values import DATA_KEYS, FIELD_TYPES, MODEL_KEYS, OBJECTIVE_KEYS, PAIRS_KEYS, RUN_KEYS, VALID_KEYS, check_values
 from .yamlfile import parse_overrides, read_yaml
 
 
@@ -57,6 +57,7 @@ class Config:
     objective: ObjectiveArgs
     training: TrainingArguments
     run: RunArgs = field(default_factory=RunArgs)
+    pairs: PairsArgs = field(default_factory=PairsArgs)  # `prefopt pairs`; training ignores it
     source: str | None = None  # the YAML file, for messages
     forced: set[str] = field(default_factory=set)  # training keys set for this machine, not by the user
     notes: list[str] = field(default_factory=list)  # how dialect keys were read
@@ -94,8 +95,9 @@ def _refuse_unknown(where: str, raw: dict, message: str):
 # Loading
 
 
-def load_config(path: str | None, argv: list[str] | None = None) -> Config:
-    """Read YAML (optional) and `--key value` overrides into a resolved Config."""
+def load_config(path: str | None, argv: list[str] | None = None, objective_optional: bool = False) -> Config:
+    """Read YAML (optional) and `--key value` overrides into a resolved Config (`objective_optional`:
+    for `prefopt pairs`, which trains nothing: a config without an objective reads as SimPO's)."""
     raw = read_yaml(path) if path else {}
     where = str(path) if path else "command line"
     if path:
@@ -105,7 +107,7 @@ def load_config(path: str | None, argv: list[str] | None = None) -> Config:
     check_spellings("command line", overrides)
     _refuse_unknown("command line", overrides, "unknown option '--{}'.")
     check_values("command line", overrides)  # here, so that a bad value is blamed on the command line
-    return build_config(merge_overrides(raw, overrides), where)
+    return build_config(merge_overrides(raw, overrides), where, objective_optional)
 
 
 def negated_flags(overrides: dict) -> dict:
@@ -126,7 +128,7 @@ def _is_flag(key: str) -> bool:
     return _base_types(FIELD_TYPES[key]) <= {bool, type(None)}
 
 
-def build_config(raw: dict, where: str = "config") -> Config:
+def build_config(raw: dict, where: str = "config", objective_optional: bool = False) -> Config:
     """Normalise an already-merged mapping into a Config (the steps: this module's docstring)."""
     raw = dict(raw)
     _refuse_unknown(where, raw, "unknown key '{}'.")
@@ -144,6 +146,8 @@ def build_config(raw: dict, where: str = "config") -> Config:
     data.train_datasets, data.eval_datasets = train, evals
     given, tool = read_objective(_build(where, ObjectiveArgs, sections["objective"]), raw, later, notes, where,
                                  frozenset(written))
+    if objective_optional and given.method is None and given.loss_type is None:
+        given = dataclasses.replace(given, method="simpo")
     objective = _resolve_objective(where, given, written)
     differs = tool_differences(dialect_of(set(written), tool), given, objective)
     training, forced = _training(where, sections["training"], notes)
@@ -151,17 +155,18 @@ def build_config(raw: dict, where: str = "config") -> Config:
     defaulted = set(TRAINING_DEFAULTS) - set(sections["training"])
     differs += setting_differences(set(written), model, data)
     run = _build(where, RunArgs, sections["run"])
-    return Config(model=model, data=data, objective=objective, training=training, run=run, source=where, notes=notes,
+    pairs = _build(where, PairsArgs, sections["pairs"])
+    return Config(model=model, data=data, objective=objective, training=training, run=run, pairs=pairs, source=where, notes=notes,
                   forced=forced, differs=differs, defaulted=defaulted)
 
 
 # Which section a canonical key belongs to, in this order; the rest are TrainingArguments'. (Keys
 # that both TrainingArguments and we would claim go to us; none overlap today.)
-SECTIONS = (("run", RUN_KEYS), ("model", MODEL_KEYS), ("objective", OBJECTIVE_KEYS), ("data", DATA_KEYS))
+SECTIONS = (("run", RUN_KEYS), ("pairs", PAIRS_KEYS), ("model", MODEL_KEYS), ("objective", OBJECTIVE_KEYS), ("data", DATA_KEYS))
 
 
 def _sections(raw: dict) -> dict[str, dict]:
-    sections: dict[str, dict] = {"model": {}, "data": {}, "objective": {}, "run": {}, "training": {}}
+    sections: dict[str, dict] = {"model": {}, "data": {}, "objective": {}, "run": {}, "pairs": {}, "training": {}}
     for key, value in raw.items():
         section = next((name for name, keys in SECTIONS if key in keys), "training")
         sections[section][key] = value

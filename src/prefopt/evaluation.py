@@ -235,20 +235,14 @@ def generation_metrics(outputs: list[str], tokens: list[list[int]]) -> dict:
 
 
 def reward_scores(reward_model: str, prompts: list[list[dict]], answers: dict[str, list[str]]) -> dict:
-    """Each model's answers scored by a local sequence-classification reward model: name -> scores."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """Each model's answers scored by a sequence-classification reward model (`rewards.RewardModel`):
+    name -> scores."""
+    from .rewards import RewardModel, ScoreItem
 
-    tok = AutoTokenizer.from_pretrained(reward_model)
-    judge = AutoModelForSequenceClassification.from_pretrained(reward_model, use_safetensors=True).eval()
-
-    def score(conversation, answer):
-        messages = conversation + [{"role": "assistant", "content": answer}]
-        text = (tok.apply_chat_template(messages, tokenize=False) if tok.chat_template
-                else "\n".join(m["content"] for m in messages))
-        with torch.no_grad():
-            return judge(**tok(text, return_tensors="pt", truncation=True)).logits[0, 0].item()
-
-    return {n: [score(p, a) for p, a in zip(prompts, answers[n])] for n in tqdm(list(answers), desc="judging", disable=None)}
+    judge = RewardModel(reward_model)
+    return {n: judge.score([ScoreItem(p, a, {"prompt": p}, f"--prompts row {i} ({n}'s answer)")
+                            for i, (p, a) in enumerate(zip(prompts, answers[n]))])
+            for n in tqdm(list(answers), desc="judging", disable=None)}
 
 
 def win_rates(scores: dict[str, list[float]]) -> dict:

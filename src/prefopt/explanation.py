@@ -185,7 +185,7 @@ def save_resolved(cfg: Config, path: str | Path):
 # ---------------------------------------------------------------------------------------------
 # Every key, for `prefopt config keys`
 
-KEY_SECTIONS = ("model", "data", "objective", "run", "training")
+KEY_SECTIONS = ("model", "data", "objective", "run", "pairs", "training")
 
 
 def _type_name(annotation) -> str:
@@ -196,9 +196,9 @@ def _type_name(annotation) -> str:
 def config_keys(section: str | None = None) -> str:
     """Every canonical key of `section` (all when None), a line each: name, type, default, help —
     the help texts of the dataclasses (prefopt's) and of TrainingArguments (transformers')."""
-    from .schema import DataArgs, ModelArgs, ObjectiveArgs, RunArgs
+    from .schema import DataArgs, ModelArgs, ObjectiveArgs, PairsArgs, RunArgs
 
-    classes = {"model": ModelArgs, "data": DataArgs, "objective": ObjectiveArgs, "run": RunArgs,
+    classes = {"model": ModelArgs, "data": DataArgs, "objective": ObjectiveArgs, "run": RunArgs, "pairs": PairsArgs,
                "training": TrainingArguments}
     if section is not None and section not in classes:
         from .errors import PrefoptError

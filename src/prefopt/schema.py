@@ -200,6 +200,59 @@ class RunArgs:
     )
 
 
+
+SELECTIONS = ("best_worst", "best_random")
+ENGINES = ("auto", "transformers", "vllm")
+
+
+@dataclass
+class PairsArgs:
+    """`prefopt pairs` (and `iterate`): the policy's own answers, scored, made into pairs. The policy is
+    model_name_or_path, the prompts the data keys' `prompt` column; training ignores these keys."""
+
+    reward_model: str | None = field(
+        default=None, metadata={"help": "Local folder (or Hub id) of a sequence-classification reward model that "
+                                        "scores each answer."})
+    reward_function: str | None = field(
+        default=None, metadata={"help": "module:function (or path/file.py:function) called as fn(prompt, answer, row) "
+                                        "-> number, for answers that can be checked."})
+    reward_trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the reward model's own code from its repository (ArmoRM and the like)."})
+    num_samples: int | None = field(
+        default=None, metadata={"help": "Answers sampled per prompt, one per seed (None: as many as seeds lists, "
+                                        "else 5)."})
+    seeds: list[int] | None = field(
+        default=None, metadata={"help": "One seed per answer (None: seed, seed+1, ... num_samples of them)."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling: the smallest set of tokens with this mass."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per answer."})
+    selection: str = field(
+        default="best_worst", metadata={"help": "best_worst: highest-scored answer chosen, lowest rejected; "
+                                                "best_random: highest chosen, a random lower-scored one rejected."})
+    min_score_gap: float = field(
+        default=0.0, metadata={"help": "A prompt whose chosen and rejected scores differ by less than this yields "
+                                       "no pair (ties never yield one)."})
+    min_chosen_score: float | None = field(
+        default=None, metadata={"help": "A prompt whose best answer scores below this yields no pair (with a "
+                                        "pass/fail scorer, 1: only answers that passed are chosen; None: any)."})
+    output: str | None = field(
+        default=None, metadata={"help": "The pairs file, JSON Lines (None: output_dir/pairs.jsonl); its report is "
+                                        "written beside it (.report.json)."})
+    engine: str = field(
+        default="auto", metadata={"help": "auto (vllm where it is installed and a GPU is present, else transformers), "
+                                          "transformers or vllm."})
+    prompt_format: str = field(
+        default="auto", metadata={"help": "auto (chat where the policy has a chat template: a text prompt becomes one "
+                                          "user turn and the pairs chat rows), chat, or text (prompt and answer "
+                                          "concatenated, as training reads text rows)."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.6, metadata={"help": "engine vllm: the share of the GPU's memory vLLM takes; the rest holds the "
+                                       "reward model."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Prompts generated for at once."})
+    reward_batch_size: int = field(default=16, metadata={"help": "Answers scored at once by a reward model."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (None: all)."})
+
+
 # Where prefopt's defaults differ from TrainingArguments' (they follow TRL's CPOConfig, except
 # bf16 and gradient checkpointing, which stay off unless asked for: CPUs are first-class here).
 TRAINING_DEFAULTS = {

@@ -34,6 +34,31 @@ LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "cs
 def load_source(src: DatasetSource, mapping: dict[str, str] | None, train: bool) -> Dataset:
     """One source's split: its `columns`, its `keep_fraction` (train only), mapped and tagged."""
     label = f"{src.path}[{src.split}]"
+    ds = _selected(src, mapping, train, label)
+    missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
+    if missing:
+        raise PrefoptError(
+            f"{label}: no {' or '.join(missing)} column (columns found: {ds.column_names}). Accepted schemas: "
+            f"{SCHEMAS}. If your columns have other names, map them, e.g. "
+            "`column_mapping: {prompt: question, chosen: good_answer, rejected: bad_answer}`."
+        )
+    ds = ds.select_columns([c for c in PAIR if c in ds.column_names])
+    return ds.add_column("source", [label] * len(ds)).add_column("row", list(range(len(ds))))
+
+
+def load_prompts(src: DatasetSource, mapping: dict[str, str] | None) -> tuple[str, Dataset]:
+    """One source's prompts for `prefopt pairs`: (its label, its rows with every column, after
+    `columns`, `keep_fraction` and `column_mapping`); a source without a `prompt` column is refused."""
+    label = f"{src.path}[{src.split}]"
+    ds = _selected(src, mapping, True, label)
+    if "prompt" not in ds.column_names:
+        raise PrefoptError(f"{label}: no prompt column (columns found: {ds.column_names}); prefopt pairs reads "
+                           "prompts (text or chat messages) from `prompt`. If yours has another name, map it, e.g. "
+                           "`column_mapping: {prompt: question}`.")
+    return label, ds
+
+
+def _selected(src: DatasetSource, mapping: dict[str, str] | None, train: bool, label: str) -> Dataset:
     ds = _read(src)
     if src.columns is not None:
         missing = [c for c in src.columns if c not in ds.column_names]
@@ -47,16 +72,7 @@ def load_source(src: DatasetSource, mapping: dict[str, str] | None, train: bool)
     fmt = llamafactory.layout(src.format, ds.features)
     if fmt is not None:
         ds = llamafactory.convert(ds, fmt, label)
-    ds = _map_columns(ds, mapping or {}, label)
-    missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
-    if missing:
-        raise PrefoptError(
-            f"{label}: no {' or '.join(missing)} column (columns found: {ds.column_names}). Accepted schemas: "
-            f"{SCHEMAS}. If your columns have other names, map them, e.g. "
-            "`column_mapping: {prompt: question, chosen: good_answer, rejected: bad_answer}`."
-        )
-    ds = ds.select_columns([c for c in PAIR if c in ds.column_names])
-    return ds.add_column("source", [label] * len(ds)).add_column("row", list(range(len(ds))))
+    return _map_columns(ds, mapping or {}, label)
 
 
 def _map_columns(ds: Dataset, mapping: dict[str, str], label: str) -> Dataset:

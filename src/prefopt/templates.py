@@ -198,6 +198,23 @@ def render(tokenizer, prompt: list, chosen: list, rejected: list, where: str,
         raise PrefoptError(_template_refusal(e, where, prompt, style, inserted)) from None
 
 
+def generation_prompt(tokenizer, prompt: list, where: str, style: Rendering = Rendering()) -> str:
+    """The text a policy answers a chat prompt after (`prefopt pairs`): the prompt as `render` gives
+    it to training (its roles checked, the empty system turn where the run inserts one), with the
+    template's generation prompt, so what is sampled is what the pair trains."""
+    _check_roles(prompt, where, style.roles)
+    inserted = style.empty_system and prompt[0]["role"] != "system"
+    if inserted:
+        prompt = [EMPTY_SYSTEM, *prompt]
+    try:
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    except TemplateSyntaxError as e:
+        raise PrefoptError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message}); fix chat_template, "
+                           "or the template saved with the tokenizer.") from None
+    except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise PrefoptError(_template_refusal(e, where, prompt, style, inserted)) from None
+
+
 def _check_roles(prompt: list, where: str, roles) -> None:
     for k, message in enumerate(prompt):
         role = message["role"]

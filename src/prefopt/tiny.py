@@ -212,3 +212,76 @@ def save_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def _pair_texts(tokenizer: PreTrainedTokenizerFast, row: dict) -> tuple[str, str]:
+    """A preference row's chosen and rejected conversations as the reward model reads them (`rewards.render`)."""
+    from .rewards import render
+
+    def answer(value):
+        return value if isinstance(value, str) else value[-1]["content"]  # chat rows: the assistant turn
+
+    return tuple(render(tokenizer, row["prompt"], answer(row[k]))[0] for k in ("chosen", "rejected"))
+
+
+def _corpus(rows: list[dict]) -> list[str]:
+    """The rows' texts, chat rows with their role names, to train a tokenizer on."""
+    texts = []
+    for row in rows:
+        for key in ("chosen", "rejected"):
+            if isinstance(row["prompt"], str):
+                texts.append(row["prompt"] + row[key])
+            else:
+                texts.append("".join(f"{m['role']}\n{m['content']}\n" for m in row["prompt"] + row[key]))
+    return texts
+
+
+def train_reward_model(
+    rows: list[dict],
+    path: str | Path | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    chat_template: str | None = "chatml",
+    steps: int = 500,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Build a tiny num_labels=1 `LlamaForSequenceClassification` and train it on preference `rows`
+    (text or chat, e.g. `demo.make_rows`) with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
+
+    Plain torch, AdamW with a linear decay, `batch_size` pairs a step drawn with `seed`; on 2000
+    demo chat rows the defaults reach ~0.85 held-out pair accuracy in ~20 s on one core. Without a `tokenizer` one is
+    trained on the rows' texts (vocab 300, `chat_template`). Given `path`, it is saved there like
+    `save_tiny` (loadable with AutoModelForSequenceClassification / AutoTokenizer). Returns both.
+    """
+    from transformers import LlamaForSequenceClassification
+
+    if tokenizer is None:
+        tokenizer = train_tokenizer(_corpus(rows), vocab_size=300, chat_template=chat_template)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = tiny_config("llama", len(tokenizer), num_labels=1, pad_token_id=pad,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    encoded = [[tokenizer(t, add_special_tokens=False)["input_ids"] for t in _pair_texts(tokenizer, r)] for r in rows]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)  # linear to 0: settles
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(steps):
+        pairs = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
+        seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        rewards = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        loss = -torch.nn.functional.logsigmoid(rewards[:batch_size] - rewards[batch_size:]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        decay.step()
+    model.eval()
+    if path is not None:
+        save_tiny(model, tokenizer, path)
+    return model, tokenizer

@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 from .dialects import DIALECT_KEYS, NON_CANONICAL, SPELLINGS
 from .losses import HYPERPARAMETERS
-from .schema import DataArgs, DatasetSource, ModelArgs, ObjectiveArgs, RunArgs, _base_types, _coerce, _fail
+from .schema import DataArgs, DatasetSource, ModelArgs, ObjectiveArgs, PairsArgs, RunArgs, _base_types, _coerce, _fail
 
 
 def _names(cls) -> set[str]:
@@ -29,8 +29,9 @@ MODEL_KEYS = _names(ModelArgs)
 DATA_KEYS = _names(DataArgs) - {"train_datasets", "eval_datasets"}
 OBJECTIVE_KEYS = _names(ObjectiveArgs)
 RUN_KEYS = _names(RunArgs)
+PAIRS_KEYS = _names(PairsArgs)
 TRAINING_KEYS = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-CANONICAL_KEYS = MODEL_KEYS | DATA_KEYS | OBJECTIVE_KEYS | RUN_KEYS | TRAINING_KEYS
+CANONICAL_KEYS = MODEL_KEYS | DATA_KEYS | OBJECTIVE_KEYS | RUN_KEYS | PAIRS_KEYS | TRAINING_KEYS
 VALID_KEYS = CANONICAL_KEYS | DIALECT_KEYS
 
 
@@ -46,7 +47,7 @@ _check_spellings()
 # Each field's annotation, for reading its value as the right type; a spelling's is its canonical
 # key's unless the table gives its own; and a `datasets:` entry's fraction, which has no field
 FIELD_TYPES = {**{f.name: f.type for f in dataclasses.fields(TrainingArguments)},
-               **{k: v for cls in (ModelArgs, DataArgs, ObjectiveArgs, RunArgs, DatasetSource)
+               **{k: v for cls in (ModelArgs, DataArgs, ObjectiveArgs, RunArgs, PairsArgs, DatasetSource)
                   for k, v in typing.get_type_hints(cls).items()},
                "fraction": float | None}
 FIELD_TYPES |= {s.spelling: s.type or FIELD_TYPES[s.canonical] for s in SPELLINGS}
@@ -177,6 +178,17 @@ VALUE_RULES: dict[str, tuple[Bound | ShareOrCount, str]] = {
     # run
     "eval_generation_prompts": (COUNT, ""),
     "eval_generation_max_new_tokens": (COUNT, "or unset: max_completion_length, else up to max_length"),
+    # pairs
+    "num_samples": (Bound(2), "answers per prompt: a pair needs two; or unset"),
+    "temperature": (POSITIVE, "sampling needs a temperature above 0"),
+    "top_p": (Bound(0, 1, low_open=True, what="a share"), "1: no nucleus cut"),
+    "max_new_tokens": (COUNT, ""),
+    "min_score_gap": (AT_LEAST_0, "0: only ties are dropped"),
+    "min_chosen_score": (Bound(None, None), "or unset: any best answer is chosen"),
+    "generation_batch_size": (COUNT, ""),
+    "vllm_gpu_memory_utilization": (Bound(0, 1, low_open=True, what="a share"), "of the GPU's memory"),
+    "reward_batch_size": (COUNT, ""),
+    "max_prompts": (COUNT, "or unset: every prompt"),
 }
 VALUE_RULES |= {
     name: (Bound(f.metadata["low"], f.metadata["high"], low_open=f.metadata["low_open"], high_open=f.metadata["high_open"]),
