@@ -41,7 +41,7 @@ def test_onpolicy_pairs_from_the_demo_model_have_correct_chosen_answers_and_trai
     prefopt.train({**common, "max_steps": START_STEPS, "model_name_or_path": str(base),
                    "output_dir": str(tmp_path / "start"), "datasets": [{"path": str(fixed)}]})
 
-    prompts = [{"prompt": r["prompt"][0]["content"]} for r in make_rows(64, seed=7)]
+    prompts = [{"prompt": r["prompt"][0]["content"]} for r in make_rows(64, seed=7, chat=True)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     made = prefopt.pairs({"model_name_or_path": str(tmp_path / "start"),
                           "datasets": [{"path": str(tmp_path / "prompts.jsonl")}],
