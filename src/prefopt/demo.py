@@ -5,6 +5,7 @@
     make_rows(1, seed=0)
     # [{"prompt": "Sort: 6 0 4 8 7 6 =", "chosen": " 0 4 6 6 7 8", "rejected": " 0 4 6 6 7 8 4"}]
     is_correct("Sort: 3 1 2 =", " 1 2 3")  # True
+    sort_reward("Sort: 3 1 2", "1 2 2")     # -0.333: the scorer for `prefopt pairs` (on-policy rounds)
 """
 
 from __future__ import annotations
@@ -108,6 +109,33 @@ def is_correct(prompt: str, response: str) -> bool:
     if match is None:
         raise ValueError(f"Not a sort prompt (expected 'Sort: <digits separated by spaces>'): {prompt!r}")
     return response.split() == sorted(match.group(1).split())
+
+
+def _edit_distance(a: list[str], b: list[str]) -> int:
+    """Levenshtein distance between two token lists (one row of the table at a time)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def sort_reward(prompt, answer: str, row: dict | None = None) -> float:
+    """The demo task's programmatic scorer, for `prefopt pairs` (`reward_function: prefopt.demo:sort_reward`).
+
+    1.0 for a correct sort; a wrong answer scores minus its token edit distance to the sorted
+    digits, divided by their count (so in (-inf, 0): a near miss ~-0.2, a runaway repeat far
+    lower). With `min_chosen_score: 1` the chosen answer is always correct and the rejected one is
+    the model's own worst wrong answer; the graded negatives break the ties a pass/fail scorer leaves
+    among wrong answers. `prompt` is the text or the chat messages (the last user turn is read).
+    """
+    if not isinstance(prompt, str):
+        prompt = next(m["content"] for m in reversed(prompt) if m.get("role") == "user")
+    if is_correct(prompt, answer):
+        return 1.0
+    want = sorted(_PROMPT.search(prompt).group(1).split())
+    return -_edit_distance(answer.split(), want) / len(want)
 
 
 # ---------------------------------------------------------------------------------------------
