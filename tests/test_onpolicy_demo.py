@@ -49,6 +49,7 @@ def test_onpolicy_pairs_from_the_demo_model_have_correct_chosen_answers_and_trai
                           "top_p": 1.0, "max_new_tokens": 16, "min_chosen_score": 1.0,
                           "generation_batch_size": 64, "output": str(tmp_path / "pairs.jsonl"), "seed": 3})
     rows = [json.loads(line) for line in made.output.read_text().splitlines()]
+    answers = {a["index"]: a for a in map(json.loads, made.output.with_suffix(".answers.jsonl").read_text().splitlines())}
     report = made.report
     assert report["pairs"] == len(rows) > 0
     assert report["pairs"] + sum(report["dropped"].values()) == len(prompts)
@@ -56,7 +57,9 @@ def test_onpolicy_pairs_from_the_demo_model_have_correct_chosen_answers_and_trai
         question, chosen, rejected = (x if isinstance(x, str) else x[-1]["content"]
                                       for x in (r["prompt"], r["chosen"], r["rejected"]))
         assert is_correct(question, chosen) and r["chosen_score"] == 1.0
-        assert not is_correct(question, rejected) and r["rejected_score"] == min(r["all_scores"]) < 0
+        kept = answers[int(r["prompt_source"].rsplit(" ", 1)[1])]  # empty answers are never chosen or rejected
+        lowest = min(s for a, s in zip(kept["answers"], kept["scores"]) if a.strip())
+        assert not is_correct(question, rejected) and r["rejected_score"] == lowest < 0
     assert report["dropped"]["best_below_min"] > 0  # all-wrong prompts exist and are dropped, not paired
 
     run = prefopt.train({**common, "max_steps": 4, "learning_rate": 1e-3, "model_name_or_path": str(tmp_path / "start"),
