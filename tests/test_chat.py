@@ -23,7 +23,10 @@ NEW_TOKENS = 8
 DEADLINE = 180  # seconds for any one expected output: a guard against a hang, not a measurement
 
 # the child takes the terminal on its stdin as its controlling terminal, then becomes prefopt
-CTTY = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+# The child takes the terminal as its controlling one, and Ctrl-C back: a job started in the background by a
+# non-interactive shell (`make test &`, nohup) has SIGINT ignored, which every process it starts inherits.
+CTTY = ("import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "signal.signal(signal.SIGINT, signal.SIG_DFL); "
         "os.execv(sys.executable, [sys.executable, '-m', 'prefopt'] + sys.argv[1:])")
 
 
@@ -239,8 +242,13 @@ def test_ctrl_c_during_an_answer_stops_it(monkeypatch, capsys, model_dir):
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(AnswerStream, "put", put_then_interrupt)
-    assert chat(gen, io.StringIO("Sort: 3 1 2\nhello\n")) == 0
+    # Python's own Ctrl-C, as at a terminal (a background job's SIGINT is ignored: see CTTY)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert chat(gen, io.StringIO("Sort: 3 1 2\nhello\n")) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+    finally:
+        signal.signal(signal.SIGINT, outer)
     out, err = capsys.readouterr()
     assert sent and "(stopped; this turn is not kept)" in err
     assert out.endswith(f"\n{fresh}\n")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
