@@ -26,9 +26,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# prefopt vs TRL speed/memory on tiny offline Llamas (~20 min on 2 CPU cores); see benchmarks/bench.py
+# prefopt vs TRL and its peers (TRL + Liger-Kernel, TRL + cut-cross-entropy), speed/memory on tiny
+# offline Llamas (~20 min on 2 CPU cores before the peers, which add 8 runs); see benchmarks/bench.py.
+# The peers' packages are installed here only, under the torch pin: `make venv`/`make test` need none.
+# BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--vocab 32000 --no-sweep".
+BENCH_PEERS := liger-kernel==0.8.5 cut-cross-entropy==25.1.1 triton==3.9.0
+BENCH_ARGS ?=
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python -m pip install --quiet -c constraints.txt $(BENCH_PEERS)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_output

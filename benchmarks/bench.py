@@ -1,8 +1,10 @@
-"""Speed and memory of prefopt against TRL 1.16 on the same pairs, the same weights, the same order.
+"""Speed and memory of prefopt against TRL 1.16 and its peers on the same pairs, weights and order.
 
-    make bench                                   # or: .venv/bin/python benchmarks/bench.py
+    make bench                                   # installs the peers' pinned packages, then runs this
     .venv/bin/python benchmarks/bench.py --quick # smoke run: 32k vocab, max_length 256, 1 timed step
     .venv/bin/python benchmarks/bench.py --vocab 32000 --steps 3
+    .venv/bin/python benchmarks/bench.py --quick --no-sweep --trainers trl,liger,cce --threads 1 --busy-ok
+                                                 # the peers only, on a shared machine (timings not a measurement)
 
 Everything is offline and deterministic. Fixtures are built once under benchmarks/.cache/:
 
@@ -14,21 +16,29 @@ Everything is offline and deterministic. Fixtures are built once under benchmark
   log-normal (median ~120, long tail, clipped to [8, 1500]), chosen and rejected independently
   log-normal (median ~250, clipped to [4, 1500]); some pairs exceed max_length and are truncated.
 
-Each measured run is its own subprocess (`bench.py --worker SPEC`, torch.set_num_threads(2)):
+Each measured run is its own subprocess (`bench.py --worker SPEC`, torch.set_num_threads(--threads, 2)):
 
-- TRL: trl.experimental.cpo.CPOTrainer (CPO-SimPO: loss_type simpo, cpo_alpha 0.05, beta 10,
+- trl: trl.experimental.cpo.CPOTrainer (CPO-SimPO: loss_type simpo, cpo_alpha 0.05, beta 10,
   simpo_gamma 5.4) and trl.experimental.orpo.ORPOTrainer (beta 0.1);
 - prefopt: prefopt.config.build_config({same keys}) + prefopt.pipeline.train (layout "packed");
-- the TRL drop-in: prefopt.trl.CPOTrainer / ORPOTrainer, called exactly as TRL's above (the same
-  config keys, model object, dataset and tokenizer; only the import differs; layout "packed").
+- dropin, the TRL drop-in: prefopt.trl.CPOTrainer / ORPOTrainer, called exactly as TRL's above (the
+  same config keys, model object, dataset and tokenizer; only the import differs; layout "packed");
+- liger, cce: the peers a user would pick instead of plain TRL (benchmarks/peers.py): TRL's trainers
+  with the LM head and loss handed to Liger-Kernel 0.8.5's chunked preference losses, or to
+  cut-cross-entropy 25.1.1 (on CPU its impl "torch_compile": its own kernel needs a GPU), called as
+  TRL's; `make bench` installs both under the torch pin.
 
-All three: max_length 1024, batch 4, fp32, no gradient checkpointing, use_cpu, lr 1e-6, seed 42.
+All of them: max_length 1024, batch 4, fp32, no gradient checkpointing, use_cpu, lr 1e-6, seed 42.
 Per run: pairs/s and tokens/s (tokens = unique tokens of the pairs: prompt once + chosen +
-rejected after truncation, no padding) over the timed steps (the first steps are warm-up); peak
-memory (ru_maxrss of the worker, read when training ends); positions through the transformer body
-(a forward pre-hook on the model counting input_ids.numel()) against the unique-token lower
-bound; a per-phase time split (collate, forward body, head+loss, backward, optimizer). The pairs
-each trainer collated are fingerprinted so that "same pairs, same order" is checked, not assumed.
+rejected after truncation, no padding) over the timed steps (the first steps are warm-up, where
+the peers' torch.compile compiles); peak memory (ru_maxrss of the worker, read when training ends);
+positions through the transformer body (a forward pre-hook on the body counting input_ids.numel())
+against the unique-token lower bound; the FLOP fraction, the step's minimum FLOPs
+(benchmarks/flops.py `min_flops`) over its time × the machine's fp32 GEMM rate (`flops.calibrate`,
+probed before and after every run); a per-phase time split (collate, forward body, head+loss,
+backward, optimizer); the first step's loss. The pairs each trainer collated are fingerprinted, so
+"same pairs, same order" is checked, not assumed, and with it the first batch: a peer's first-step
+loss must match TRL's to 1e-5 relative, so that it trains the same objective.
 
 A prefopt-only sweep then measures peak memory minus the weights+optimizer baseline at
 max_length 256/512/1024/2048 and both vocabularies, on "saturated" pairs whose chosen and
@@ -44,6 +54,7 @@ import argparse
 import hashlib
 import json
 import math
+import operator
 import os
 import platform
 import resource
@@ -52,6 +63,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import flops  # benchmarks/flops.py: this script's folder is on sys.path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -74,7 +87,12 @@ TARGETS = {  # vocab: (min pairs/s ratio, max peak-memory ratio); positions with
     128_256: (4.0, 0.20),
 }
 POSITIONS_TARGET = 1.05
-TRAINERS = ("trl", "prefopt", "dropin")  # dropin: prefopt.trl's CPOTrainer/ORPOTrainer, called as TRL's
+# dropin: prefopt.trl's CPOTrainer/ORPOTrainer, called as TRL's; liger, cce: TRL's with a peer's head (peers.py)
+TRAINERS = ("trl", "prefopt", "dropin", "liger", "cce")
+PEERS = ("liger", "cce")
+PEER_PACKAGES = ("liger-kernel", "cut-cross-entropy", "triton")  # the Makefile's bench target pins them
+THREADS = 2  # torch threads of every worker and of the machine-speed probe (--threads)
+BUSY_OK = False  # --busy-ok: smoke runs on a shared machine neither wait for quiet nor measure again
 
 ENV = {
     "HF_HOME": str(CACHE / "hf"),
@@ -83,8 +101,6 @@ ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TRL_EXPERIMENTAL_SILENCE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "2",
-    "MKL_NUM_THREADS": "2",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "PYTHONWARNINGS": "ignore",
 }
@@ -180,8 +196,10 @@ def build_data_fixture(kind: str, n: int, max_length: int = MAX_LENGTH) -> Path:
     return path
 
 
-def data_stats(path: Path, max_length: int) -> dict:
-    """Token lengths (exact: one word = one token) before and after TRL/prefopt truncation."""
+def read_lengths(path: Path, max_length: int):
+    """Per pair: prompt, chosen and rejected tokens (exact: one word = one token; BOS and EOS counted),
+    then chosen and rejected after TRL/prefopt truncation (the prompt is never cut: no prompt fills
+    max_length)."""
     import numpy as np
 
     P, C, R = [], [], []
@@ -192,7 +210,21 @@ def data_stats(path: Path, max_length: int) -> dict:
             C.append(len(row["chosen"].split()) + 1)
             R.append(len(row["rejected"].split()) + 1)
     P, C, R = map(np.array, (P, C, R))
-    Ct, Rt = np.minimum(C, max_length - P), np.minimum(R, max_length - P)
+    return P, C, R, np.minimum(C, max_length - P), np.minimum(R, max_length - P)
+
+
+def min_gflop_per_pair(path: Path, max_length: int, folders: dict, methods: list[str]) -> dict:
+    """flops.min_flops per pair of the data in GFLOP, mean over all of it: {vocab: {method: value}}."""
+    P, _, _, Ct, Rt = read_lengths(path, max_length)
+    return {str(v): {m: float(flops.min_flops(P, Ct, Rt, flops.model_dims(str(f)), m == "orpo").mean()) / 1e9
+                     for m in methods} for v, f in folders.items()}
+
+
+def data_stats(path: Path, max_length: int) -> dict:
+    """Token lengths before and after TRL/prefopt truncation."""
+    import numpy as np
+
+    P, C, R, Ct, Rt = read_lengths(path, max_length)
 
     def pct(a):
         return {f"p{q}": int(np.percentile(a, q)) for q in (50, 90, 99)} | {"max": int(a.max())}
@@ -225,23 +257,6 @@ def _cpu_ticks() -> tuple[float, float]:
         fields = fh.readline().split()
     steal = int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
     return t.user + t.system, steal
-
-
-def calibrate() -> float:
-    """GFLOP/s of a fixed fp32 matmul on 2 threads: how fast the machine is right now. The VM shares
-    its host, and a slower host shows up here rather than being blamed on a trainer."""
-    import torch
-
-    a, b = torch.randn(1024, 256), torch.randn(256, 8192)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(3):  # best of three: what the machine can do now, not one unlucky moment
-        t, n = time.perf_counter(), 10
-        for _ in range(n):
-            a @ b
-        best = max(best, 2 * 1024 * 256 * 8192 * n / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def _digest(ids) -> str:
@@ -376,9 +391,10 @@ def matmul_flops(op: str, shapes) -> float | None:
 
 
 def instrument(trainer, probe, kind: str):
-    """Hooks on the live trainer: positions, body/head split of forward and backward, memory."""
-    model = trainer.model
-    norm = model.model.norm  # the final norm: the body ends here, the LM head starts
+    """Hooks on the live trainer: positions, body/head split of forward and backward, memory, and
+    each step's loss (the first one is checked against TRL's)."""
+    body = trainer.model.get_decoder()  # on the body, not the causal LM: the peers call the body alone
+    norm = body.norm  # the final norm: the body ends here, the LM head starts
 
     def pre(module, args, kwargs):
         ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
@@ -391,7 +407,7 @@ def instrument(trainer, probe, kind: str):
         if torch_is_grad(out):
             out.register_hook(lambda g: probe.mark("grad_reaches_body"))
 
-    model.register_forward_pre_hook(pre, with_kwargs=True)
+    body.register_forward_pre_hook(pre, with_kwargs=True)
     norm.register_forward_hook(after_norm)
 
     compute_loss, training_step = trainer.compute_loss, trainer.training_step
@@ -400,6 +416,7 @@ def instrument(trainer, probe, kind: str):
         probe.mark("loss_start")
         out = compute_loss(*a, **k)
         probe.mark("loss_end")
+        probe.cur.setdefault("loss", float(out.detach()))  # the training step's loss, as the trainer returns it
         probe.cur.setdefault("rss_after_forward_kib", _rss_kib())
         probe.cur.setdefault("maxrss_after_forward_kib", _maxrss_kib())
         return out
@@ -464,6 +481,19 @@ def run_dropin(spec: dict, probe, out_dir: str) -> dict:
             "method_resolved": trainer.prefopt_config.objective.method}
 
 
+def run_peer(spec: dict, probe, out_dir: str) -> dict:
+    """TRL's trainer with a peer's LM head and loss (benchmarks/peers.py), called as `run_trl` calls TRL's."""
+    import peers
+
+    Config, Trainer = peers.TRAINERS[spec["trainer"], METHODS[spec["method"]][0]]
+    trainer = _train_as_trl(Config, Trainer, spec, probe, out_dir, "trl")
+    out = {"attn_implementation": trainer.model.config._attn_implementation, "layout": "padded (TRL)",
+           "head": peers.HEADS[spec["trainer"]]}
+    if spec["trainer"] == "cce":
+        out["cce_kernel_on_cpu"] = peers.cce_kernel_on_cpu()
+    return out
+
+
 def _train_as_trl(Config, Trainer, spec: dict, probe, out_dir: str, kind: str):
     """A TRL-style trainer built and trained as TRL's documentation calls it; the trainer."""
     import torch
@@ -525,6 +555,9 @@ def run_baseline(spec: dict) -> dict:
     import prefopt.trl  # noqa: F401
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+    if set(spec["trainers"]) & set(PEERS):
+        import peers  # noqa: F401 - Liger-Kernel, cut-cross-entropy and triton, as the peer runs import them
+
     rss_imports = _rss_kib()
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     rss_weights = _rss_kib()
@@ -546,24 +579,28 @@ def run_baseline(spec: dict) -> dict:
 def worker(spec: dict):
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(spec["threads"])
     import prefopt
 
     result: dict = {"spec": spec, "torch_threads": torch.get_num_threads(), "prefopt_file": prefopt.__file__}
     t0 = time.perf_counter()
-    result["calibration_start_gflops"] = calibrate()
+    vocab = flops.model_dims(spec["model"])["V"]
+    result["calibration_start"] = flops.calibrate(vocab)
+    # the probe's transient (up to 0.7 GB at 128k, the head-shaped product) must stay below the run's peak
+    result["maxrss_after_calibration_kib"] = _maxrss_kib()
     if spec["trainer"] == "baseline":
         result.update(run_baseline(spec))
     else:
         probe = make_probe()
         probe.profile_step = spec.get("profile_step")
         with tempfile.TemporaryDirectory(dir=CACHE / "runs") as out_dir:
-            run = {"trl": run_trl, "prefopt": run_prefopt, "dropin": run_dropin}[spec["trainer"]]
+            run = {"trl": run_trl, "prefopt": run_prefopt, "dropin": run_dropin, "liger": run_peer,
+                   "cce": run_peer}[spec["trainer"]]
             result.update(run(spec, probe, out_dir))
         result.update(steps=probe.steps, collates=probe.collates, maxrss_train_end_kib=probe.maxrss_train_end,
                       rss_train_begin_kib=probe.rss_train_begin, op_table=probe.op_table)
     result["maxrss_exit_kib"] = _maxrss_kib()
-    result["calibration_end_gflops"] = calibrate()
+    result["calibration_end"] = flops.calibrate(vocab)
     result["worker_wall_s"] = time.perf_counter() - t0
     Path(spec["result_file"]).write_text(json.dumps(result))
 
@@ -683,8 +720,11 @@ MAX_QUIET_WAIT = 900
 
 
 def wait_until_quiet() -> float:
-    """Block (up to MAX_QUIET_WAIT seconds) until other processes leave both cores to us; returns the wait."""
+    """Block (up to MAX_QUIET_WAIT seconds) until other processes leave both cores to us; returns the wait.
+    With --busy-ok, no wait."""
     t = time.perf_counter()
+    if BUSY_OK:
+        return 0.0
     load = others_load()
     told = False
     while load > QUIET_LOAD and time.perf_counter() - t < MAX_QUIET_WAIT:
@@ -708,7 +748,7 @@ def launch(spec: dict, label: str, timeout: int = 3600, attempts: int = 3) -> di
         if result is None:
             return None
         result.update(others_load_cores=others, waited_for_quiet_s=waited, attempt=attempt)
-        if others <= QUIET_LOAD:
+        if others <= QUIET_LOAD or BUSY_OK:
             return result
         print(f"  (other processes used {others:.2f} cores during {label}: "
               f"{'measuring it again' if attempt < attempts else 'kept, flagged as contended'})")
@@ -723,8 +763,8 @@ def _launch_once(spec: dict, label: str, timeout: int) -> dict | None:
     result_file = run_dir / f"{label}.json"
     log_file = run_dir / f"{label}.log"
     result_file.unlink(missing_ok=True)
-    spec = {**spec, "result_file": str(result_file)}
-    env = {**os.environ, **ENV}
+    spec = {**spec, "result_file": str(result_file), "threads": THREADS}
+    env = {**os.environ, **ENV, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     env["PYTHONPATH"] = str(SNAPSHOT or ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     t = time.perf_counter()
     print(f"  running {label} ...", end="", flush=True)
@@ -757,6 +797,31 @@ def baseline_gb(base: dict) -> float:
     return kib_to_gb(base["rss_kib"])
 
 
+def flop_summary(run: dict, timed: list[int], seconds: float) -> dict:
+    """The timed steps' minimum FLOPs (flops.min_flops on the pairs each step collated, lengths after
+    truncation) against the run's own GEMM rate (the better of its two probes)."""
+    import numpy as np
+
+    P, C, R = np.array([ln for i in timed for ln in run["collates"][i]["lengths"]]).T
+    total = float(flops.min_flops(P, C, R, flops.model_dims(run["spec"]["model"]),
+                                  nll_over_prompt=run["spec"]["method"] == "orpo").sum())
+    rate = max(run["calibration_start"]["gemm"], run["calibration_end"]["gemm"])
+    return {"min_gflop_per_step": total / len(timed) / 1e9, "gemm_gflops": rate,
+            "flop_fraction": total / (seconds * rate * 1e9)}
+
+
+def peak_where(run: dict, upto: int | None, peak_kib: int) -> str | None:
+    """Where the peak of steps 1 .. upto was first reached."""
+    if run["maxrss_after_calibration_kib"] >= peak_kib:
+        return "the machine-speed probe, before training (peak memory not the run's)"
+    for i, st in enumerate(run["steps"][: upto or len(run["steps"])]):
+        for name, key in (("before the step", "maxrss_begin_kib"), ("forward", "maxrss_after_forward_kib"),
+                          ("backward", "maxrss_after_backward_kib"), ("optimizer", "maxrss_kib")):
+            if st.get(key, -1) >= peak_kib:
+                return f"step {i + 1} {name}"
+    return None
+
+
 def summarise(run: dict, warmup: int, upto: int | None = None) -> dict:
     """Throughput, memory, positions and the per-phase time split over the timed steps
     (steps warmup+1 .. upto, 1-based; all of them when upto is None)."""
@@ -781,19 +846,15 @@ def summarise(run: dict, warmup: int, upto: int | None = None) -> dict:
         phases["body_backward"] += s["backward_end"] - s["grad_reaches_body"]
         phases["clip_and_optimizer"] += s["opt_end"] - s["backward_end"]
     phases["other"] = t - sum(phases.values())
-    peak_at = None
-    target_peak = run["maxrss_train_end_kib"] if upto is None or upto >= len(steps) else steps[upto - 1]["maxrss_kib"]
-    for i, st in enumerate(steps[: upto or len(steps)]):  # where the final peak was first reached
-        for name, key in (("before the step", "maxrss_begin_kib"), ("forward", "maxrss_after_forward_kib"),
-                          ("backward", "maxrss_after_backward_kib"), ("optimizer", "maxrss_kib")):
-            if peak_at is None and st.get(key, -1) >= target_peak:
-                peak_at = f"step {i + 1} {name}"
     peak_kib = run["maxrss_train_end_kib"] if upto is None or upto >= len(steps) else steps[upto - 1]["maxrss_kib"]
     return {
-        "calibration_gflops": [run.get("calibration_start_gflops"), run.get("calibration_end_gflops")],
+        **flop_summary(run, timed, t),
+        "first_step_loss": steps[0]["loss"],
+        "calibration_gflops": [run["calibration_start"]["gemm"], run["calibration_end"]["gemm"]],
+        "calibration_head_gflops": [run["calibration_start"]["head"], run["calibration_end"]["head"]],
         "steal_s_per_step": sum(steps[i]["steal_s"] for i in timed) / len(timed),
         "cpu_s_per_step": sum(steps[i]["cpu_s"] for i in timed) / len(timed),
-        "peak_reached_in": peak_at,
+        "peak_reached_in": peak_where(run, upto, peak_kib),
         "timed_steps": len(timed),
         "timed_step_indices": [i + 1 for i in timed],
         "seconds": t,
@@ -821,82 +882,117 @@ def fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
 
+COLUMNS = {"trl": "TRL", "prefopt": "prefopt train", "dropin": "TRL drop-in (prefopt.trl)",
+           "liger": "TRL + Liger chunked loss", "cce": "TRL + cut-cross-entropy"}
+SHORT = {"trl": "TRL", "prefopt": "prefopt", "dropin": "drop-in", "liger": "Liger", "cce": "CCE"}
+RATIOS = (("prefopt", "trl"), ("dropin", "trl"), ("dropin", "prefopt"), ("prefopt", "liger"), ("prefopt", "cce"))
+LOSS_PARITY = 1e-5  # a peer trains TRL's objective: its first-step loss within this of TRL's, relative
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def loss_parity(results: dict, key: str) -> dict:
+    """(first-step loss − TRL's) / |TRL's| of every other trainer on `key` ("cpo_simpo-v32000"): the
+    same weights and the same first batch (the fingerprints say so), so a trainer of TRL's objective
+    lands within rounding of it."""
+    runs = {t: results["runs"].get(f"{t}-{key}") for t in TRAINERS}
+    if runs["trl"] is None:
+        return {}
+    ref = runs["trl"]["summary"]["first_step_loss"]
+    return {t: (r["summary"]["first_step_loss"] - ref) / abs(ref) for t, r in runs.items() if r and t != "trl"}
+
+
+def _summaries(results: dict, vocab: int, method: str) -> dict:
+    return {t: r["summary"] for t in TRAINERS if (r := results["runs"].get(f"{t}-{method}-v{vocab}"))}
+
+
 def main_table(results: dict, vocab: int, method: str) -> tuple[list[str], list[dict]]:
-    """Rows of TRL | prefopt train | the drop-in, with the ratios; the targets judge prefopt train."""
-    trl = results["runs"].get(f"trl-{method}-v{vocab}")
-    ours = results["runs"].get(f"prefopt-{method}-v{vocab}")
-    drop = results["runs"].get(f"dropin-{method}-v{vocab}")
+    """A column per trainer that ran, then the ratios between them; the targets judge prefopt train
+    against TRL, the loss check each peer against TRL."""
+    S = _summaries(results, vocab, method)
+    cols = list(S)
+    ratios = [(a, b) for a, b in RATIOS if a in S and b in S]
+    judged_here = "prefopt" in S and "trl" in S  # the targets are prefopt's against TRL
+    min_speed, max_mem = TARGETS.get(vocab, (None, None)) if judged_here else (None, None)
+    header = [COLUMNS[t] for t in cols] + [f"{SHORT[a]}/{SHORT[b]}" for a, b in ratios] + ["target", "met"]
+    rows = ["| metric | " + " | ".join(header) + " |", "|---|" + "---:|" * (len(cols) + len(ratios)) + "---|---|"]
+
+    def row(name, values, spec, with_ratios=True, target="", ok=None):
+        cells = [fmt(values.get(t), spec) for t in cols]
+        for a, b in ratios:
+            r = _ratio(values.get(a), values.get(b)) if with_ratios else None
+            cells.append("" if r is None else f"{r:.2f}×")
+        met = "" if ok is None else ("yes" if ok else "**no**")
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {target} | {met} |")
+
+    def of(k):
+        return {t: S[t][k] for t in cols}
+
+    def judged(k, bound, compare):
+        r = _ratio(of(k).get("prefopt"), of(k).get("trl"))
+        return r, None if r is None or bound is None else compare(r, bound)
+
+    sp, ok_speed = judged("pairs_per_s", min_speed, operator.ge)
+    row("pairs/s", of("pairs_per_s"), ".3f", target=f"prefopt ≥{min_speed}× TRL" if min_speed else "", ok=ok_speed)
+    row("tokens/s (unique tokens)", of("tokens_per_s"), ".0f")
+    row("s/step", of("seconds_per_step"), ".2f")
+    mem, ok_mem = judged("peak_gb", max_mem, operator.le)
+    row("peak memory (GB, ru_maxrss)", of("peak_gb"), ".2f", target=f"prefopt ≤{max_mem}× TRL" if max_mem else "",
+        ok=ok_mem)
     base = results["baseline"].get(str(vocab))
-    min_speed, max_mem = TARGETS.get(vocab, (None, None))
-    T = trl["summary"] if trl else None
-    P = ours["summary"] if ours else None
-    D = drop["summary"] if drop else None
-    rows, checks = [], []
-
-    def ratio(a, b):
-        return None if a is None or b is None or b == 0 else a / b
-
-    def get(S, k):
-        return None if S is None else S[k]
-
-    def times(r):
-        return f"{fmt(r, '.2f')}{'×' if r is not None else ''}"
-
-    def row(name, a, b, d=None, target_text="", ok=None, spec=".2f"):
-        rows.append(f"| {name} | {fmt(a, spec)} | {fmt(b, spec)} | {fmt(d, spec)} | {times(ratio(b, a))} "
-                    f"| {times(ratio(d, a))} | {times(ratio(d, b))} | {target_text} "
-                    f"| {'' if ok is None else ('yes' if ok else '**no**')} |")
-
-    def cells(k):
-        return get(T, k), get(P, k), get(D, k)
-
-    sp = ratio(get(P, "pairs_per_s"), get(T, "pairs_per_s"))
-    ok_speed = None if sp is None or min_speed is None else sp >= min_speed
-    row("pairs/s", *cells("pairs_per_s"), f"≥{min_speed}×" if min_speed else "", ok_speed, ".3f")
-    row("tokens/s (unique tokens)", *cells("tokens_per_s"), "", None, ".0f")
-    row("s/step", *cells("seconds_per_step"), "", None, ".2f")
-    mem = ratio(get(P, "peak_gb"), get(T, "peak_gb"))
-    ok_mem = None if mem is None or max_mem is None else mem <= max_mem
-    row("peak memory (GB, ru_maxrss)", *cells("peak_gb"), f"≤{max_mem}×" if max_mem else "", ok_mem)
     if base:
-        b = baseline_gb(base)
-        row("peak − weights/optimizer baseline (GB)", *(None if S is None else S["peak_gb"] - b for S in (T, P, D)))
-    pos_ok = None if P is None else P["positions_per_lower_bound"] <= POSITIONS_TARGET
-    row("positions computed / lower bound", *cells("positions_per_lower_bound"), f"prefopt ≤{POSITIONS_TARGET}",
-        pos_ok, ".3f")
-    checks += [
+        row("peak − weights/optimizer baseline (GB)", {t: S[t]["peak_gb"] - baseline_gb(base) for t in cols}, ".2f")
+    pos = of("positions_per_lower_bound").get("prefopt")
+    pos_ok = None if pos is None else pos <= POSITIONS_TARGET
+    row("positions computed / lower bound", of("positions_per_lower_bound"), ".3f",
+        target=f"prefopt ≤{POSITIONS_TARGET}" if pos is not None else "", ok=pos_ok)
+    row("minimum GFLOP per step", of("min_gflop_per_step"), ".1f", with_ratios=False)
+    row("FLOP fraction (minimum FLOPs / (time × GEMM rate))", of("flop_fraction"), ".1%")
+    row("first-step loss", of("first_step_loss"), ".6f", with_ratios=False)
+    parity = loss_parity(results, f"{method}-v{vocab}")
+    peers_ok = [abs(parity[t]) <= LOSS_PARITY for t in PEERS if t in parity]
+    row("first-step loss − TRL's, relative", parity, ".1e", with_ratios=False,
+        target=f"peers within {LOSS_PARITY:g}" if peers_ok else "", ok=all(peers_ok) if peers_ok else None)
+    checks = [
         {"vocab": vocab, "method": method, "target": f"pairs/s ≥{min_speed}× TRL", "measured": sp, "met": ok_speed},
         {"vocab": vocab, "method": method, "target": f"peak memory ≤{max_mem}× TRL", "measured": mem, "met": ok_mem},
         {"vocab": vocab, "method": method, "target": f"positions ≤{POSITIONS_TARGET}× lower bound",
-         "measured": get(P, "positions_per_lower_bound"), "met": pos_ok},
-    ]
+         "measured": pos, "met": pos_ok},
+    ] if judged_here else []
+    checks += [{"vocab": vocab, "method": method, "measured": parity[t], "met": abs(parity[t]) <= LOSS_PARITY,
+                "target": f"{SHORT[t]} first-step loss within {LOSS_PARITY:g} of TRL's"} for t in PEERS if t in parity]
     return rows, checks
 
 
+PHASES = {"collate": "collate (in the dataloader)",
+          "before_model": "compute_loss before the body (prefopt: 4-D mask)",
+          "body_forward": "forward: embeddings + layers + final norm",
+          "head_and_loss_forward": "forward: LM head, log-probs, loss (Liger: + their backward, taken here)",
+          "head_and_loss_backward": "backward: loss, log-probs, LM head (prefopt: + chunk recompute)",
+          "body_backward": "backward: layers + embeddings", "clip_and_optimizer": "grad clip + AdamW step",
+          "other": "other (dataloader, logging, callbacks)"}
+
+
 def phase_table(results: dict, vocab: int, method: str) -> list[str]:
-    runs = [results["runs"].get(f"{t}-{method}-v{vocab}") for t in TRAINERS]
-    if not any(runs):
+    runs = {t: r for t in TRAINERS if (r := results["runs"].get(f"{t}-{method}-v{vocab}"))}
+    if not runs:
         return []
-    names = ["collate", "before_model", "body_forward", "head_and_loss_forward", "head_and_loss_backward",
-             "body_backward", "clip_and_optimizer", "other"]
-    labels = {"collate": "collate (in the dataloader)", "before_model": "compute_loss before model() (prefopt: 4-D mask)",
-              "body_forward": "forward: embeddings + layers + final norm",
-              "head_and_loss_forward": "forward: LM head, log-probs, loss",
-              "head_and_loss_backward": "backward: loss, log-probs, LM head (prefopt: + chunk recompute)",
-              "body_backward": "backward: layers + embeddings", "clip_and_optimizer": "grad clip + AdamW step",
-              "other": "other (dataloader, logging, callbacks)"}
-    out = ["| phase (s/step) | TRL | prefopt | drop-in |", "|---|---:|---:|---:|"]
+    out = ["| phase (s/step) | " + " | ".join(SHORT[t] for t in runs) + " |", "|---|" + "---:|" * len(runs)]
 
     def line(label, value):
-        out.append(f"| {label} | " + " | ".join(value(r) if r else "—" for r in runs) + " |")
+        out.append(f"| {label} | " + " | ".join(value(r) for r in runs.values()) + " |")
 
-    for n in names:
-        line(labels[n], lambda r: f"{r['summary']['phases_s_per_step'][n]:.3f}")
+    for n, label in PHASES.items():
+        line(label, lambda r: f"{r['summary']['phases_s_per_step'][n]:.3f}")
     line("**total**", lambda r: f"{r['summary']['seconds_per_step']:.3f}")
     line("(process CPU time, s/step)", lambda r: f"{r['summary']['cpu_s_per_step']:.3f}")
     line("(CPU time stolen by the hypervisor, s/step, whole VM)", lambda r: f"{r['summary']['steal_s_per_step']:.3f}")
-    line("(machine speed before/after the run, GFLOP/s of a fixed matmul)",
-         lambda r: "/".join(f"{x:.0f}" for x in r["summary"]["calibration_gflops"] if x))
+    line("(machine speed before/after the run: GEMM GFLOP/s)",
+         lambda r: "/".join(f"{x:.0f}" for x in r["summary"]["calibration_gflops"]))
+    line("(the same, head-shaped matmul)",
+         lambda r: "/".join(f"{x:.0f}" for x in r["summary"]["calibration_head_gflops"]))
     line("(cores used by other processes during the run)",
          lambda r: f"{r.get('others_load_cores', float('nan')):.2f}" + (" **contended**" if r.get("contended") else ""))
     return out
@@ -924,26 +1020,63 @@ def sweep_table(results: dict, vocabs: list[int], lengths: list[int]) -> list[st
     return out
 
 
+def _versions_line(meta: dict) -> str:
+    v = meta["versions"]
+    peers = ", ".join(f"{p} {v[p]}" for p in PEER_PACKAGES if p in v)
+    return (f"torch {v['torch']}, transformers {v['transformers']}, TRL {v['trl']}" + (f", {peers}" if peers else "")
+            + f"; torch threads per run: {meta['threads']}")
+
+
+def _speed_line(meta: dict) -> str:
+    a, b = meta["calibration_start"], meta["calibration_end"]
+    return (f"Machine speed (fp32, preallocated outputs, torch threads: {meta['threads']}): GEMM (best of 2048² "
+            f"and 4096²) {a['gemm']:.0f} GFLOP/s at the start, {b['gemm']:.0f} at the end; the head's shape "
+            f"{a['head_shape']} {a['head']:.0f} and {b['head']:.0f}. Each run's own before/after values are in its phase table; its "
+            "FLOP fraction divides by the better of its two GEMM values.")
+
+
+def _min_flops_line(results: dict) -> str:
+    per = results["fixtures"]["min_gflop_per_pair_mean"]
+    return ("Minimum GFLOP per pair, mean over the data: " + "; ".join(
+        f"vocab {int(v):,}: " + ", ".join(f"{METHOD_TITLES[m]} {x:.1f}" for m, x in ms.items()) for v, ms in per.items())
+        + ".")
+
+
+def _peers_note(results: dict) -> list[str]:
+    cce = next((r["cce_kernel_on_cpu"] for r in results["runs"].values() if "cce_kernel_on_cpu" in r), None)
+    heads = {r["spec"]["trainer"]: r["head"] for r in results["runs"].values() if "head" in r}
+    if not heads:
+        return []
+    lines = ["Peers (benchmarks/peers.py): TRL's own trainer, collator and padding; the body's last hidden state "
+             "and the head weight go to " + "; ".join(f"{SHORT[t]}: {h}" for t, h in sorted(heads.items())) + "."]
+    if cce:
+        lines.append(f"cut-cross-entropy's own kernel (impl \"cce\") with CPU tensors {cce}: only impl "
+                     "\"torch_compile\" runs here.")
+    return [" ".join(lines), ""]
+
+
 def render(results: dict, vocabs, methods, lengths) -> str:
     meta = results["meta"]
-    lines = [f"# prefopt vs TRL {meta['versions']['trl']}: speed and memory", "",
+    lines = [f"# prefopt vs TRL {meta['versions']['trl']} and its peers: speed and memory", "",
              f"Command: `{meta['command']}`  ",
              f"prefopt source: git {str(meta['prefopt_source']['git_head'])[:8]} "
              f"(\"{meta['prefopt_source']['git_head_subject']}\")"
              f"{' + uncommitted changes' if meta['prefopt_source']['src_uncommitted_changes'] else ''}, "
              f"src sha1 {meta['prefopt_source']['src_sha1']}, frozen for the whole run  ",
-             f"Machine: {meta['machine']}; torch {meta['versions']['torch']}, transformers "
-             f"{meta['versions']['transformers']}; {meta['threads']} threads per run. "
-             f"Run took {meta['wall_s'] / 60:.1f} min. Machine speed (fixed fp32 matmul, 2 threads) "
-             f"{meta['calibration_start_gflops']:.0f} GFLOP/s at the start, {meta['calibration_end_gflops']:.0f} at the end; "
-             "each run's own before/after value is in its phase table.", "",
+             f"Machine: {meta['machine']}; {_versions_line(meta)}. Run took {meta['wall_s'] / 60:.1f} min.  ",
+             _speed_line(meta), "",
              f"Model: tiny Llama (hidden 256, 4 layers, 4 heads, intermediate 1024, untied, fp32); batch {BATCH}; "
              f"max_length {meta['max_length']}; lr 1e-6; seed {SEED}; {meta['warmup']} warm-up step(s), then "
              f"{meta['steps']} timed step(s) (TRL at 128k: {meta['trl_steps_large']}). Time per step = wall clock "
              "between consecutive `on_step_end` callbacks (includes collation, logging). Peak memory = "
              "ru_maxrss of the worker when training ends (before prefopt saves the model). Tokens = unique "
              "tokens of the pairs processed (prompt once + chosen + rejected after truncation, no padding); "
-             "the positions lower bound is the same count.", ""]
+             "the positions lower bound is the same count. Minimum FLOPs of a step (benchmarks/flops.py "
+             "`min_flops`): 6 × body linear weights × unique tokens + causal attention with the prompt computed "
+             "once (4·H per query-key pair and layer, ×3 for backward) + 6 × H × V × the positions the loss "
+             "scores; FLOP fraction = that / (step time × the GEMM rate). First-step loss: the loss the trainer "
+             "returned for step 1 (the same weights and pairs in every run).", "", _min_flops_line(results),
+             "", *_peers_note(results)]
     all_checks = []
     for v in vocabs:
         base = results["baseline"].get(str(v))
@@ -958,15 +1091,11 @@ def render(results: dict, vocabs, methods, lengths) -> str:
         for m in methods:
             rows, checks = main_table(results, v, m)
             all_checks += checks
-            title = f"## vocab {v:,} — {METHOD_TITLES[m]}"
-            order = results["order_check"].get(f"{m}-v{v}")
-            lines += [title, "", "| metric | TRL | prefopt train | TRL drop-in (prefopt.trl) | prefopt/TRL "
-                      "| drop-in/TRL | drop-in/prefopt | target (prefopt) | met |",
-                      "|---|---:|---:|---:|---:|---:|---:|---|---|", *rows, ""]
-            drop_order = results["order_check"].get(f"dropin-{m}-v{v}")
-            for who, check in (("prefopt train", order), ("the drop-in", drop_order)):
+            lines += [f"## vocab {v:,} — {METHOD_TITLES[m]}", "", *rows, ""]
+            for t in TRAINERS:
+                check = results["order_check"].get(f"{t}-{m}-v{v}")
                 if check:
-                    lines.append(f"Same pairs in the same order as TRL, {who}: "
+                    lines.append(f"Same pairs in the same order as TRL, {COLUMNS[t]}: "
                                  f"**{'yes' if check['identical'] else 'NO'}** ({check['pairs_compared']} pairs "
                                  "compared by token-id fingerprint).  ")
             lines.append("")
@@ -985,7 +1114,7 @@ def render(results: dict, vocabs, methods, lengths) -> str:
     for c in all_checks:
         status = "—" if c["met"] is None else ("met" if c["met"] else "**missed**")
         lines.append(f"- vocab {c['vocab']:,} {METHOD_TITLES[c['method']]}: {c['target']}: "
-                     f"{fmt(c['measured'], '.3f')} → {status}")
+                     f"{fmt(c['measured'], '.3g')} → {status}")
     lines.append("")
     lines.append(f"{len(missed)} of {len(all_checks)} target checks missed." if all_checks else "")
     return "\n".join(lines)
@@ -1018,7 +1147,8 @@ def profile_main(results, vocabs, folders, data, max_length, stem, t_start):
              "memory the op allocated), so the profiler's own cost is in none of the timings above them.", ""]
     for v in vocabs:
         print(f"vocab {v:,}:")
-        base = launch({"trainer": "baseline", "model": str(folders[v])}, f"baseline-v{v}")
+        base = launch({"trainer": "baseline", "model": str(folders[v]), "trainers": ["trl", "prefopt"]},
+                      f"baseline-v{v}")
         base_gb = baseline_gb(base) if base else 0.0
         prof = results["profile"][str(v)] = {"baseline_gb": base_gb, "whatif": {}, "op_tables": {}}
         lines += [f"## vocab {v:,}", ""]
@@ -1038,7 +1168,7 @@ def profile_main(results, vocabs, folders, data, max_length, stem, t_start):
                 for cached in sorted((CACHE / "runs").glob(f"*/trl-{method}-v{v}.json"), reverse=True):
                     old = json.loads(cached.read_text())
                     if (old["spec"]["data"], old["spec"]["max_length"]) == (str(data), max_length) \
-                            and len(old["steps"]) >= warmup + timed and old.get("calibration_start_gflops"):
+                            and len(old["steps"]) >= warmup + timed and "calibration_start" in old:
                         run, name = old, name + f" (steps 2-3 of the main run {cached.parent.name})"
                         break
                 if run is None and method != "cpo_simpo":
@@ -1090,14 +1220,67 @@ def profile_main(results, vocabs, folders, data, max_length, stem, t_start):
                              f"{1e3 * r['self_cpu_s'] / r['calls']:.1f} | {rate} |")
             lines.append("")
     results["meta"]["wall_s"] = time.perf_counter() - t_start
-    results["meta"]["calibration_end_gflops"] = calibrate()
-    lines[4:4] = [f"Machine speed (fixed fp32 matmul, 2 threads): {results['meta']['calibration_start_gflops']:.0f} "
-                  f"GFLOP/s at the start, {results['meta']['calibration_end_gflops']:.0f} at the end.", ""]
+    results["meta"]["calibration_end"] = flops.calibrate(vocabs[0])
+    lines[4:4] = [_speed_line(results["meta"]), ""]
     text = "\n".join(lines)
     (HERE / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (HERE / f"{stem}.md").write_text(text + "\n")
     print(text)
     print(f"\nwrote benchmarks/{stem}.json and benchmarks/{stem}.md; total {results['meta']['wall_s'] / 60:.1f} min")
+
+
+def peer_versions(trainers: list[str]) -> dict:
+    """The installed versions of the peers' packages, refused by name when a peer is asked for without them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if not set(trainers) & set(PEERS):
+        return {}
+    found, missing = {}, []
+    for name in PEER_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            missing.append(name)
+    if missing:
+        raise SystemExit(f"--trainers {','.join(trainers)} runs the peers, which need {', '.join(missing)}: run "
+                         "`make bench` (it installs the pinned versions), or leave liger and cce out of --trainers")
+    return found
+
+
+def bench_method(results: dict, trainers: list[str], key: str, common: dict, warmup: int, steps: dict):
+    """Every trainer on one method and vocabulary (`key` "cpo_simpo-v32000"), each in its own worker;
+    then the table's shared steps, the same-pairs check and the first-step loss against TRL's."""
+    for trainer in trainers:
+        label = f"{trainer}-{key}"
+        run = launch({**common, "trainer": trainer, "total_steps": warmup + steps[trainer]}, label)
+        if run:
+            run["summary"] = summarise(run, warmup)
+            results["runs"][label] = run
+            s = run["summary"]
+            print(f"    {s['pairs_per_s']:.3f} pairs/s, {s['tokens_per_s']:.0f} tokens/s, peak {s['peak_gb']:.2f} GB, "
+                  f"positions/lower bound {s['positions_per_lower_bound']:.3f}, "
+                  f"FLOP fraction {s['flop_fraction']:.1%}, first-step loss {s['first_step_loss']:.6f}")
+    done = [r for r in (results["runs"].get(f"{t}-{key}") for t in trainers) if r]
+    if len({len(r["steps"]) for r in done}) > 1:
+        # compare on the same pairs: the steps every run timed
+        upto = min(len(r["steps"]) for r in done)
+        for run in done:
+            run["summary_all_steps"] = run["summary"]
+            run["summary"] = summarise(run, warmup, upto)
+            run["summary"]["fingerprints"] = run["summary_all_steps"]["fingerprints"]
+        print(f"    table compares steps {warmup + 1}..{upto} of every run")
+    a = results["runs"].get(f"trl-{key}")
+    parity = loss_parity(results, key)
+    for other in parity:
+        b = results["runs"][f"{other}-{key}"]
+        fa, fb = a["summary"]["fingerprints"], b["summary"]["fingerprints"]
+        k = min(len(fa), len(fb))
+        results["order_check"][f"{other}-{key}"] = {
+            "identical": fa[:k] == fb[:k] and k > 0, "pairs_compared": k,
+            "first_mismatch": next((i for i in range(k) if fa[i] != fb[i]), None)}
+        print(f"    {other}: same pairs in the same order as TRL: {fa[:k] == fb[:k]} ({k} pairs); first-step loss "
+              f"{b['summary']['first_step_loss']:.7f}, TRL's {a['summary']['first_step_loss']:.7f} "
+              f"(relative {parity[other]:+.1e})")
 
 
 def main():
@@ -1112,6 +1295,13 @@ def main():
     ap.add_argument("--methods", default="cpo_simpo,orpo")
     ap.add_argument("--sweep-lengths", default=None, help="max_lengths of the memory sweep (default 256,512,1024,2048)")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--trainers", default=",".join(TRAINERS),
+                    help=f"comma-separated trainers of the main runs (default all: {','.join(TRAINERS)}); the "
+                         "peers' loss check needs trl among them")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run and for the machine-speed probe")
+    ap.add_argument("--busy-ok", action="store_true",
+                    help="smoke runs on a shared machine: neither wait for a quiet machine nor measure a contended "
+                         "run again (the timings then measure the neighbours too)")
     ap.add_argument("--profile", action="store_true",
                     help="instead of the benchmark: torch.profiler op tables of one step (prefopt and TRL) and "
                          "prefopt what-if runs (chunk size, pack_length, layout); writes results-profile.*")
@@ -1128,8 +1318,14 @@ def main():
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)
+    trainers = args.trainers.split(",")
+    unknown = sorted(set(trainers) - set(TRAINERS))
+    if unknown:
+        raise SystemExit(f"--trainers: {', '.join(unknown)} unknown; choose from {', '.join(TRAINERS)}")
+    versions = peer_versions(trainers)
     lock = hold_machine()  # noqa: F841 - held until the process exits
-    global RUN_DIR
+    global RUN_DIR, THREADS, BUSY_OK
+    THREADS, BUSY_OK = args.threads, args.busy_ok
     RUN_DIR = CACHE / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
     t_start = time.perf_counter()
@@ -1173,24 +1369,26 @@ def main():
           + ", rejected " + "/".join(map(str, stats["rejected"].values()))
           + f"; {stats['pairs_truncated_at_max_length']} of {stats['pairs']} pairs truncated at max_length {max_length}")
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     wait_until_quiet()
-    calibration_start = calibrate()
-    print(f"machine speed: {calibration_start:.0f} GFLOP/s (fixed fp32 matmul, 2 threads)")
+    calibration_start = flops.calibrate(vocabs[0])
+    print(f"machine speed (fp32, torch threads: {THREADS}): GEMM {calibration_start['gemm']:.0f} GFLOP/s, "
+          f"head shape {calibration_start['head_shape']} {calibration_start['head']:.0f} GFLOP/s")
     results: dict = {
         "meta": {
-            "calibration_start_gflops": calibration_start,
+            "calibration_start": calibration_start, "trainers": trainers, "busy_ok": BUSY_OK,
             "command": " ".join([".venv/bin/python", "benchmarks/bench.py", *sys.argv[1:]]),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU",
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-                         "python": platform.python_version()},
-            "threads": 2, "batch": BATCH, "max_length": max_length, "steps": steps, "warmup": warmup,
+                         "python": platform.python_version(), **versions},
+            "threads": THREADS, "batch": BATCH, "max_length": max_length, "steps": steps, "warmup": warmup,
             "trl_steps_large": trl_steps_large, "seed": SEED, "quick": quick, "prefopt_source": source,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(RUN_DIR.relative_to(ROOT)),
         },
         "fixtures": {"data": str(data.relative_to(ROOT)), "saturated_data": str(saturated.relative_to(ROOT)),
-                     "data_stats": stats, "models": {str(v): str(f.relative_to(ROOT)) for v, f in folders.items()}},
+                     "data_stats": stats, "models": {str(v): str(f.relative_to(ROOT)) for v, f in folders.items()},
+                     "min_gflop_per_pair_mean": min_gflop_per_pair(data, max_length, folders, methods)},
         "baseline": {}, "runs": {}, "order_check": {}, "sweep": {},
     }
 
@@ -1200,41 +1398,13 @@ def main():
 
     for v in vocabs:
         print(f"vocab {v:,}:")
-        base = launch({"trainer": "baseline", "model": str(folders[v])}, f"baseline-v{v}")
+        base = launch({"trainer": "baseline", "model": str(folders[v]), "trainers": trainers}, f"baseline-v{v}")
         if base:
             results["baseline"][str(v)] = base
         for m in methods:
-            for trainer in TRAINERS:
-                n = trl_steps_large if (trainer == "trl" and v >= 100_000) else steps
-                spec = {"trainer": trainer, "method": m, "model": str(folders[v]), "data": str(data),
-                        "max_length": max_length, "batch": BATCH, "total_steps": warmup + n}
-                label = f"{trainer}-{m}-v{v}"
-                run = launch(spec, label)
-                if run:
-                    run["summary"] = summarise(run, warmup)
-                    results["runs"][label] = run
-                    s = run["summary"]
-                    print(f"    {s['pairs_per_s']:.3f} pairs/s, {s['tokens_per_s']:.0f} tokens/s, peak "
-                          f"{s['peak_gb']:.2f} GB, positions/lower bound {s['positions_per_lower_bound']:.3f}")
-            done = [r for r in (results["runs"].get(f"{t}-{m}-v{v}") for t in TRAINERS) if r]
-            if len({len(r["steps"]) for r in done}) > 1:
-                # compare on the same pairs: the steps every run timed
-                common = min(len(r["steps"]) for r in done)
-                for run in done:
-                    run["summary_all_steps"] = run["summary"]
-                    run["summary"] = summarise(run, warmup, common)
-                    run["summary"]["fingerprints"] = run["summary_all_steps"]["fingerprints"]
-                print(f"    table compares steps {warmup + 1}..{common} of every run")
-            a = results["runs"].get(f"trl-{m}-v{v}")
-            for other, key in (("prefopt", f"{m}-v{v}"), ("dropin", f"dropin-{m}-v{v}")):
-                b = results["runs"].get(f"{other}-{m}-v{v}")
-                if a and b:
-                    fa, fb = a["summary"]["fingerprints"], b["summary"]["fingerprints"]
-                    k = min(len(fa), len(fb))
-                    results["order_check"][key] = {
-                        "identical": fa[:k] == fb[:k] and k > 0, "pairs_compared": k,
-                        "first_mismatch": next((i for i in range(k) if fa[i] != fb[i]), None)}
-                    print(f"    {other}: same pairs in the same order as TRL: {fa[:k] == fb[:k]} ({k} pairs)")
+            common = dict(method=m, model=str(folders[v]), data=str(data), max_length=max_length, batch=BATCH)
+            bench_method(results, trainers, f"{m}-v{v}", common, warmup,
+                         {t: trl_steps_large if (t == "trl" and v >= 100_000) else steps for t in trainers})
 
     if not args.no_sweep:
         sweep_data_stats = {L: data_stats(saturated, L) for L in lengths}
@@ -1261,7 +1431,7 @@ def main():
                           f"{max(toks)} tokens/step")
 
     results["meta"]["wall_s"] = time.perf_counter() - t_start
-    results["meta"]["calibration_end_gflops"] = calibrate()
+    results["meta"]["calibration_end"] = flops.calibrate(vocabs[0])
     text = render(results, vocabs, methods, lengths)
     # keep the JSON readable: drop the per-pair fingerprints (kept in the order check) and raw per-call data
     for run in results["runs"].values():
