@@ -91,13 +91,13 @@ def head_and_hidden(weights: str, with_bias: bool, seed: int = 0):
     return head, hidden.requires_grad_(), target, upstream
 
 
-def run_head(head, hidden, target, upstream, chunk, fused, autocast):
+def run_head(head, hidden, target, upstream, chunk, fused, autocast, keep=0):
     """token_logps' values and gradients. Under autocast only the forward is inside the region and
     backward() is called outside it, as in training."""
     head.zero_grad()
     hidden.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        tok = token_logps(hidden, torch.arange(N), target, head, chunk=chunk, fused=fused)
+        tok = token_logps(hidden, torch.arange(N), target, head, chunk=chunk, fused=fused, keep=keep)
     (tok.logps * upstream).sum().backward()
     return {"logps": tok.logps.detach(), "means": tok.mean_logits, "h": hidden.grad[0],
             "weight": head.weight.grad, "bias": head.bias.grad if head.bias is not None else None}
@@ -123,13 +123,15 @@ def full_logits_reference(h, weight, bias, target, upstream, dtype):
 @pytest.mark.parametrize("reference_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("chunk", [1, 7, 64, N])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("fused", [True, False])
+# the fused head recomputing every row's softmax in backward, keeping some rows' (40 of 97), all of
+# them; the checkpointed module
+@pytest.mark.parametrize("fused, keep", [(True, 0), (True, 40), (True, N), (False, 0)])
 @pytest.mark.parametrize("weights", ["bfloat16", "float32"])
-def test_head_under_bf16_is_within_its_rounding_bound(weights, fused, with_bias, chunk, reference_dtype):
+def test_head_under_bf16_is_within_its_rounding_bound(weights, fused, keep, with_bias, chunk, reference_dtype):
     """bf16 weights (the shipped configs), or fp32 weights under autocast (a library caller's
     autocast region), against full logits from the same bf16-rounded inputs; values and gradients."""
     head, hidden, target, upstream = head_and_hidden(weights, with_bias)
-    ours = run_head(head, hidden, target, upstream, chunk, fused, autocast=weights == "float32")
+    ours = run_head(head, hidden, target, upstream, chunk, fused, autocast=weights == "float32", keep=keep)
     h, weight, bias = rounded_inputs(head, hidden)
     reference = full_logits_reference(h, weight, bias, target, upstream, reference_dtype)
     bounds = head_bounds(h, weight, bias, target, upstream.double(), fused, weights == "bfloat16", -(-N // chunk))
@@ -156,8 +158,9 @@ def test_chunked_head_equals_unchunked_within_one_rounding_flip(weights, fused):
         assert_within((chunked.double() - whole.double()).abs(), logp_error(z, 2 * e, target), f"chunk {chunk}")
 
 
+@pytest.mark.parametrize("keep", [0, 40])
 @pytest.mark.parametrize("chunk", [7, N])
-def test_fused_logit_gradient_sums_to_zero_under_autocast(chunk):
+def test_fused_logit_gradient_sums_to_zero_under_autocast(chunk, keep):
     """log p is unchanged by adding one constant to every logit, so the bias gradient sums to zero
     over the vocabulary. The fused backward once recomputed the logits in fp32 (autocast is off where
     backward() runs) and took exp(z − lse) against the forward's bf16-logit log-sum-exps: a softmax
@@ -168,7 +171,7 @@ def test_fused_logit_gradient_sums_to_zero_under_autocast(chunk):
     (≤ EPS·(V + |lse| + max|z − lse| + 4)), and the N rows summed into each ∂/∂b_v (N·EPS·Σ|G|).
     """
     head, hidden, target, upstream = head_and_hidden("float32", with_bias=True)
-    ours = run_head(head, hidden, target, upstream, chunk, fused=True, autocast=True)
+    ours = run_head(head, hidden, target, upstream, chunk, fused=True, autocast=True, keep=keep)
     h, weight, bias = rounded_inputs(head, hidden)
     z = F.linear(h, weight, bias)
     lse = torch.logsumexp(z, -1)

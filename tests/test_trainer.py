@@ -98,6 +98,42 @@ def test_token_balanced_micro_batches_keep_the_pairs_per_step(tmp_path):
     assert any(len(set(sizes)) > 1 for sizes, _ in seen)  # sizes follow token cost, not a fixed count
 
 
+@pytest.mark.parametrize("method", ["cpo_simpo", "orpo"])
+def test_keeping_the_heads_softmax_for_backward_equals_recomputing_it(tmp_path, method):
+    """`logprob_keep_mb` changes where backward reads each row's softmax from — kept from forward,
+    or recomputed from the logits — not what it is: a whole step's loss, metrics and gradients agree
+    to round-off (the two forms normalise in another order: exp(z − max)/Σ against exp(z − lse))
+    with every row recomputed, 5 of them kept (a part, across chunks of 4), every one kept."""
+    import dataclasses
+
+    from prefopt.metrics import MetricSums
+    from prefopt.scoring import FusedHead
+    from prefopt.step import loss, score
+
+    results = []
+    for keep in (0, 5, 10**6):
+        model = tiny_random_model("llama", seed=5)
+        trainer = make_trainer(model, {"method": method}, tmp_path / str(keep), layout="packed")
+        scorer = trainer.scorer(model)
+        assert isinstance(scorer, FusedHead) and scorer.keep > 100  # the default budget keeps every row here
+        scorer = dataclasses.replace(scorer, keep=keep, chunk=4)
+        batch = trainer.data_collator([dict(p) for p in random_pairs(5, seed=6)])
+        assert batch["score_index"].numel() > 10
+        scores = score(model, batch, scorer)
+        step = loss(scores, trainer.step_objective)
+        step.loss.backward()
+        sums = MetricSums()
+        sums.record("train", step, scores)
+        results.append((step.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        sums.means("train", lambda t: t, "cpu")))
+    l0, g0, m0 = results[0]
+    assert len(g0) > 5
+    for lk, gk, mk in results[1:]:
+        assert lk.item() == pytest.approx(l0.item(), rel=ROUND_OFF_REL)
+        assert_grads_close(gk, g0)
+        assert_logged_close(m0, mk, m0.keys(), ROUND_OFF_REL)
+
+
 @pytest.mark.parametrize("arch, layout", [("llama", "packed"), ("qwen2", "padded"), ("gemma2", "shared")])
 def test_scoring_through_the_models_own_head_equals_the_chunked_head(tmp_path, arch, layout):
     """Under FSDP a tied head is scored through the model's own head call (`scoring.OwnHead`):

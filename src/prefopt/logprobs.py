@@ -66,20 +66,40 @@ class TokenScores:
 
 
 class _FusedHeadLogps(torch.autograd.Function):
-    """log p(target) = z[target] − logsumexp(z), z = h Wᵀ + b, for N positions in chunks."""
+    """log p(target) = z[target] − logsumexp(z), z = h Wᵀ + b, for N positions in chunks.
+
+    The first `keep` rows keep their exp(z − max z) ([keep, V] fp32) from forward to backward; the
+    rest are recomputed there, chunk by chunk, into one reused buffer. Backward never rewrites those
+    [·, V] blocks: with p = e / s (e kept or recomputed, s its row sum) and gradient g per row,
+
+        ∂/∂h = g ⊙ W[t] − (g/s) ⊙ (e W)        ∂/∂W = Σ g h ⊗ onehot(t) − eᵀ ((g/s) ⊙ h)
+
+    so a kept block costs two matmuls and no elementwise pass, a recomputed one one more matmul.
+    """
 
     @staticmethod
     def forward(ctx, h: Tensor, target: Tensor, weight: Tensor, bias: Tensor | None, chunk: int,
-                gather=nullcontext) -> Tensor:
-        N = h.shape[0]
+                gather=nullcontext, keep: int = 0) -> Tensor:
+        N, V = h.shape[0], weight.shape[0]
+        keep = min(keep, N)
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
         logp = torch.empty(N, dtype=torch.float32, device=h.device)
+        sums = torch.empty(N, dtype=torch.float32, device=h.device)
+        kept = torch.empty(keep, V, dtype=torch.float32, device=h.device)
+        # the recomputed rows' logits, one chunk at a time: allocated once, reused by backward
+        spare = torch.empty(min(chunk, N - keep), V, dtype=torch.float32, device=h.device)
         with gather():
-            for s in range(0, N, chunk):
-                z = F.linear(h[s : s + chunk], weight, bias).float()
-                lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
-                logp[s : s + chunk] = z.gather(1, target[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
-        ctx.save_for_backward(h, target, lse)
+            # the kept rows' logits in one matmul (faster than chunk-sized ones), then turned into
+            # exp(z − max z) a chunk at a time; the other rows' in the spare buffer, chunk by chunk
+            _logits_into(h[:keep], weight, bias, kept)
+            for rows in _blocks(0, N, keep, chunk):
+                if rows.stop <= keep:
+                    out = kept[rows]
+                else:
+                    out = _logits_into(h[rows], weight, bias, spare[: rows.stop - rows.start])
+                logp[rows], lse[rows], sums[rows] = _exp_logits(out, target[rows])
+        ctx.save_for_backward(h, target, lse, kept)
+        ctx.sums, ctx.spare = sums[:keep], spare
         # kept as attributes, not saved tensors: a ZeRO-3 weight's storage is swapped by `gather`
         ctx.weight, ctx.bias, ctx.chunk, ctx.gather = weight, bias, chunk, gather
         # Backward recomputes the logits, and must do so in this forward's precision: under bf16
@@ -92,27 +112,56 @@ class _FusedHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp: Tensor):
-        h, target, lse = ctx.saved_tensors
+        h, target, lse, kept = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
         with ctx.gather(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            return _FusedHeadLogps._backward(ctx, h, target, ctx.weight, ctx.bias, lse, grad_logp)
+            return _FusedHeadLogps._backward(ctx, h, target, ctx.weight, ctx.bias, lse, kept, grad_logp)
 
     @staticmethod
-    def _backward(ctx, h, target, weight, bias, lse, grad_logp):
+    def _backward(ctx, h, target, weight, bias, lse, kept, grad_logp):
         grads = _HeadGrads(ctx.needs_input_grad, h, weight, bias)
-        for s in range(0, h.shape[0], ctx.chunk):
-            h_c, g = h[s : s + ctx.chunk], grad_logp[s : s + ctx.chunk].float()
-            z = F.linear(h_c, weight, bias).float()
-            # d log p(t) / dz = onehot(t) − softmax(z); scaled by the incoming gradient, in place
-            z.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g[:, None])
-            z[torch.arange(z.shape[0], device=z.device), target[s : s + ctx.chunk]] += g
-            grads.add(slice(s, s + ctx.chunk), h_c, z)
+        g = grad_logp.float()
+        grads.add_target(target, g)
+        keep = kept.shape[0]
+        if keep:
+            grads.sub_softmax(slice(0, keep), kept, g[:keep] / ctx.sums)
+        for rows in _blocks(keep, h.shape[0], keep, ctx.chunk):
+            z = _logits_into(h[rows], weight, bias, ctx.spare[: rows.stop - rows.start])
+            grads.sub_softmax(rows, z.sub_(lse[rows, None]).exp_(), g[rows])
         return grads.result()
 
 
+def _blocks(start: int, stop: int, keep: int, chunk: int):
+    """Row slices of at most `chunk` rows covering [start, stop), none straddling `keep`."""
+    for lo, hi in ((start, min(keep, stop)), (max(keep, start), stop)):
+        for s in range(lo, hi, chunk):
+            yield slice(s, min(s + chunk, hi))
+
+
+def _logits_into(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """z = h Wᵀ + b written into `out` ([n, V] fp32), in the precision F.linear would use here."""
+    if out.dtype == h.dtype == weight.dtype and not torch.is_autocast_enabled(h.device.type):
+        if bias is None:
+            return torch.mm(h, weight.t(), out=out)
+        return torch.addmm(bias, h, weight.t(), out=out)
+    return out.copy_(F.linear(h, weight, bias))
+
+
+def _exp_logits(out: Tensor, target: Tensor):
+    """Logits `out` ([n, V] fp32) turned in place into e = exp(z − max z); returns per row
+    (log p(target), log-sum-exp, Σ e)."""
+    z_t = out.gather(1, target[:, None]).squeeze(1)
+    top = out.amax(1)
+    out.sub_(top[:, None]).exp_()
+    sums = out.sum(1)
+    lse = sums.log().add_(top)
+    return z_t - lse, lse, sums
+
+
 class _HeadGrads:
-    """The gradients of h, W and b (those autograd asks for), accumulated chunk by chunk from each
-    chunk's gradient of the logits; `result` is a fused function's backward return value."""
+    """The gradients of h, W and b (those autograd asks for), accumulated chunk by chunk; `result`
+    is a fused function's backward return value. Two ways in: `add` takes a chunk's gradient of
+    the logits, `add_target` + `sub_softmax` take it as g·onehot(t) − scale·e without forming it."""
 
     def __init__(self, needs_input_grad, h: Tensor, weight: Tensor, bias: Tensor | None):
         need_h, _, need_w, need_b, *_ = needs_input_grad
@@ -128,6 +177,25 @@ class _HeadGrads:
             self.grad_w.addmm_(z_grad.t(), h_c.float())
         if self.grad_b is not None:
             self.grad_b += z_grad.sum(0)
+
+    def add_target(self, target: Tensor, g: Tensor):
+        """The g·onehot(t) part of every row's gradient of the logits ([N] each)."""
+        if self.grad_h is not None:
+            self.grad_h32 = self.weight.index_select(0, target).float().mul_(g[:, None])
+        if self.grad_w is not None:
+            self.grad_w.index_add_(0, target, self.h.float() * g[:, None])
+        if self.grad_b is not None:
+            self.grad_b.index_add_(0, target, g)
+
+    def sub_softmax(self, rows: slice, e: Tensor, scale: Tensor):
+        """The −scale·e part for `rows`: e [n, V] fp32, scale [n] (g/s for unnormalised e)."""
+        if self.grad_h is not None:
+            self.grad_h32[rows] -= (e.to(self.weight.dtype) @ self.weight).float().mul_(scale[:, None])
+            self.grad_h[rows] = self.grad_h32[rows].to(self.h.dtype)
+        if self.grad_w is not None:
+            self.grad_w.addmm_(e.t(), self.h[rows].float() * scale[:, None], alpha=-1)
+        if self.grad_b is not None:
+            self.grad_b.addmv_(e.t(), scale, alpha=-1)
 
     def result(self) -> tuple:
         w = self.grad_w.to(self.weight.dtype) if self.grad_w is not None else None
@@ -293,6 +361,11 @@ def chunk_size_for(vocab_size: int, requested: int | None = None) -> int:
     return requested or max(16, CHUNK_ELEMENTS // vocab_size)
 
 
+def keep_rows_for(vocab_size: int, keep_mb: int) -> int:
+    """Rows of fp32 softmax (4·V bytes each) that fit in `keep_mb` MB."""
+    return keep_mb * 1_000_000 // (4 * vocab_size)
+
+
 def scored_hidden(hidden: Tensor, score_index: Tensor, head: torch.nn.Module) -> Tensor:
     """The [N, H] hidden states of the scored positions, in the head's dtype."""
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
@@ -311,18 +384,20 @@ def token_logps(
     transform: Callable[[Tensor], Tensor] | None = None,
     chunk: int = 1024,
     fused: bool | None = None,
+    keep: int = 0,
 ) -> TokenScores:
     """Score the N positions `score_index` (flat indices into hidden's [R·T]) against their targets.
 
     Position i predicts token i+1, so the collator passes the index of the *predicting*
-    position with the token that follows it as target. `chunk` is in tokens (see chunk_size_for).
+    position with the token that follows it as target. `chunk` is in tokens (see chunk_size_for);
+    the fused path keeps up to `keep` rows' softmax for backward instead of recomputing it (keep_rows_for).
     """
     h = scored_hidden(hidden, score_index, head)
     if fused is None:
         fused = fusable(head, transform)
     if fused:
         gather = _gather(head)
-        logps = _FusedHeadLogps.apply(h, score_target, head.weight, head.bias, chunk, gather)
+        logps = _FusedHeadLogps.apply(h, score_target, head.weight, head.bias, chunk, gather, keep)
         return TokenScores(logps, _mean_logits(h, head, gather))
     logps, means = [], []
     for start in range(0, h.shape[0], chunk):

@@ -50,7 +50,7 @@ NOT_IDENTITY = {
     "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "dataloader_num_workers",
     "dataloader_prefetch_factor", "dataloader_persistent_workers", "dataloader_pin_memory", "ddp_timeout",
     "include_num_input_tokens_seen", "torch_empty_cache_steps", "preprocessing_num_workers",
-    "max_dropped_share", "allow_pickle_weights", "logprob_chunk_size",
+    "max_dropped_share", "allow_pickle_weights", "logprob_chunk_size", "logprob_keep_mb",
 }
 # Keys that say how long to train: a larger value continues a run from its last checkpoint
 LENGTH = ("max_steps", "num_train_epochs")

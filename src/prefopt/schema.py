@@ -170,6 +170,9 @@ def _objective_fields() -> list:
         ("diversity_alpha", float, field(default=0.0, metadata={"help": "Entropy vs KL mix inside the diversity term."})),
         ("logprob_chunk_size", int | None, field(
             default=None, metadata={"help": "Tokens per LM-head chunk (None: sized so a chunk's logits are ~256 MB)."})),
+        ("logprob_keep_mb", int, field(
+            default=2048, metadata={"help": "MB of the LM head's softmax the fused head keeps from forward to backward "
+                                            "instead of recomputing it (0: always recompute, the least memory)."})),
     ]
 
 

@@ -29,7 +29,7 @@ import torch
 from .attention import model_inputs
 from .diversity import entropy, kl
 from .logprobs import (TokenScores, chunk_size_for, diversity_groups, frozen_zero3_copy, fusable, fused_diversity_scores,
-                       head_transform, logps_from_logits, run_chunk, scored_hidden, token_logps)
+                       head_transform, keep_rows_for, logps_from_logits, run_chunk, scored_hidden, token_logps)
 from .step import DiversityRows
 
 Tensor = torch.Tensor
@@ -62,6 +62,7 @@ def prepare_head_for_fsdp(model, plugin) -> bool:
 class _Scorer:
     unwrapped: torch.nn.Module  # the model inside any wrapper: its config, dtype and head
     chunk: int  # scored positions per head chunk
+    keep: int = 0  # rows whose softmax the fused head keeps for backward (logprob_keep_mb)
     transform: object = None  # soft-cap / scaling of the logits (logprobs.head_transform)
     aux: bool = False  # ask the forward for the MoE router loss
     diversity: bool = False
@@ -87,7 +88,7 @@ class ModuleHead(_Scorer):
         hidden, head = out.hidden_states[-1], self.unwrapped.get_output_embeddings()
         if rows is None:
             tok = token_logps(hidden, batch["score_index"], batch["score_target"], head, self.transform, self.chunk,
-                              fused=self.fused)
+                              fused=self.fused, keep=self.keep)
         elif self.fused:
             h = scored_hidden(hidden, batch["score_index"], head)
             tok = fused_diversity_scores(h, batch["score_target"], rows.pairs_c, rows.pairs_r, rows.chosen, head,
@@ -104,7 +105,9 @@ class FusedHead(ModuleHead):
 
     @property
     def name(self) -> str:
-        return f"fused LM head, {self.chunk} positions per chunk" + (" (with the diversity term)" if self.diversity else "")
+        kept = f", the softmax of up to {self.keep} positions kept for backward" if self.keep and not self.diversity else ""
+        return (f"fused LM head, {self.chunk} positions per chunk{kept}"
+                + (" (with the diversity term)" if self.diversity else ""))
 
 
 class OwnHead(_Scorer):
@@ -126,19 +129,20 @@ class OwnHead(_Scorer):
 
 
 def choose_scorer(unwrapped, *, fsdp: bool, tied_under_fsdp: bool, diversity: bool, chunk: int | None = None,
-                  aux: bool = False) -> _Scorer:
+                  keep_mb: int = 0, aux: bool = False) -> _Scorer:
     """The scorer for this run's model, head and objective (see the module docstring)."""
     config = unwrapped.config
     transform = head_transform(config)
-    common = dict(unwrapped=unwrapped, chunk=chunk_size_for(config.get_text_config().vocab_size, chunk),
-                  transform=transform, aux=aux, diversity=diversity)
+    vocab = config.get_text_config().vocab_size
+    common = dict(unwrapped=unwrapped, chunk=chunk_size_for(vocab, chunk), transform=transform, aux=aux,
+                  diversity=diversity)
     head = unwrapped.get_output_embeddings()
     if tied_under_fsdp:
         return OwnHead(**common, why="a head tied to the embeddings under FSDP")
     if fsdp:
         return ModuleHead(**common, why="FSDP shards the head")
     if fusable(head, transform):
-        return FusedHead(**common)
+        return FusedHead(**common, keep=keep_rows_for(vocab, keep_mb))
     why = ("the logits are soft-capped or scaled" if transform is not None
            else "a trainable head partitioned by ZeRO-3" if hasattr(getattr(head, "weight", None), "ds_id")
            else f"the head is a {type(head).__name__}, not a plain Linear (LoRA, quantized)")

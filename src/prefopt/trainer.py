@@ -126,7 +126,8 @@ class PreferenceTrainer(Trainer):
             self._scorer = choose_scorer(
                 self.accelerator.unwrap_model(model), fsdp=self.accelerator.distributed_type == DistributedType.FSDP,
                 tied_under_fsdp=self._tied_under_fsdp, diversity=bool(o.diversity_weight),
-                chunk=self.objective.logprob_chunk_size, aux=bool(o.aux_coef))
+                chunk=self.objective.logprob_chunk_size, keep_mb=self.objective.logprob_keep_mb,
+                aux=bool(o.aux_coef))
             if self._announce is not None and self.is_world_process_zero():
                 self._announce(f"prefopt: scoring: {self._scorer.name}")
         return self._scorer

@@ -130,6 +130,7 @@ VALUE_RULES: dict[str, tuple[Bound | ShareOrCount, str]] = {
     "diversity_weight": (AT_LEAST_0, "0: off"),
     "diversity_alpha": (Bound(0, 1), "the entropy's share of the diversity term"),
     "logprob_chunk_size": (COUNT, "or unset"),
+    "logprob_keep_mb": (AT_LEAST_0, "0: recompute the softmax in backward"),
     # model
     "lora_r": (COUNT, ""),
     "lora_alpha": (POSITIVE, ""),
