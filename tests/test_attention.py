@@ -46,6 +46,30 @@ def test_dense_flex_and_per_triple_masks_agree(batch, window):
         assert (attention_bias(batch, torch.float32)[:, 0] == 0).sum() > dense.sum()
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_segmented_sdpa_equals_sdpa_over_the_dense_mask(batch, window):
+    """Triple by triple (without a window: prompt + chosen as one causal call, the rejected
+    queries over the prompt's keys and their own) gives what one SDPA call over each whole row with
+    the dense mask gives, at every non-padding position, grouped-query heads included. The same
+    products and sums, split differently: fp32 round-off of a softmax over ≤ 40 keys."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from prefopt import attention
+
+    attention.install_segmented_sdpa()
+    R, T = batch["segment_ids"].shape
+    torch.manual_seed(0)
+    q, k, v = torch.randn(R, 4, T, 8), torch.randn(R, 2, T, 8), torch.randn(R, 2, T, 8)
+    module = SimpleNamespace(is_causal=True, training=False, num_key_value_groups=2)
+    kw = {"scaling": 8**-0.5, "dropout": 0.0, "sliding_window": window}
+    ours, _ = attention.segmented_sdpa(module, q, k, v, None, prefopt_segments=Segments(batch), **kw)
+    dense, _ = sdpa_attention_forward(module, q, k, v, attention_bias(batch, torch.float32, window), **kw)
+    real = batch["segment_ids"] >= 0
+    torch.testing.assert_close(ours[real], dense[real], rtol=1e-5, atol=1e-6)
+
+
 def test_block_mask_carries_the_rule(batch):
     R, T = batch["segment_ids"].shape
     flex = block_mask(batch, 3)

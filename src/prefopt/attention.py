@@ -14,7 +14,8 @@ broadcast, and materialised as
 - `block_mask`: a FlexAttention BlockMask, whose `mask_mod` calls `visible` pointwise;
 - `Segments.mask`: one small mask per triple, for `segmented_sdpa`.
 
-`segmented_sdpa` runs SDPA triple by triple (Σ n² work instead of T²). It is installed by
+`segmented_sdpa` runs SDPA triple by triple (Σ n² work instead of T²; without a sliding window,
+prompt + chosen as one causal call and the rejected queries as another). It is installed by
 `install_segmented_sdpa()`, which the run calls explicitly (never on import, never by building
 a collator): it registers the function under transformers' own "sdpa" name through
 `AttentionInterface.register`, a process-wide table, so no model config changes and a saved
@@ -98,6 +99,11 @@ class Segments:
         self.spans = batch["segments"]
         self.branch, self.pos = batch["branch_ids"], batch["position_ids"]
         self._masks = {}
+        # each triple's prompt length and where its rejected branch starts: [prompt][chosen][rejected]
+        self.prompt_and_split = []
+        for r, s, e in self.spans:
+            b = self.branch[r, s:e]
+            self.prompt_and_split.append((int((b == PROMPT).sum()), s + int((b != REJECTED).sum())))
 
     def mask(self, k: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """[1, 1, n, n] additive mask of triple k (n = its tokens)."""
@@ -107,6 +113,19 @@ class Segments:
             one_triple = torch.zeros((1, e - s), dtype=torch.long, device=self.pos.device)
             allowed = _dense_visible(one_triple, self.branch[r : r + 1, s:e], self.pos[r : r + 1, s:e], window)
             self._masks[key] = _additive(allowed, dtype)
+        return self._masks[key]
+
+    def rejected_mask(self, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """[1, 1, n_r, P + n_r] additive mask of triple k's rejected queries over its prompt's keys
+        and its own: every prompt key, and causal within the branch."""
+        key = (k, "rejected", dtype)
+        if key not in self._masks:
+            r, s, e = self.spans[k]
+            P, split = self.prompt_and_split[k]
+            q = torch.arange(e - split, device=self.pos.device)
+            kk = torch.arange(P + e - split, device=self.pos.device)
+            allowed = (kk[None, :] < P) | (kk[None, :] - P <= q[:, None])
+            self._masks[key] = _additive(allowed[None], dtype)
         return self._masks[key]
 
 
@@ -125,11 +144,30 @@ def segmented_sdpa(module, query, key, value, attention_mask, prefopt_segments: 
     window = kwargs.get("sliding_window")
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [R, T, heads, d]
     for k, (r, s, e) in enumerate(prefopt_segments.spans):
+        if window is None:
+            _triple_in_two(module, query[r : r + 1], key[r : r + 1], value[r : r + 1], out[r : r + 1],
+                           prefopt_segments, k, kwargs)
+            continue
         mask = prefopt_segments.mask(k, window, query.dtype)
         o, _ = _plain_sdpa(module, query[r : r + 1, :, s:e], key[r : r + 1, :, s:e], value[r : r + 1, :, s:e],
                            mask, **kwargs)
         out[r, s:e] = o[0]
     return out, None
+
+
+def _triple_in_two(module, query, key, value, out, segments: Segments, k: int, kwargs: dict):
+    """One triple as two SDPA calls instead of one masked n × n: prompt + chosen is a plain causal
+    sequence (no mask: the kernel skips the blocks above the diagonal), and the rejected queries
+    attend to the prompt's keys and their own (half of the n² entries were masked off before)."""
+    r, s, e = segments.spans[k]
+    P, split = segments.prompt_and_split[k]
+    o, _ = _plain_sdpa(module, query[:, :, s:split], key[:, :, s:split], value[:, :, s:split], None, **kwargs)
+    out[:, s:split] = o
+    if split < e:
+        keys = torch.cat([key[:, :, s : s + P], key[:, :, split:e]], dim=2)
+        values = torch.cat([value[:, :, s : s + P], value[:, :, split:e]], dim=2)
+        o, _ = _plain_sdpa(module, query[:, :, split:e], keys, values, segments.rejected_mask(k, query.dtype), **kwargs)
+        out[:, split:e] = o
 
 
 def install_segmented_sdpa() -> bool:
