@@ -98,6 +98,20 @@ def test_token_balanced_micro_batches_keep_the_pairs_per_step(tmp_path):
     assert any(len(set(sizes)) > 1 for sizes, _ in seen)  # sizes follow token cost, not a fixed count
 
 
+def one_step(model, trainer, scorer, batch) -> tuple:
+    """One step's loss, gradients and logged means through `scorer`, from the model's weights."""
+    from prefopt.metrics import MetricSums
+    from prefopt.step import loss, score
+
+    scores = score(model, batch, scorer)
+    step = loss(scores, trainer.step_objective)
+    step.loss.backward()
+    sums = MetricSums()
+    sums.record("train", step, scores)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return step.loss.detach(), grads, sums.means("train", lambda t: t, "cpu")
+
+
 @pytest.mark.parametrize("method", ["cpo_simpo", "orpo"])
 def test_keeping_the_heads_softmax_for_backward_equals_recomputing_it(tmp_path, method):
     """`logprob_keep_mb` changes where backward reads each row's softmax from — kept from forward,
@@ -106,9 +120,7 @@ def test_keeping_the_heads_softmax_for_backward_equals_recomputing_it(tmp_path, 
     with every row recomputed, 5 of them kept (a part, across chunks of 4), every one kept."""
     import dataclasses
 
-    from prefopt.metrics import MetricSums
     from prefopt.scoring import FusedHead
-    from prefopt.step import loss, score
 
     results = []
     for keep in (0, 5, 10**6):
@@ -119,13 +131,7 @@ def test_keeping_the_heads_softmax_for_backward_equals_recomputing_it(tmp_path, 
         scorer = dataclasses.replace(scorer, keep=keep, chunk=4)
         batch = trainer.data_collator([dict(p) for p in random_pairs(5, seed=6)])
         assert batch["score_index"].numel() > 10
-        scores = score(model, batch, scorer)
-        step = loss(scores, trainer.step_objective)
-        step.loss.backward()
-        sums = MetricSums()
-        sums.record("train", step, scores)
-        results.append((step.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                        sums.means("train", lambda t: t, "cpu")))
+        results.append(one_step(model, trainer, scorer, batch))
     l0, g0, m0 = results[0]
     assert len(g0) > 5
     for lk, gk, mk in results[1:]:
@@ -138,9 +144,7 @@ def test_keeping_the_heads_softmax_for_backward_equals_recomputing_it(tmp_path, 
 def test_scoring_through_the_models_own_head_equals_the_chunked_head(tmp_path, arch, layout):
     """Under FSDP a tied head is scored through the model's own head call (`scoring.OwnHead`):
     same loss, metrics and gradients as the chunked head path, soft-capping included (gemma2)."""
-    from prefopt.metrics import MetricSums
     from prefopt.scoring import OwnHead, choose_scorer
-    from prefopt.step import loss, score
     from prefopt.tiny import tiny_model
 
     results = []
@@ -150,13 +154,7 @@ def test_scoring_through_the_models_own_head_equals_the_chunked_head(tmp_path, a
         scorer = choose_scorer(model, fsdp=False, tied_under_fsdp=in_forward, diversity=False)
         assert isinstance(scorer, OwnHead) == in_forward
         batch = trainer.data_collator([dict(p) for p in random_pairs(5, seed=4)])
-        scores = score(model, batch, scorer)
-        step = loss(scores, trainer.step_objective)
-        step.loss.backward()
-        sums = MetricSums()
-        sums.record("train", step, scores)
-        results.append((step.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                        sums.means("train", lambda t: t, "cpu")))
+        results.append(one_step(model, trainer, scorer, batch))
     (l0, g0, m0), (l1, g1, m1) = results
     # one step on the same weights, the head's sums in another order (tests/helpers.py: ROUND_OFF_REL)
     assert l1.item() == pytest.approx(l0.item(), rel=ROUND_OFF_REL)
