@@ -73,7 +73,8 @@ def calibrate(vocab: int, hidden: int = 256) -> dict:
     Outputs are preallocated. The probe before this one timed `a @ b` at [1024, 256] @ [256, 8192]:
     a fresh 32 MB product per call, whose page faults the kernel zeroes on one core while the GEMM
     waits, timed with every product (at 1 thread on this machine, shared: 64 GFLOP/s as it was,
-    87 with `out=`, 83-89 here; at 2 threads it read 112-170 where a quiet GEMM runs 345-377)."""
+    87 with `out=`, 83-89 here). The rate itself moves with the host the VM lands on: on 2026-12-03
+    a quiet 2-thread fp32 GEMM here ran 158-185 GFLOP/s; an earlier session's host ran 345-377."""
     import torch
 
     gemm = max(_mm_rate(2048, 2048, 2048, 6), _mm_rate(4096, 4096, 4096, 2))
