@@ -98,7 +98,7 @@ def test_token_balanced_micro_batches_keep_the_pairs_per_step(tmp_path):
     assert any(len(set(sizes)) > 1 for sizes, _ in seen)  # sizes follow token cost, not a fixed count
 
 
-def one_step(model, trainer, scorer, batch) -> tuple:
+def step_through(model, trainer, scorer, batch) -> tuple:
     """One step's loss, gradients and logged means through `scorer`, from the model's weights."""
     from prefopt.metrics import MetricSums
     from prefopt.step import loss, score
@@ -131,7 +131,7 @@ def test_keeping_the_heads_softmax_for_backward_equals_recomputing_it(tmp_path, 
         scorer = dataclasses.replace(scorer, keep=keep, chunk=4)
         batch = trainer.data_collator([dict(p) for p in random_pairs(5, seed=6)])
         assert batch["score_index"].numel() > 10
-        results.append(one_step(model, trainer, scorer, batch))
+        results.append(step_through(model, trainer, scorer, batch))
     l0, g0, m0 = results[0]
     assert len(g0) > 5
     for lk, gk, mk in results[1:]:
@@ -154,7 +154,7 @@ def test_scoring_through_the_models_own_head_equals_the_chunked_head(tmp_path, a
         scorer = choose_scorer(model, fsdp=False, tied_under_fsdp=in_forward, diversity=False)
         assert isinstance(scorer, OwnHead) == in_forward
         batch = trainer.data_collator([dict(p) for p in random_pairs(5, seed=4)])
-        results.append(one_step(model, trainer, scorer, batch))
+        results.append(step_through(model, trainer, scorer, batch))
     (l0, g0, m0), (l1, g1, m1) = results
     # one step on the same weights, the head's sums in another order (tests/helpers.py: ROUND_OFF_REL)
     assert l1.item() == pytest.approx(l0.item(), rel=ROUND_OFF_REL)
