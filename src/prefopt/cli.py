@@ -5,6 +5,8 @@
     prefopt data CONFIG.yaml [--examples N] [--output FILE] [--key value ...]
     prefopt pairs CONFIG.yaml [--key value ...]       (on-policy pairs: sample, score, keep best and worst)
     prefopt iterate CONFIG.yaml --rounds K [--key value ...]   (pairs -> train -> pairs from the new model ...)
+    prefopt sweep CONFIG.yaml --learning_rate A,B,C [--gamma_beta_ratio ...] [--stages lr,...] [--key value ...]
+    prefopt sweep --report DIR
     prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype bfloat16]
     prefopt eval --model DIR [--model DIR2 ...] [--data PAIRS] [--prompts FILE] ...
     prefopt generate --model DIR [--prompt TEXT ...] [--prompts FILE] ...
@@ -36,6 +38,8 @@ USAGE = """usage:
   prefopt pairs CONFIG.yaml [--key value ...]     the policy's own answers, scored, as a pairs file for train
   prefopt iterate CONFIG.yaml --rounds K [--key value ...]
                                                   on-policy rounds: pairs, train, pairs from the new model, ...
+  prefopt sweep CONFIG.yaml --learning_rate A,B,C [--gamma_beta_ratio X,Y] [--stages lr,gamma_beta_ratio]
+                                                  a grid or staged search of trials, the best chosen on held-out pairs
   prefopt merge ADAPTER_DIR --output DIR [--base BASE] [--dtype DTYPE]
                                                   fold a LoRA adapter into its base; save a full model
   prefopt plot OUTPUT_DIR                         PNGs of a run's metrics (OUTPUT_DIR/plots)
@@ -195,7 +199,66 @@ def cmd_iterate(args: list[str]) -> int:
     iterate(load_config(path, overrides), options.rounds)
     return 0
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "data": cmd_data, "pairs": cmd_pairs, "iterate": cmd_iterate, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
+def _sweep_parser() -> _Parser:
+    from .sweep import METRICS, Options
+
+    d = Options()
+    parser = _Parser("sweep", "Train one trial per setting (any numeric key given a comma-separated list), each an "
+                     "ordinary run in output_dir/trials/, and choose the best on held-out pairs; the whole grid, or "
+                     "stage by stage (--stages: each stage fixes the best of the one before). A rerun skips finished "
+                     "trials and resumes the others; several processes on one output_dir share the grid.",
+                     usage="%(prog)s CONFIG.yaml --learning_rate A,B,C [--gamma_beta_ratio X,Y] [--stages KEYS] "
+                           "[--key value ...] | %(prog)s --report DIR", epilog=OVERRIDES)
+    parser.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="the trials' training config")
+    parser.add_argument("--stages", help="comma-separated swept keys in the order to tune them, one stage each "
+                        "(lr = learning_rate), e.g. lr,gamma_beta_ratio,beta; unset: the whole grid")
+    parser.add_argument("--metric", default=d.metric, choices=list(METRICS),
+                        help="what chooses the best trial (default accuracy: held-out preference accuracy, ties by "
+                             "margin; eval_loss: the lowest; win_rate / mean_reward: --reward_model on --prompts)")
+    parser.add_argument("--max_chosen_logp_drop", type=float, default=d.max_chosen_logp_drop,
+                        help="a trial whose held-out chosen log-prob per token fell by more nats is collapsed, never "
+                             f"chosen (default {d.max_chosen_logp_drop})")
+    parser.add_argument("--max_repetition", type=float, default=d.max_repetition,
+                        help=f"a trial whose answers' repetition rate (repeated 3-grams) is above this is "
+                             f"degenerate, never chosen (default {d.max_repetition})")
+    parser.add_argument("--prompts", help="prompts each trial answers (as prefopt eval's --prompts) for the "
+                        "repetition guard and the reward model; unset: the last evaluation's generations")
+    parser.add_argument("--reward_model", help="a sequence-classification reward model judging the answers")
+    parser.add_argument("--report", metavar="DIR", help="draw a sweep's table and PNGs again from DIR/sweep.json")
+    return parser
+
+
+SWEEP_OPTIONS = ("--stages", "--metric", "--max_chosen_logp_drop", "--max_repetition", "--prompts",
+                 "--reward_model", "--report")
+
+
+def cmd_sweep(args: list[str]) -> int:
+    parser = _sweep_parser()
+    if _help_only(parser, args):
+        return 0
+    own, overrides = _own_options(args, SWEEP_OPTIONS)
+    path, overrides = _config_and_overrides(overrides)
+    options = parser.parse_args(([path] if path else []) + own)
+    _quiet()
+    from .sweep import Options, plan_sweep, run_sweep
+
+    if options.report:
+        if path or overrides:
+            raise PrefoptError("prefopt sweep --report DIR redraws a finished sweep; give it no config or keys.")
+        from .sweepreport import redraw
+
+        redraw(options.report)
+        return 0
+    if path is None:
+        raise PrefoptError("prefopt sweep: give the trials' config (CONFIG.yaml), or --report DIR.")
+    chosen = Options(metric=options.metric, stages=options.stages.split(",") if options.stages else None,
+                     max_chosen_logp_drop=options.max_chosen_logp_drop, max_repetition=options.max_repetition,
+                     reward_model=options.reward_model, prompts=options.prompts)
+    run_sweep(plan_sweep(path, overrides, chosen))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "config": cmd_config, "data": cmd_data, "pairs": cmd_pairs, "iterate": cmd_iterate, "merge": cmd_merge, "plot": cmd_plot, "eval": cmd_eval,
             "generate": cmd_generate, "push": cmd_push}
 
 

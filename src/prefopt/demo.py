@@ -206,17 +206,14 @@ def run_demo(output_dir: str | Path = "demo_output", log=print, **overrides) -> 
         return _run_demo(output_dir, log, **overrides)
 
 
-def _run_demo(output_dir, log, **overrides) -> dict:
-    from .config import build_config
-    from .pipeline import train
+def write_task(out: Path, log=print) -> tuple[dict, Path, list[dict]]:
+    """The demo's base model (out/base_model) and data (out/data/{train,test}.jsonl): the config keys
+    naming them, the model's folder and the held-out rows. With DEMO_CONFIG and an output_dir, the
+    keys make a full config (what the tests of `prefopt sweep` train on)."""
     from .tiny import save_tiny, tiny_model, train_tokenizer
 
-    start = time.time()
-    out = Path(output_dir)
-    _clear_previous_demo(out)
     data_dir = out / "data"
     data_dir.mkdir(parents=True)
-    (out / DEMO_MARK).write_text("written by `prefopt train` (the offline demo); a rerun replaces this folder\n")
     train_rows = make_rows(6000, seed=1, chat=True)
     test_rows = _held_out(256, {r["prompt"][0]["content"] for r in train_rows}, seed=2)
     for name, rows in (("train", train_rows), ("test", test_rows)):
@@ -228,9 +225,21 @@ def _run_demo(output_dir, log, **overrides) -> dict:
     log(f"prefopt demo: a {model.num_parameters() / 1e6:.2f}M-parameter "
         f"llama and a {len(tokenizer)}-token tokenizer built in {base}; {len(train_rows)} training pairs, "
         f"{len(test_rows)} held-out pairs with unseen prompts")
+    keys = {"model_name_or_path": str(base), "dataset_mixer": {str(data_dir): 1.0}, "dataset_splits": ["train", "test"]}
+    return keys, base, test_rows
 
-    cfg = build_config({**DEMO_CONFIG, **overrides, "model_name_or_path": str(base), "output_dir": str(out / "model"),
-                        "dataset_mixer": {str(data_dir): 1.0}, "dataset_splits": ["train", "test"]}, where="demo")
+
+def _run_demo(output_dir, log, **overrides) -> dict:
+    from .config import build_config
+    from .pipeline import train
+
+    start = time.time()
+    out = Path(output_dir)
+    _clear_previous_demo(out)
+    out.mkdir(parents=True)
+    (out / DEMO_MARK).write_text("written by `prefopt train` (the offline demo); a rerun replaces this folder\n")
+    keys, base, test_rows = write_task(out, log)
+    cfg = build_config({**DEMO_CONFIG, **overrides, **keys, "output_dir": str(out / "model")}, where="demo")
     probe = [r["prompt"][0]["content"] for r in test_rows[:64]]
     before = _generate(base, probe)
     result = train(cfg, log=log)

@@ -22,6 +22,11 @@ class MissingSplit(PrefoptError):
         self.path, self.split, self.found = path, split, list(found)
 
 
+class NonFinite(PrefoptError):
+    """Training stopped at a step whose loss or gradients were not finite: a type, so that
+    `prefopt sweep` can mark that trial diverged and go on to the next, whatever the wording."""
+
+
 class Stopped(BaseException):
     """The run was stopped by a signal (SIGTERM, SIGINT); the CLI exits with 128 + its number.
 

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback
 from .attention import install_segmented_sdpa
 from .collate import choose_layout, collator_for
 from .config import Config
-from .errors import PrefoptError
+from .errors import NonFinite
 from .metrics import MetricSums
 from .checkpoints import mark_complete, rotate, start_writing
 from .manifest import record_written
@@ -169,9 +169,9 @@ class PreferenceTrainer(Trainer):
         return norm
 
     @staticmethod
-    def _non_finite(step: int, what: str, rows: list) -> PrefoptError:
+    def _non_finite(step: int, what: str, rows: list) -> NonFinite:
         shown = ", ".join(f"{src} row {row}" for src, row in rows[:20]) + (" …" if len(rows) > 20 else "")
-        return PrefoptError(
+        return NonFinite(
             f"step {step}: the {what} is not finite (NaN or inf); training stopped before applying it. Rows in "
             f"this step (this process): {shown}. Usual causes: a learning rate too high, fp16 overflow (use bf16), "
             "or a degenerate row. The last checkpoint in output_dir is intact; no final model was written."

@@ -137,25 +137,34 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def parse_overrides(argv: list[str]) -> dict:
-    """`--key value`, `--key=value` and bare `--flag` (true). Values are read as YAML scalars or
-    flow collections, so `--beta 2.5`, `--bf16 false` and `--dataset_mixer '{data.jsonl: 1.0}'` work."""
-    out: dict = {}
+def override_pairs(argv: list[str]):
+    """(key, value or None for a bare flag, the arguments as written) of each `--key value`,
+    `--key=value` and bare `--flag`."""
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or arg == "--":
             raise PrefoptError(f"command line: expected --key value, got {arg!r}.")
         key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:
-                value = "true"
+        if eq:
+            yield key, value, [arg]
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            yield key, argv[i + 1], argv[i:i + 2]
+            i += 1
+        else:
+            yield key, None, [arg]
+        i += 1
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """`--key value`, `--key=value` and bare `--flag` (true). Values are read as YAML scalars or
+    flow collections, so `--beta 2.5`, `--bf16 false` and `--dataset_mixer '{data.jsonl: 1.0}'` work."""
+    out: dict = {}
+    for key, value, _ in override_pairs(argv):
+        value = "true" if value is None else value
         try:
             out[key] = parse_yaml(value, f"command line (--{key})")
         except yaml.YAMLError:
             out[key] = value
-        i += 1
     return out
 
