@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from faults_helpers import ENV, ok, refused
+from prefopt.checkpoints import COMPLETE
 from prefopt.errors import PrefoptError
 from prefopt.sweep import Options, _stages, plan_sweep, read_lists, trial_name
 from prefopt.sweepjudge import _chosen_drop, _status, choose
@@ -128,7 +129,7 @@ def kill_in_the_second_trial(proc, trials: Path, timeout=600):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         folders = sorted(trials.glob("*")) if trials.is_dir() else []
         done = [f for f in folders if finished(f)]
-        started = [f for f in folders if not finished(f) and (f / "checkpoint-30" / "prefopt_checkpoint_complete").is_file()]
+        started = [f for f in folders if not finished(f) and (f / "checkpoint-30" / COMPLETE).is_file()]
         if done and started:
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
@@ -233,3 +234,26 @@ def test_two_processes_share_one_grid(task, tmp_path):
     assert sorted(trained) == sorted(set(trained)) and len(trained) == 4
     chosen = {line for out, _ in outs for line in out.splitlines() if line.startswith("prefopt sweep: chosen by")}
     assert len(chosen) == 1
+
+
+def test_a_diverged_trial_stays_diverged_when_the_sweep_runs_again(task, tmp_path, monkeypatch):
+    """A non-finite step marks its trial diverged and the sweep goes on; a rerun (which judges the
+    trial from its folder, where the evaluation before training looks fine) still marks it."""
+    from prefopt.sweep import run_sweep
+    from prefopt.trainer import PreferenceTrainer
+
+    original = PreferenceTrainer._step
+
+    def poisoned(self, model, batch, split, counts, keep=None):
+        loss = original(self, model, batch, split, counts, keep)
+        bad = split == "train" and self.args.learning_rate == 3e-2 and self.state.global_step == 2
+        return loss * float("nan") if bad else loss
+
+    monkeypatch.setattr(PreferenceTrainer, "_step", poisoned)
+    args = ["--learning_rate", "3e-3,3e-2", "--output_dir", str(tmp_path / "nan"), "--max_steps", "10",
+            "--eval_steps", "10", "--save_strategy", "no"]
+    for _ in range(2):
+        summary = run_sweep(plan_sweep(str(task / "sweep.yaml"), args, Options()), log=lambda *a: None)
+        status = {t["settings"]["learning_rate"]: (t["status"], t["reason"]) for t in summary["trials"]}
+        assert status[3e-2][0] == "diverged" and "step 3: the loss is not finite" in status[3e-2][1], status
+        assert status[3e-3] == ("ok", None) and summary["best"]["settings"]["learning_rate"] == 3e-3

@@ -200,7 +200,8 @@ def cmd_iterate(args: list[str]) -> int:
     return 0
 
 def _sweep_parser() -> _Parser:
-    from .sweep import METRICS, Options
+    from .sweep import Options
+    from .sweepjudge import METRICS
 
     d = Options()
     parser = _Parser("sweep", "Train one trial per setting (any numeric key given a comma-separated list), each an "

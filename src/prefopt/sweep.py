@@ -284,7 +284,8 @@ def _run_stage(optuna, handles, plan: Plan, number: int, space: dict, fixed: dic
     for t in study.get_trials(deepcopy=False):  # those other processes trained
         settings = {**plan.base, **fixed, **t.params}
         if t.state.is_finished() and trial_name(settings) not in finished:
-            records.append(judge(plan, number, settings, trial_config(plan, settings), t.user_attrs.get("error")))
+            error = study.user_attrs.get(f"error {trial_name(settings)}")
+            records.append(judge(plan, number, settings, trial_config(plan, settings), error))
             finished.add(records[-1]["name"])
     return records
 
@@ -358,8 +359,8 @@ def run_trial(study, number: int, plan: Plan, stage: int, settings: dict, log) -
     except NonFinite as e:
         error = str(e)
     record = judge(plan, stage, full, cfg, error)
-    study.set_user_attr(f"trial {number}", record["name"])
-    if error is not None:
+    if error is not None:  # kept for a rerun or another process, which judge the trial from its folder
+        study.set_user_attr(f"error {record['name']}", error)
         study.tell(number, state=optuna.trial.TrialState.FAIL)
     else:
         value = record["metrics"].get(METRICS[plan.options.metric][0])

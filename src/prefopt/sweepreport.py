@@ -99,37 +99,31 @@ def redraw(folder: str) -> dict:
 # -- pictures ---------------------------------------------------------------------------------
 
 def _metric_key(summary: dict) -> str:
-    from .sweep import METRICS
+    from .sweepjudge import METRICS
 
     return METRICS[summary["metric"]][0]
 
 
 def draw(root: Path, summary: dict) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The PNGs, as matplotlib Figures made without pyplot (as plots.py makes a run's)."""
     out = root / "plots"
     out.mkdir(exist_ok=True)
-    written = []
-    for key in summary["swept"]:
-        fig = _against(plt, summary, key)
-        written.append(out / f"sweep_{key}.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
-    fig = _curves(plt, summary)
-    if fig is not None:
-        written.append(out / "sweep_curves.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
-    return written
+    figures = {f"sweep_{key}.png": _against(summary, key) for key in summary["swept"]}
+    curves = _curves(summary)
+    if curves is not None:
+        figures["sweep_curves.png"] = curves
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=100)
+    return [out / name for name in figures]
 
 
-def _against(plt, summary: dict, key: str):
+def _against(summary: dict, key: str):
+    from matplotlib.figure import Figure
+
     metric = _metric_key(summary)
     others = [k for k in summary["swept"] if k != key]
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
     groups: dict = {}
     for t in summary["trials"]:
         groups.setdefault(tuple(t["settings"][k] for k in others), []).append(t)
@@ -161,20 +155,22 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _curves(plt, summary: dict):
-    from .plots import series
+def _curves(summary: dict):
+    from matplotlib.figure import Figure
+
+    from .plots import read_metrics, series
 
     metric = _metric_key(summary)
     metric = metric if metric.startswith("eval_") else "eval_rewards/accuracies"
     found = []
     for t in summary["trials"]:
-        path = Path(t["output_dir"]) / "metrics.jsonl"
-        if path.is_file():
-            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        if (Path(t["output_dir"]) / "metrics.jsonl").is_file():
+            lines = read_metrics(t["output_dir"])
             found.append((t, series(lines, "loss"), series(lines, metric)))
     if not found:
         return None
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, layout="constrained")
+    fig = Figure(figsize=(8, 6.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
     for t, loss, held in found:
         line = top.plot(*loss, label=t["name"] + ("" if t["status"] == "ok" else f" ({t['status']})"))[0]
         bottom.plot(*held, "o:", color=line.get_color())
