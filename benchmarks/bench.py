@@ -103,6 +103,10 @@ ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "PYTHONWARNINGS": "ignore",
+    # PyTorch's transparent-huge-page switch for CPU buffers of 2 MB and more: `import prefopt` sets it
+    # (src/prefopt/__init__.py) and every worker imports prefopt; set here so TRL and the peers run
+    # with it whatever they import, and the comparison is of the code, not of the page size
+    "THP_MEM_ALLOC_ENABLE": "1",
 }
 
 
