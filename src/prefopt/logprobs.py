@@ -166,13 +166,13 @@ class _HeadGrads:
     def __init__(self, needs_input_grad, h: Tensor, weight: Tensor, bias: Tensor | None):
         need_h, _, need_w, need_b, *_ = needs_input_grad
         self.h, self.weight, self.bias, self.extra = h, weight, bias, len(needs_input_grad) - 4
-        self.grad_h = torch.empty_like(h) if need_h else None
+        self.grad_h32 = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         self.grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         self.grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
 
     def add(self, rows, h_c: Tensor, z_grad: Tensor):
-        if self.grad_h is not None:
-            self.grad_h[rows] = (z_grad.to(self.h.dtype) @ self.weight).to(self.h.dtype)
+        if self.grad_h32 is not None:
+            self.grad_h32[rows] = (z_grad.to(self.h.dtype) @ self.weight).float()
         if self.grad_w is not None:
             self.grad_w.addmm_(z_grad.t(), h_c.float())
         if self.grad_b is not None:
@@ -180,8 +180,8 @@ class _HeadGrads:
 
     def add_target(self, target: Tensor, g: Tensor):
         """The g·onehot(t) part of every row's gradient of the logits ([N] each)."""
-        if self.grad_h is not None:
-            self.grad_h32 = self.weight.index_select(0, target).float().mul_(g[:, None])
+        if self.grad_h32 is not None:
+            self.grad_h32 += self.weight.index_select(0, target).float().mul_(g[:, None])
         if self.grad_w is not None:
             self.grad_w.index_add_(0, target, self.h.float() * g[:, None])
         if self.grad_b is not None:
@@ -189,18 +189,21 @@ class _HeadGrads:
 
     def sub_softmax(self, rows: slice, e: Tensor, scale: Tensor):
         """The −scale·e part for `rows`: e [n, V] fp32, scale [n] (g/s for unnormalised e)."""
-        if self.grad_h is not None:
+        if self.grad_h32 is not None:
             self.grad_h32[rows] -= (e.to(self.weight.dtype) @ self.weight).float().mul_(scale[:, None])
-            self.grad_h[rows] = self.grad_h32[rows].to(self.h.dtype)
         if self.grad_w is not None:
             self.grad_w.addmm_(e.t(), self.h[rows].float() * scale[:, None], alpha=-1)
         if self.grad_b is not None:
             self.grad_b.addmv_(e.t(), scale, alpha=-1)
 
-    def result(self) -> tuple:
-        w = self.grad_w.to(self.weight.dtype) if self.grad_w is not None else None
-        b = self.grad_b.to(self.bias.dtype) if self.grad_b is not None else None
-        return (self.grad_h, None, w, b) + (None,) * self.extra
+    def result(self, scale: Tensor | float = 1.0) -> tuple:
+        """The backward return value, every gradient times `scale` (the gradient ahead's factor)."""
+        def out(grad, like):
+            if grad is None:
+                return None
+            return (grad if isinstance(scale, float) and scale == 1.0 else grad * scale).to(like.dtype)
+        return (out(self.grad_h32, self.h), None, out(self.grad_w, self.weight),
+                out(self.grad_b, self.bias)) + (None,) * self.extra
 
 
 def diversity_groups(N: int, pairs_c: Tensor, pairs_r: Tensor, chosen: Tensor, chunk: int, device):

@@ -171,8 +171,10 @@ def _objective_fields() -> list:
         ("logprob_chunk_size", int | None, field(
             default=None, metadata={"help": "Tokens per LM-head chunk (None: sized so a chunk's logits are ~256 MB)."})),
         ("logprob_keep_mb", int, field(
-            default=2048, metadata={"help": "MB of the LM head's softmax the fused head keeps from forward to backward "
-                                            "instead of recomputing it (0: always recompute, the least memory)."})),
+            default=2048, metadata={"help": "MB of the LM head's softmax the fused head holds at once instead of "
+                                            "recomputing it: a group of whole pairs whose gradient is formed in "
+                                            "forward, or (a pair larger than this) the rows kept to backward "
+                                            "(0: always recompute, the least memory)."})),
     ]
 
 

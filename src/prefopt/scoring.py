@@ -22,7 +22,7 @@ Each returns `logprobs.TokenScores` for the batch's scored positions and the for
 loss. The model is always called as the wrapped module (DDP/DeepSpeed/FSDP hooks run as usual).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ from .attention import model_inputs
 from .diversity import entropy, kl
 from .logprobs import (TokenScores, chunk_size_for, diversity_groups, frozen_zero3_copy, fusable, fused_diversity_scores,
                        head_transform, keep_rows_for, logps_from_logits, run_chunk, scored_hidden, token_logps)
+from .gradahead import Ahead, Workspace, ahead_scores
 from .step import DiversityRows
 
 Tensor = torch.Tensor
@@ -67,6 +68,8 @@ class _Scorer:
     aux: bool = False  # ask the forward for the MoE router loss
     diversity: bool = False
     why: str = ""
+    # the fused head's buffer for its groups' logits, reused from step to step (gradahead.Workspace)
+    workspace: Workspace = field(default_factory=Workspace, repr=False, compare=False)
 
     def _forward(self, model, batch: dict, **kwargs):
         inputs = {"input_ids": batch["input_ids"], **model_inputs(batch, self.unwrapped.config, self.unwrapped.dtype),
@@ -82,21 +85,26 @@ class ModuleHead(_Scorer):
     def name(self) -> str:
         return f"checkpointed LM-head module, {self.chunk} positions per chunk ({self.why})"
 
-    def __call__(self, model, batch: dict, rows: DiversityRows | None):
+    def __call__(self, model, batch: dict, rows: DiversityRows | None, ahead: Ahead | None = None):
         # the model's own head sees one position; ours sees the scored ones, in chunks
         out = self._forward(model, batch, output_hidden_states=True, logits_to_keep=1)
         hidden, head = out.hidden_states[-1], self.unwrapped.get_output_embeddings()
-        if rows is None:
-            tok = token_logps(hidden, batch["score_index"], batch["score_target"], head, self.transform, self.chunk,
-                              fused=self.fused, keep=self.keep)
-        elif self.fused:
+        if rows is not None:
             h = scored_hidden(hidden, batch["score_index"], head)
-            tok = fused_diversity_scores(h, batch["score_target"], rows.pairs_c, rows.pairs_r, rows.chosen, head,
-                                         self.chunk)
+            if self.fused:
+                tok = fused_diversity_scores(h, batch["score_target"], rows.pairs_c, rows.pairs_r, rows.chosen, head,
+                                             self.chunk)
+            else:
+                tok = score_with_diversity(h, batch["score_target"], rows, frozen_zero3_copy(head) or head,
+                                           self.transform, self.chunk)
         else:
-            h = scored_hidden(hidden, batch["score_index"], head)
-            tok = score_with_diversity(h, batch["score_target"], rows, frozen_zero3_copy(head) or head, self.transform,
-                                       self.chunk)
+            tok = None
+            if ahead is not None and self.fused:  # the head's gradient formed in forward, where it applies
+                tok = ahead_scores(hidden, batch["score_index"], batch["score_target"], head, self.chunk, self.keep,
+                                   ahead, self.workspace)
+            if tok is None:
+                tok = token_logps(hidden, batch["score_index"], batch["score_target"], head, self.transform,
+                                  self.chunk, fused=self.fused, keep=self.keep)
         return tok, out.aux_loss if self.aux else None
 
 
@@ -105,7 +113,8 @@ class FusedHead(ModuleHead):
 
     @property
     def name(self) -> str:
-        kept = f", the softmax of up to {self.keep} positions kept for backward" if self.keep and not self.diversity else ""
+        kept = (f", its gradient formed in forward a group of whole pairs at a time (the softmax of up to {self.keep} "
+                "positions at once)" if self.keep and not self.diversity else "")
         return (f"fused LM head, {self.chunk} positions per chunk{kept}"
                 + (" (with the diversity term)" if self.diversity else ""))
 
@@ -115,7 +124,7 @@ class OwnHead(_Scorer):
     def name(self) -> str:
         return f"the model's own head on the scored columns ({self.why})"
 
-    def __call__(self, model, batch: dict, rows: DiversityRows | None):
+    def __call__(self, model, batch: dict, rows: DiversityRows | None, ahead=None):
         T = batch["input_ids"].shape[1]
         columns, where = torch.unique(batch["score_index"] % T, return_inverse=True)
         out = self._forward(model, batch, logits_to_keep=columns)

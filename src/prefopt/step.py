@@ -24,6 +24,7 @@ import torch
 
 from .diversity import aligned_pairs
 from .diversity import counts as diversity_counts
+from .gradahead import Ahead
 from .logprobs import TokenScores, per_sequence
 from .losses import LOSSES, METHODS, Hyper, Loss, Pairs
 
@@ -133,12 +134,15 @@ class Scorer(Protocol):
     diversity: bool  # whether it is asked for the diversity term's entropy and KL
     name: str  # what the run's log says it is
 
-    def __call__(self, model, batch: dict, rows: DiversityRows | None) -> tuple[TokenScores, Tensor | None]: ...
+    def __call__(self, model, batch: dict, rows: DiversityRows | None,
+                 ahead: Ahead | None = None) -> tuple[TokenScores, Tensor | None]: ...
 
 
-def score(model, batch: dict, scorer: Scorer, keep: int | None = None) -> Scores:
+def score(model, batch: dict, scorer: Scorer, keep: int | None = None, objective: Objective | None = None,
+          counts: Counts | None = None) -> Scores:
     """Score one micro-batch; with `keep`, only its first `keep` pairs (the others are the
-    evaluation sampler's padding duplicates)."""
+    evaluation sampler's padding duplicates). Given the `objective` (and the step's `counts`) the
+    loss will be composed with, a scorer that can forms the head's gradient in forward (`gradahead`)."""
     B = len(batch["row"])
     keep = B if keep is None else keep
     seq, completion = batch["score_seq"], batch["score_is_completion"]
@@ -149,7 +153,16 @@ def score(model, batch: dict, scorer: Scorer, keep: int | None = None) -> Scores
             live = seq[pairs_c] < keep
             pairs_c, pairs_r, chosen = pairs_c[live], pairs_r[live], chosen[seq[chosen] < keep]
         rows = DiversityRows(pairs_c, pairs_r, chosen)
-    tok, aux = scorer(model, batch, rows)
+    ahead = None
+    if objective is not None and rows is None and keep == B:
+        ahead = Ahead(seq % B, lambda logps: _d_logps(logps, batch, objective, counts))
+    tok, aux = scorer(model, batch, rows, ahead)
+    return _scores(tok, aux, batch, keep, rows)
+
+
+def _scores(tok: TokenScores, aux, batch: dict, keep: int, rows: DiversityRows | None) -> Scores:
+    B = len(batch["row"])
+    seq, completion = batch["score_seq"], batch["score_is_completion"]
     logp_sum, tokens = per_sequence(tok.logps, seq, completion, 2 * B)
     logit_sum, _ = per_sequence(tok.mean_logits, seq, completion, 2 * B)
     nll_sums = {}
@@ -162,6 +175,17 @@ def score(model, batch: dict, scorer: Scorer, keep: int | None = None) -> Scores
     return Scores(logp_sum=logp_sum, tokens=tokens.detach(), logit_sum=logit_sum, nll_sums=nll_sums, aux_loss=aux, entropy_sum=tok.entropy_sum, kl_sum=tok.kl_sum,
                   entropy_tokens=len(rows.chosen) if tok.entropy_sum is not None else 0,
                   kl_positions=len(rows.pairs_c) if tok.entropy_sum is not None else 0)
+
+
+def _d_logps(logps: Tensor, batch: dict, objective: Objective, counts: Counts | None) -> Tensor:
+    """∂(the step's loss)/∂log p at every scored row, from `loss` itself on a detached copy of `logps`
+    (the gradient `gradahead` forms in forward; pairs are independent, so a pair's rows are exact
+    once that pair is scored, whatever the others read)."""
+    with torch.enable_grad():
+        lp = logps.detach().requires_grad_(True)
+        scores = _scores(TokenScores(lp, torch.zeros_like(lp)), None, batch, len(batch["row"]), None)
+        (d,) = torch.autograd.grad(loss(scores, objective, counts).loss, lp, allow_unused=True)
+    return torch.zeros_like(lp) if d is None else d
 
 
 @dataclass

@@ -143,7 +143,7 @@ class PreferenceTrainer(Trainer):
         """One micro-batch scored (its first `keep` pairs; None: all) and composed into the step's loss
         (normalised by `counts`; None: by this micro-batch's own), its metrics recorded under `split`;
         the step's result and the scores it came from."""
-        scores = score(model, batch, self.scorer(model), keep)
+        scores = score(model, batch, self.scorer(model), keep, self.step_objective, counts)
         result = loss(scores, self.step_objective, counts)
         self.metrics.record(split, result, scores)
         return result, scores
@@ -365,13 +365,17 @@ class FiniteGuard(TrainerCallback):
 
 class _ChooseScorer(TrainerCallback):
     """When training begins (the model wrapped and, under ZeRO-3, partitioned), the scorer is chosen
-    and said — the first callback, so before the progress bar starts."""
+    and said — the first callback, so before the progress bar starts; when it ends, the head's
+    reused buffer is handed back (saving and evaluation need no [rows, V] buffer)."""
 
     def __init__(self, trainer: "PreferenceTrainer"):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.scorer(self.trainer.model_wrapped)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.scorer(self.trainer.model_wrapped).workspace.release()
 
 
 class _ApplyResume(TrainerCallback):

@@ -1,0 +1,181 @@
+"""The fused head's gradient formed in forward, a group of whole pairs at a time.
+
+Every objective prefopt trains is a sum over pairs plus terms linear in the log-probs (the NLL):
+once a pair's rows are scored, the loss's derivative for those rows, g = ∂L/∂log p, is known, so
+the gradient of h, W and b for them can be formed while their softmax is still in memory —
+
+    ∂/∂h = g ⊙ W[t] − (g/s) ⊙ (e W)        ∂/∂W = Σ g h ⊗ onehot(t) − eᵀ ((g/s) ⊙ h)
+
+(e = exp(z − max z), s its row sum: `logprobs._FusedHeadLogps`) — and the softmax dropped. Three
+matmuls per row, as when the softmax is kept to backward, in the memory of one group (whole pairs,
+at least one chunk's rows) instead of the micro-batch's; nothing is recomputed.
+
+The g used is a prediction: `Ahead.d_logps` is the step's own loss (`step.loss`, the one place it
+is composed) differentiated on a detached copy of the log-probs. Backward receives the real
+∂/∂log p, which differs from it by the factor the caller applied to the loss (processes, gradient
+accumulation, a loss scaler) — the head's gradients are linear in g, so backward multiplies by that
+factor. If the real gradient is not that multiple (a term the prediction did not see), backward
+says so once and recomputes the exact gradient from the saved log-sum-exps, chunk by chunk.
+"""
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .logprobs import TokenScores, _blocks, _exp_logits, _gather, _HeadGrads, _logits_into, _mean_logits, scored_hidden
+
+Tensor = torch.Tensor
+# |real − c·predicted| ≤ this × max |real|: the prediction runs the loss's own ops on the same
+# values, so the two differ only by the rounding of the factor c through the loss's few ops
+# (a few fp32 ulps, ~1e-7 each); any term the prediction missed is far larger or below fp32's reach
+MATCH = 1e-5
+# a factor this close to 1 is 1 (the rounding of the loss's ops, not a scale): the gradient is used as formed
+ONE = 1e-6
+_said = False
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """What the fused head needs to form its gradient in forward."""
+
+    pair: Tensor  # [N] the pair each scored row belongs to (its chosen or rejected sequence, or its prompt)
+    d_logps: Callable[[Tensor], Tensor]  # [N] log-probs → [N] ∂L/∂log p; exact for the rows of pairs all scored
+
+
+class Workspace:
+    """The [rows, V] fp32 buffer the groups' logits go through, kept from step to step: a fresh one
+    each step faults its pages in as the first matmul writes them (at V 32k, 1,194 rows into a fresh
+    1,871-row buffer ran at 63 GFLOP/s, into a used one at 170). It grows to the largest group seen,
+    at most `logprob_keep_mb`; `release` hands it back."""
+
+    def __init__(self):
+        self.buffer: Tensor | None = None
+
+    def take(self, rows: int, V: int, device) -> Tensor:
+        b = self.buffer
+        if b is None or b.device != torch.device(device) or b.numel() < rows * V:
+            self.buffer = None  # the old one goes before the new one is allocated
+            self.buffer = b = torch.empty(rows * V, dtype=torch.float32, device=device)
+        return b[: rows * V].view(rows, V)
+
+    def release(self):
+        self.buffer = None
+
+
+def plan(pair: Tensor, chunk: int, budget: int) -> tuple[Tensor, list[tuple[int, int]]] | None:
+    """Rows ordered pair by pair and cut into groups of whole pairs of at most max(chunk, the largest
+    pair) rows: (order, [(start, stop)] into it); None when the largest pair exceeds `budget` rows."""
+    order = torch.argsort(pair, stable=True)
+    sizes = torch.bincount(pair).tolist()
+    cap = max(chunk, max(sizes, default=0))
+    if cap > budget:
+        return None
+    groups, start, stop = [], 0, 0
+    for n in sizes:
+        if stop + n - start > cap:
+            groups.append((start, stop))
+            start = stop
+        stop += n
+    if stop > start:
+        groups.append((start, stop))
+    return order, groups
+
+
+class _FusedHeadAhead(torch.autograd.Function):
+    """log p(target) of N rows as `_FusedHeadLogps`, with the head's gradient formed in forward
+    (see the module docstring); backward scales it, or recomputes it when the prediction was off."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, target: Tensor, weight: Tensor, bias: Tensor | None, chunk: int, gather,
+                order: Tensor, groups: list, ahead: Ahead, workspace: Workspace) -> Tensor:
+        N, V = h.shape[0], weight.shape[0]
+        logp = torch.empty(N, dtype=torch.float32, device=h.device)
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        # the log-probs scored so far, in row order; a pair not yet scored reads −1 (any finite value)
+        filled = torch.full((N,), -1.0, dtype=torch.float32, device=h.device)
+        g = torch.zeros(N, dtype=torch.float32, device=h.device)
+        hp, tp = h[order], target[order]
+        grads = _HeadGrads(ctx.needs_input_grad, hp, weight, bias)
+        buffer = workspace.take(max(b - a for a, b in groups), V, h.device)
+        with gather():
+            for a, b in groups:
+                rows, where = slice(a, b), order[a:b]
+                e = _logits_into(hp[rows], weight, bias, buffer[: b - a])
+                lp, lse[where], sums = _exp_logits(e, tp[rows])
+                logp[where] = filled[where] = lp
+                g[where] = g_rows = ahead.d_logps(filled)[where]
+                grads.sub_softmax(rows, e, g_rows / sums)
+            grads.add_target(tp, g[order])
+        ctx.save_for_backward(h, target, lse, g)
+        ctx.grads, ctx.order, ctx.weight, ctx.bias, ctx.chunk, ctx.gather = grads, order, weight, bias, chunk, gather
+        device = h.device.type
+        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor):
+        h, target, lse, g = ctx.saved_tensors
+        real = grad_logp.float()
+        factor = _factor(real, g)
+        if factor is not None:
+            grads, ctx.grads = ctx.grads, None  # the gradients' only holder is then autograd: W's is taken, not copied
+            grad_h, *rest = grads.result(factor)
+            del grads
+            if grad_h is not None:  # back to row order
+                grad_h = torch.empty_like(grad_h).index_copy_(0, ctx.order, grad_h)
+            return (grad_h, *rest)
+        if bool(torch.isfinite(real).all()):  # a NaN or inf from the loss is no misprediction: the step stops on it
+            _say_recomputed()
+        device, enabled, dtype = ctx.autocast
+        with ctx.gather(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _recompute(ctx, h, target, lse, real) + (None,) * 6
+
+
+def _recompute(ctx, h, target, lse, g) -> tuple:
+    """The exact gradient from the saved log-sum-exps, every row's logits recomputed chunk by chunk."""
+    grads = _HeadGrads(ctx.needs_input_grad[:4], h, ctx.weight, ctx.bias)
+    grads.add_target(target, g)
+    spare = torch.empty(min(ctx.chunk, h.shape[0]), ctx.weight.shape[0], dtype=torch.float32, device=h.device)
+    for rows in _blocks(0, h.shape[0], 0, ctx.chunk):
+        z = _logits_into(h[rows], ctx.weight, ctx.bias, spare[: rows.stop - rows.start])
+        grads.sub_softmax(rows, z.sub_(lse[rows, None]).exp_(), g[rows])
+    return grads.result()
+
+
+def _factor(real: Tensor, predicted: Tensor) -> Tensor | float | None:
+    """c with real = c · predicted (to MATCH), or None."""
+    top = int(predicted.abs().argmax()) if predicted.numel() else 0
+    if predicted.numel() == 0 or predicted[top] == 0:
+        return 0.0 if not bool(real.any()) else None
+    c = real[top] / predicted[top]
+    if bool(((real - c * predicted).abs() <= MATCH * real.abs().max()).all()):
+        return 1.0 if bool((c - 1).abs() <= ONE) else c
+    return None
+
+
+def _say_recomputed():
+    global _said
+    if not _said:
+        _said = True
+        warnings.warn("prefopt: the LM head's gradient formed in forward did not match the loss's (a term the "
+                      "prediction did not see); this step's head gradient was recomputed exactly instead, at the "
+                      "cost of one more head matmul. Please report it, with the config.", stacklevel=2)
+
+
+def ahead_scores(hidden: Tensor, score_index: Tensor, target: Tensor, head: torch.nn.Module, chunk: int, keep: int,
+                 ahead: Ahead, workspace: Workspace | None = None) -> TokenScores | None:
+    """`logprobs.token_logps` through a plain Linear head with the head's gradient formed in forward;
+    None where that does not apply (no gradient wanted, no rows, or a pair of more than `keep` rows)."""
+    h = scored_hidden(hidden, score_index, head)
+    wanted = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
+    if not wanted or h.shape[0] == 0 or keep <= 0:
+        return None
+    planned = plan(ahead.pair, chunk, keep)
+    if planned is None:
+        return None
+    gather = _gather(head)
+    workspace = Workspace() if workspace is None else workspace
+    logps = _FusedHeadAhead.apply(h, target, head.weight, head.bias, chunk, gather, *planned, ahead, workspace)
+    return TokenScores(logps, _mean_logits(h, head, gather))
