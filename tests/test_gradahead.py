@@ -159,3 +159,80 @@ def test_groups_hold_whole_pairs():
     assert torch.equal(pair[order], torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3]))
     assert groups == [(0, 5), (5, 8), (8, 12)]  # 3 + 2 rows, 3, 4: none over max(chunk, largest pair) = 5
     assert gradahead.plan(pair, 5, 3) is None  # a pair of 4 rows does not fit 3
+
+
+def _pairwise(lp, pair, pairs):  # a loss that is a sum over pairs plus a term linear in the log-probs
+    sums = torch.zeros(pairs, dtype=lp.dtype).index_add(0, pair, lp)
+    return torch.nn.functional.softplus(-sums / 7).sum() - 0.3 * lp[pair == 0].sum()
+
+
+def _predict(pair, pairs):
+    def d_logps(lp):
+        with torch.enable_grad():
+            x = lp.detach().requires_grad_()
+            return torch.autograd.grad(_pairwise(x, pair, pairs), x)[0]
+    return d_logps
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("frozen", [None, "weight", "hidden"])
+def test_against_the_full_logits_reference(monkeypatch, with_bias, frozen):
+    """Independent of the kernels' shared helpers: values and gradients of h, W and b against
+    log_softmax over full logits, the loss's gradient scaled by 2.5, with a frozen head or hidden
+    states; then a second, larger micro-batch through the same workspace (it grows)."""
+    torch.manual_seed(3)
+    H, V, pairs = 12, 41, 5
+    head = torch.nn.Linear(H, V, bias=with_bias)
+    if frozen == "weight":
+        head.requires_grad_(False)
+    workspace = gradahead.Workspace()
+    counted = Counted(monkeypatch)
+    for N in (30, 70):
+        head.zero_grad()
+        hidden = torch.randn(2, N, H, requires_grad=frozen != "hidden")
+        index, target = torch.randperm(2 * N)[:N], torch.randint(0, V, (N,))
+        pair = torch.randint(0, pairs, (N,))
+        ahead = gradahead.Ahead(pair, _predict(pair, pairs))
+        tok = gradahead.ahead_scores(hidden, index, target, head, 6, 10**6, ahead, workspace)
+        (2.5 * _pairwise(tok.logps, pair, pairs)).backward()
+        ours = [t.grad.clone() for t in (hidden, head.weight, head.bias) if t is not None and t.requires_grad]
+        for t in (hidden, head.weight, head.bias):
+            if t is not None:
+                t.grad = None
+        ref = torch.log_softmax(head(hidden.reshape(-1, H)[index]), -1).gather(1, target[:, None]).squeeze(1)
+        (2.5 * _pairwise(ref, pair, pairs)).backward()
+        torch.testing.assert_close(tok.logps, ref, rtol=1e-5, atol=1e-5)
+        theirs = [t.grad for t in (hidden, head.weight, head.bias) if t is not None and t.requires_grad]
+        assert len(ours) == len(theirs) == (frozen != "hidden") + (frozen != "weight") * (1 + with_bias)
+        for o, r in zip(ours, theirs):
+            torch.testing.assert_close(o, r, rtol=0, atol=ROUND_OFF_REL * r.abs().max().item())
+        assert workspace.buffer.numel() >= max(torch.bincount(pair).max().item(), 6) * V
+    assert (counted.forwards, counted.recomputes) == (2, 0)
+
+
+def test_under_bf16_autocast_it_equals_the_recomputing_head():
+    """Under CPU bf16 autocast both forms run the head's matmuls in bf16 from the same fp32 inputs:
+    the gradient formed in forward equals the recomputing head's (`_FusedHeadLogps`) to bf16
+    round-off of the products they sum (2⁻⁸ of the largest element)."""
+    from prefopt.logprobs import token_logps
+
+    torch.manual_seed(4)
+    H, V, N, pairs = 16, 64, 48, 4
+    head = torch.nn.Linear(H, V)
+    hidden = torch.randn(1, N, H, requires_grad=True)
+    target, pair = torch.randint(0, V, (N,)), torch.randint(0, pairs, (N,))
+    results = []
+    for ahead in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if ahead:
+                tok = gradahead.ahead_scores(hidden, torch.arange(N), target, head, 8, 10**6,
+                                             gradahead.Ahead(pair, _predict(pair, pairs)))
+            else:
+                tok = token_logps(hidden, torch.arange(N), target, head, chunk=8, fused=True, keep=0)
+            value = _pairwise(tok.logps, pair, pairs)
+        value.backward()
+        results.append((tok.logps.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()))
+        hidden.grad = None
+        head.zero_grad()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=2**-8 * b.abs().max().item())

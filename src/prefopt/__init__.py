@@ -10,12 +10,14 @@ import os as _os
 
 __version__ = "0.1.0"
 
-# PyTorch's own switch (c10's CPU allocator, read at its first large allocation): CPU buffers of
-# 2 MB and more are 2 MB-aligned and madvise'd for transparent huge pages. The LM head's [rows, V]
-# fp32 buffers are fresh allocations every step, and on a kernel whose THP mode is "madvise" each
-# of their 4 KiB pages faults in on its own: at V = 128k, 2,900 rows (1.5 GB), a fresh buffer's
-# head matmul took 1.48-1.78 s against 1.15 s into a reused one, and 1.20 s with this set. A
-# user's own value (0 turns it off) wins; it changes nothing on GPU tensors.
+# PyTorch's own switch (c10's CPU allocator): CPU buffers of 2 MB and more are madvise'd for
+# transparent huge pages. The LM head's [rows, V] fp32 buffers are large and, on a kernel whose THP
+# mode is "madvise", fault their 4 KiB pages in one by one: at V = 128k, 2,900 rows (1.5 GB), a
+# fresh buffer's head matmul took 1.48-1.78 s against 1.15 s into a reused one, and 1.20 s with
+# this set. PyTorch reads it once, at its first large CPU allocation, so it takes effect when
+# prefopt is imported before any large tensor is made (the CLI always is); it applies to this
+# process and the processes it starts. A user's own value (0 turns it off) wins; GPU memory is
+# not touched.
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 # name → the module that defines it

@@ -27,10 +27,11 @@ import torch
 from .logprobs import TokenScores, _blocks, _exp_logits, _gather, _HeadGrads, _logits_into, _mean_logits, scored_hidden
 
 Tensor = torch.Tensor
-# |real − c·predicted| ≤ this × max |real|: the prediction runs the loss's own ops on the same
-# values, so the two differ only by the rounding of the factor c through the loss's few ops
-# (a few fp32 ulps, ~1e-7 each); any term the prediction missed is far larger or below fp32's reach
-MATCH = 1e-5
+# |real − c·predicted| ≤ MATCH·|real| + FLOOR·max|real| element by element: the prediction runs the
+# loss's own ops on the same values, so the two differ by the rounding of the factor c through the
+# loss's few ops (a few fp32 ulps, ~1e-7 each, relative to an element, or to the terms of both signs
+# an element sums: the floor); a term the prediction missed is far larger or below fp32's reach
+MATCH, FLOOR = 1e-5, 1e-6
 # a factor this close to 1 is 1 (the rounding of the loss's ops, not a scale): the gradient is used as formed
 ONE = 1e-6
 _said = False
@@ -45,10 +46,11 @@ class Ahead:
 
 
 class Workspace:
-    """The [rows, V] fp32 buffer the groups' logits go through, kept from step to step: a fresh one
-    each step faults its pages in as the first matmul writes them (at V 32k, 1,194 rows into a fresh
-    1,871-row buffer ran at 63 GFLOP/s, into a used one at 170). It grows to the largest group seen,
-    at most `logprob_keep_mb`; `release` hands it back."""
+    """The [rows, V] fp32 buffer the groups' logits go through. On CPU it is kept from step to step:
+    a fresh one faults its pages in as the first matmul writes them (at V 32k, 1,194 rows into a
+    fresh 1,871-row buffer ran at 63 GFLOP/s, into a used one at 170); it grows to the largest group
+    seen, at most `logprob_keep_mb`, and `release` hands it back. Elsewhere (CUDA's caching
+    allocator reuses freed blocks itself) it is dropped when the forward is done."""
 
     def __init__(self):
         self.buffer: Tensor | None = None
@@ -59,6 +61,11 @@ class Workspace:
             self.buffer = None  # the old one goes before the new one is allocated
             self.buffer = b = torch.empty(rows * V, dtype=torch.float32, device=device)
         return b[: rows * V].view(rows, V)
+
+    def done(self):
+        """The forward's groups are scored: off CPU, the buffer goes."""
+        if self.buffer is not None and self.buffer.device.type != "cpu":
+            self.buffer = None
 
     def release(self):
         self.buffer = None
@@ -90,16 +97,16 @@ class _FusedHeadAhead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, target: Tensor, weight: Tensor, bias: Tensor | None, chunk: int, gather,
                 order: Tensor, groups: list, ahead: Ahead, workspace: Workspace) -> Tensor:
-        N, V = h.shape[0], weight.shape[0]
+        N = h.shape[0]
         logp = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
         # the log-probs scored so far, in row order; a pair not yet scored reads −1 (any finite value)
         filled = torch.full((N,), -1.0, dtype=torch.float32, device=h.device)
         g = torch.zeros(N, dtype=torch.float32, device=h.device)
         hp, tp = h[order], target[order]
-        grads = _HeadGrads(ctx.needs_input_grad, hp, weight, bias)
-        buffer = workspace.take(max(b - a for a, b in groups), V, h.device)
-        with gather():
+        with gather():  # a ZeRO-3-partitioned weight has its shape and values only inside
+            grads = _HeadGrads(ctx.needs_input_grad, hp, weight, bias)
+            buffer = workspace.take(max(b - a for a, b in groups), weight.shape[0], h.device)
             for a, b in groups:
                 rows, where = slice(a, b), order[a:b]
                 e = _logits_into(hp[rows], weight, bias, buffer[: b - a])
@@ -108,8 +115,11 @@ class _FusedHeadAhead(torch.autograd.Function):
                 g[where] = g_rows = ahead.d_logps(filled)[where]
                 grads.sub_softmax(rows, e, g_rows / sums)
             grads.add_target(tp, g[order])
+            del e, buffer
+            workspace.done()
         ctx.save_for_backward(h, target, lse, g)
         ctx.grads, ctx.order, ctx.weight, ctx.bias, ctx.chunk, ctx.gather = grads, order, weight, bias, chunk, gather
+        ctx.recomputed = None
         device = h.device.type
         ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
         return logp
@@ -118,16 +128,18 @@ class _FusedHeadAhead(torch.autograd.Function):
     def backward(ctx, grad_logp: Tensor):
         h, target, lse, g = ctx.saved_tensors
         real = grad_logp.float()
-        factor = _factor(real, g)
+        grads, ctx.grads = ctx.grads, None  # autograd then holds W's gradient alone: it is taken, not copied
+        factor = _factor(real, g) if grads is not None else None  # None: a second backward through the graph
         if factor is not None:
-            grads, ctx.grads = ctx.grads, None  # the gradients' only holder is then autograd: W's is taken, not copied
             grad_h, *rest = grads.result(factor)
             del grads
             if grad_h is not None:  # back to row order
                 grad_h = torch.empty_like(grad_h).index_copy_(0, ctx.order, grad_h)
             return (grad_h, *rest)
-        if bool(torch.isfinite(real).all()):  # a NaN or inf from the loss is no misprediction: the step stops on it
+        del grads
+        if ctx.recomputed is None and bool(torch.isfinite(real).all()):  # a NaN or inf stops the step anyway
             _say_recomputed()
+        ctx.recomputed = True
         device, enabled, dtype = ctx.autocast
         with ctx.gather(), torch.autocast(device, dtype=dtype, enabled=enabled):
             return _recompute(ctx, h, target, lse, real) + (None,) * 6
@@ -145,12 +157,16 @@ def _recompute(ctx, h, target, lse, g) -> tuple:
 
 
 def _factor(real: Tensor, predicted: Tensor) -> Tensor | float | None:
-    """c with real = c · predicted (to MATCH), or None."""
-    top = int(predicted.abs().argmax()) if predicted.numel() else 0
-    if predicted.numel() == 0 or predicted[top] == 0:
+    """c with real = c · predicted element by element (to MATCH of each element, with a floor of
+    FLOOR of the largest, for elements that are sums of terms of both signs), or None."""
+    if predicted.numel() == 0:
+        return 1.0
+    top = int(predicted.abs().argmax())
+    if predicted[top] == 0:
         return 0.0 if not bool(real.any()) else None
     c = real[top] / predicted[top]
-    if bool(((real - c * predicted).abs() <= MATCH * real.abs().max()).all()):
+    bound = MATCH * real.abs() + FLOOR * real.abs().max()
+    if bool(((real - c * predicted).abs() <= bound).all()):
         return 1.0 if bool((c - 1).abs() <= ONE) else c
     return None
 

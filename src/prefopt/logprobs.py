@@ -15,6 +15,8 @@ extra head matmul. Two implementations of the same function:
 - `torch.utils.checkpoint` around the head *module*, for heads that must be called as modules:
   ZeRO-3 gathers partitioned weights in the module's hooks, LoRA or quantization replace the
   linear, and Gemma-2's soft-cap is a non-linear step after it.
+- In training, `gradahead` forms `_FusedHeadLogps`' gradient in forward instead, a group of
+  whole pairs at a time (the step's loss is a sum over pairs), with this module's helpers.
 - With the diversity term, the same two forms over `diversity_groups`' chunks (each aligned
   chosen/rejected pair in one chunk): `_FusedHeadDiversity` and `scoring.score_with_diversity`,
   which also return Σ entropy and Σ KL.
