@@ -14,6 +14,7 @@ from helpers import make_trainer, random_pairs
 from prefopt.attention import install_segmented_sdpa, model_inputs
 from prefopt.collate import collator_for
 from prefopt.config import build_config
+from prefopt.gradahead import ahead_scores
 from prefopt.logprobs import head_transform, per_sequence, token_logps
 from prefopt.tiny import tiny_model
 from test_layouts import ARCH_ATTN
@@ -105,7 +106,15 @@ def training_step(model, layout, method, pairs, tmp_path, bf16: bool, monkeypatc
         tok.logps.retain_grad()
         return tok
 
+    def recording_ahead(*args, **kwargs):  # the training step's head, its gradient formed in forward
+        tok = ahead_scores(*args, **kwargs)
+        if tok is not None:
+            seen["tok"] = tok
+            tok.logps.retain_grad()
+        return tok
+
     monkeypatch.setattr(prefopt.scoring, "token_logps", recording)
+    monkeypatch.setattr(prefopt.scoring, "ahead_scores", recording_ahead)
     batch = trainer.data_collator(pairs)
     loss = trainer.compute_loss(model, batch)
     loss.backward()

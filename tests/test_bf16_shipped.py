@@ -15,6 +15,7 @@ import prefopt.scoring
 from bf16_helpers import EPS, SAFETY, assert_within, hidden_budget, logit_error, logp_error
 from prefopt.cli import main
 from prefopt.config import load_config
+from prefopt.gradahead import ahead_scores
 from prefopt.logprobs import token_logps
 from test_shipped_configs import CONFIGS, local  # noqa: F401 (the fixture: a tiny local model and data)
 
@@ -25,9 +26,9 @@ def record_the_step(monkeypatch) -> dict:
     positions; the model's config; and how its first layer ran (autocast, output and weight dtypes)."""
     seen = {}
 
-    def recording(hidden, index, target, head, *args, **kwargs):
-        tok = token_logps(hidden, index, target, head, *args, **kwargs)
-        if tok.logps.requires_grad and "logps" not in seen:  # the training step's, not evaluation's
+    def recording(hidden, index, target, head, *args, scorer=token_logps, **kwargs):
+        tok = scorer(hidden, index, target, head, *args, **kwargs)
+        if tok is not None and tok.logps.requires_grad and "logps" not in seen:  # the training step's
             tok.logps.retain_grad()
             seen.update(logps=tok.logps, target=target, head_dtype=head.weight.dtype,
                         weight=head.weight.detach().double().clone(),
@@ -46,6 +47,8 @@ def record_the_step(monkeypatch) -> dict:
         return model
 
     monkeypatch.setattr(prefopt.scoring, "token_logps", recording)
+    # the training step's head, its gradient formed in forward (None where that path does not apply)
+    monkeypatch.setattr(prefopt.scoring, "ahead_scores", lambda *a, **k: recording(*a, scorer=ahead_scores, **k))
     monkeypatch.setattr(prefopt.pipeline, "load_model", loading)
     return seen
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import free_port
+from helpers import adam_ratio_bound, free_port
 from prefopt.checkpoints import COMPLETE
 from test_distributed import RUN, SPLITS
 
@@ -149,12 +149,14 @@ def assert_equal_one_process(single: Path, out: Path):
     # AdamW moves a weight by lr·m/(sqrt(v) + eps). Where a gradient element is well above its
     # round-off, a relative change d in it changes the step by ~d (1e-6 here), and the weights agree
     # to a few units in their last place (|w| <= 1: 1.2e-7 each). Where a gradient element is itself
-    # near zero, round-off decides m/sqrt(v), and the element can step visibly differently: seen,
-    # 21 of 110,656 elements beyond 1e-6, the largest 1.4e-5 here and 3.2e-5 on an AVX-512 machine
-    # (issue 11), all < 0.01 of one step's lr. A batch trained twice or skipped, or a gradient not
-    # averaged over the nodes, moves most elements by ~lr instead.
+    # near zero, round-off decides m/sqrt(v), and the element can step differently by up to the whole
+    # step, 2·lr·max|m̂/√v̂| per step either way (helpers.adam_ratio_bound): seen, 21 of 110,656
+    # elements beyond 1e-6, the largest 1.4e-5 here and 3.2e-5 on an AVX-512 machine (issue 11), and
+    # 5.2e-5 once the head formed its gradient in forward (another summation order). A batch trained
+    # twice or skipped, or a gradient not averaged over the nodes, moves most elements by ~lr
+    # instead: the count is the check, the maximum only its derived bound.
     assert (diff > 1e-6).sum() <= diff.numel() // 1000
-    assert diff.max() < 0.01 * LR
+    assert diff.max() <= 2 * LR * sum(adam_ratio_bound(t) for t in range(1, RUN["max_steps"] + 1))
 
 
 def test_two_nodes_equal_one_process(single, two_nodes):
