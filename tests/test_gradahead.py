@@ -31,11 +31,11 @@ SHAPES = [
 
 
 class Counted:
-    """Counts the gradient-ahead forwards and the recomputing backwards while in use."""
+    """Counts the gradient-ahead forwards and the recomputing backwards (`_FusedHeadLogps._backward`) while in use."""
 
     def __init__(self, monkeypatch):
         self.forwards = self.recomputes = 0
-        forward, recompute = gradahead._FusedHeadAhead.forward, gradahead._recompute
+        forward, recompute = gradahead._FusedHeadAhead.forward, gradahead._FusedHeadLogps._backward
 
         def counted_forward(*a):
             self.forwards += 1
@@ -46,7 +46,8 @@ class Counted:
             return recompute(*a)
 
         monkeypatch.setattr(gradahead._FusedHeadAhead, "forward", staticmethod(counted_forward))
-        monkeypatch.setattr(gradahead, "_recompute", counted_recompute)
+        # a misprediction recomputes through the recomputing head's backward
+        monkeypatch.setattr(gradahead._FusedHeadLogps, "_backward", staticmethod(counted_recompute))
 
 
 def step(model, trainer, scorer, batch, ahead: bool, factor: float = 1.0):

@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-from .logprobs import TokenScores, _blocks, _exp_logits, _gather, _HeadGrads, _logits_into, _mean_logits, scored_hidden
+from .logprobs import (TokenScores, _exp_logits, _FusedHeadLogps, _gather, _HeadGrads, _logits_into, _mean_logits,
+                       autocast_state, replay_autocast, scored_hidden)
 
 Tensor = torch.Tensor
 # |real − c·predicted| ≤ MATCH·|real| + FLOOR·max|real| element by element: the prediction runs the
@@ -120,8 +121,7 @@ class _FusedHeadAhead(torch.autograd.Function):
         ctx.save_for_backward(h, target, lse, g)
         ctx.grads, ctx.order, ctx.weight, ctx.bias, ctx.chunk, ctx.gather = grads, order, weight, bias, chunk, gather
         ctx.recomputed = None
-        device = h.device.type
-        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.autocast = autocast_state(h)
         return logp
 
     @staticmethod
@@ -140,20 +140,11 @@ class _FusedHeadAhead(torch.autograd.Function):
         if ctx.recomputed is None and bool(torch.isfinite(real).all()):  # a NaN or inf stops the step anyway
             _say_recomputed()
         ctx.recomputed = True
-        device, enabled, dtype = ctx.autocast
-        with ctx.gather(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            return _recompute(ctx, h, target, lse, real) + (None,) * 6
-
-
-def _recompute(ctx, h, target, lse, g) -> tuple:
-    """The exact gradient from the saved log-sum-exps, every row's logits recomputed chunk by chunk."""
-    grads = _HeadGrads(ctx.needs_input_grad[:4], h, ctx.weight, ctx.bias)
-    grads.add_target(target, g)
-    spare = torch.empty(min(ctx.chunk, h.shape[0]), ctx.weight.shape[0], dtype=torch.float32, device=h.device)
-    for rows in _blocks(0, h.shape[0], 0, ctx.chunk):
-        z = _logits_into(h[rows], ctx.weight, ctx.bias, spare[: rows.stop - rows.start])
-        grads.sub_softmax(rows, z.sub_(lse[rows, None]).exp_(), g[rows])
-    return grads.result()
+        with ctx.gather(), replay_autocast(ctx.autocast):  # every row recomputed, as `_FusedHeadLogps` with none kept
+            ctx.spare = torch.empty(min(ctx.chunk, h.shape[0]), ctx.weight.shape[0], dtype=torch.float32,
+                                    device=h.device)
+            kept = h.new_empty(0, ctx.weight.shape[0], dtype=torch.float32)
+            return _FusedHeadLogps._backward(ctx, h, target, ctx.weight, ctx.bias, lse, kept, real)
 
 
 def _factor(real: Tensor, predicted: Tensor) -> Tensor | float | None:
@@ -184,13 +175,13 @@ def ahead_scores(hidden: Tensor, score_index: Tensor, target: Tensor, head: torc
                  ahead: Ahead, workspace: Workspace | None = None) -> TokenScores | None:
     """`logprobs.token_logps` through a plain Linear head with the head's gradient formed in forward;
     None where that does not apply (no gradient wanted, no rows, or a pair of more than `keep` rows)."""
-    h = scored_hidden(hidden, score_index, head)
-    wanted = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
-    if not wanted or h.shape[0] == 0 or keep <= 0:
+    wanted = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    if not wanted or score_index.numel() == 0 or keep <= 0:
         return None
     planned = plan(ahead.pair, chunk, keep)
     if planned is None:
         return None
+    h = scored_hidden(hidden, score_index, head)
     gather = _gather(head)
     workspace = Workspace() if workspace is None else workspace
     logps = _FusedHeadAhead.apply(h, target, head.weight, head.bias, chunk, gather, *planned, ahead, workspace)

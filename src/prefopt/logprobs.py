@@ -108,15 +108,13 @@ class _FusedHeadLogps(torch.autograd.Function):
         # autocast here but not in backward (the usual case: backward() is called outside the region),
         # exp(z − lse) would mix fp32 logits with these bf16-logit log-sum-exps, a softmax that no
         # longer sums to one, i.e. a biased gradient (tests/test_bf16.py).
-        device = h.device.type
-        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.autocast = autocast_state(h)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp: Tensor):
         h, target, lse, kept = ctx.saved_tensors
-        device, enabled, dtype = ctx.autocast
-        with ctx.gather(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with ctx.gather(), replay_autocast(ctx.autocast):
             return _FusedHeadLogps._backward(ctx, h, target, ctx.weight, ctx.bias, lse, kept, grad_logp)
 
     @staticmethod
@@ -131,6 +129,18 @@ class _FusedHeadLogps(torch.autograd.Function):
             z = _logits_into(h[rows], weight, bias, ctx.spare[: rows.stop - rows.start])
             grads.sub_softmax(rows, z.sub_(lse[rows, None]).exp_(), g[rows])
         return grads.result()
+
+
+def autocast_state(t: Tensor) -> tuple:
+    """The autocast state of `t`'s device now (a fused function's forward records it)."""
+    device = t.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def replay_autocast(state: tuple):
+    """That state again, for backward's recompute (backward() usually runs outside the region)."""
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
 
 
 def _blocks(start: int, stop: int, keep: int, chunk: int):
@@ -258,8 +268,7 @@ class _FusedHeadDiversity(torch.autograd.Function):
                         kl += (p[k:] * (logp[k:] - logp[:k])).sum()
         ctx.save_for_backward(h, target, lse)
         ctx.weight, ctx.bias, ctx.groups, ctx.gather = weight, bias, groups, gather
-        device = h.device.type
-        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.autocast = autocast_state(h)
         return logp_t, entropy, kl
 
     @staticmethod
@@ -270,8 +279,7 @@ class _FusedHeadDiversity(torch.autograd.Function):
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
         g_e = 0.0 if g_entropy is None else g_entropy.float()
         g_k = 0.0 if g_kl is None else g_kl.float()
-        device, enabled, dtype = ctx.autocast
-        with ctx.gather(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with ctx.gather(), replay_autocast(ctx.autocast):
             for rows, k, with_entropy in ctx.groups:
                 h_c = h[rows]
                 logp = F.linear(h_c, weight, bias).float().sub_(lse[rows][:, None])
