@@ -168,7 +168,9 @@ def _say_recomputed():
         _said = True
         warnings.warn("prefopt: the LM head's gradient formed in forward did not match the loss's (a term the "
                       "prediction did not see); this step's head gradient was recomputed exactly instead, at the "
-                      "cost of one more head matmul. Please report it, with the config.", stacklevel=2)
+                      "cost of one more head matmul. Please report it, with the config; `logprob_keep_mb: 0` "
+                      "trains without forming it in forward (the least memory, one more head matmul every step).",
+                      stacklevel=2)
 
 
 def ahead_scores(hidden: Tensor, score_index: Tensor, target: Tensor, head: torch.nn.Module, chunk: int, keep: int,
